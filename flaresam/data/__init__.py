@@ -1,0 +1,1 @@
+"""Data preparation: windowing, the prepared store and its split, prompts, phantoms, torch datasets."""

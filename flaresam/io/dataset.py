@@ -1,0 +1,106 @@
+"""Finding the cases of a dataset on disk.
+
+Two layouts are understood:
+
+* FLARE22: ``DIR/images/NAME_0000.nii.gz`` with ``DIR/labels/NAME.nii.gz``, also
+  one or two folders down (the challenge's own ``FLARE22_LabeledCase50/``);
+* nnU-Net: ``DIR/imagesTr/NAME_0000.nii.gz`` with ``DIR/labelsTr/NAME.nii.gz``.
+
+A case pairs by name: the image without its ``_0000`` channel suffix is the
+label's name. Unpaired files are an error that lists them, never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from flaresam.errors import DataError
+from flaresam.io.volume import is_volume_file, strip_volume_suffix
+
+LAYOUTS: tuple[tuple[str, str], ...] = (("images", "labels"), ("imagesTr", "labelsTr"))
+CHANNEL_SUFFIX = "_0000"
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image: Path
+    label: Path | None
+
+
+def case_id_from_image(path: Path) -> str:
+    """``FLARE22_Tr_0001_0000.nii.gz`` -> ``FLARE22_Tr_0001`` (the channel suffix dropped)."""
+    stem = strip_volume_suffix(path.name)
+    return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
+
+
+def case_id_from_label(path: Path) -> str:
+    return strip_volume_suffix(path.name)
+
+
+def _volume_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_volume_file(p) and not p.name.startswith("."))
+
+
+def find_layout_roots(root: Path, max_depth: int = 2) -> list[tuple[Path, Path]]:
+    """(images folder, labels folder) pairs at ``root`` or up to ``max_depth`` folders below."""
+    found: list[tuple[Path, Path]] = []
+    frontier = [root]
+    for _depth in range(max_depth + 1):
+        nxt: list[Path] = []
+        for d in frontier:
+            for img_name, lab_name in LAYOUTS:
+                if (d / img_name).is_dir():
+                    found.append((d / img_name, d / lab_name))
+            if not found:
+                nxt.extend(sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")))
+        if found:
+            return found
+        frontier = nxt
+    return found
+
+
+def discover_cases(root: str | os.PathLike[str], require_labels: bool = True) -> list[Case]:
+    """All cases under ``root``, sorted by case id, or a :class:`DataError` saying what is wrong."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (expected a FLARE22 or nnU-Net dataset folder)")
+    layouts = find_layout_roots(root)
+    if not layouts:
+        raise DataError(
+            f"{root}: no dataset found (expected images/ + labels/ as in FLARE22, or imagesTr/ + labelsTr/ as in nnU-Net)"
+        )
+    cases: list[Case] = []
+    problems: list[str] = []
+    for images_dir, labels_dir in layouts:
+        images = {case_id_from_image(p): p for p in _volume_files(images_dir)}
+        labels = {case_id_from_label(p): p for p in _volume_files(labels_dir)} if labels_dir.is_dir() else {}
+        if not images and not labels:
+            continue
+        if require_labels:
+            no_label = sorted(set(images) - set(labels))
+            no_image = sorted(set(labels) - set(images))
+            if no_label:
+                problems.append(f"images without labels in {labels_dir}: {_listing(no_label)}")
+            if no_image:
+                problems.append(f"labels without images in {images_dir}: {_listing(no_image)}")
+        for cid in sorted(images):
+            cases.append(Case(cid, images[cid], labels.get(cid)))
+    if problems:
+        raise DataError("; ".join(problems))
+    if not cases:
+        raise DataError(f"{root}: dataset folders are empty (no .nii.gz/.nii/.nrrd/.mha images found)")
+    ids = [c.case_id for c in cases]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise DataError(f"{root}: case ids found more than once: {_listing(dupes)}")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,337 @@
+"""CT volumes with their geometry, in one canonical orientation.
+
+Inside flaresam every volume is a numpy array in *canonical* orientation:
+``array[z, y, x]`` with ``z`` running inferior -> superior, ``y`` anterior ->
+posterior and ``x`` patient right -> left (ITK's LPS world axes). ``array[k]`` is
+therefore always an axial slice, shown the radiological way, whatever direction
+matrix the file had. The file's own geometry (size, spacing, origin, direction)
+travels with the array in :class:`Geometry`, and :func:`write_label` turns a
+canonical array back into the file's layout, so outputs carry the input's
+geometry exactly.
+
+Canonicalisation is a permutation and flips of the array axes (no resampling),
+chosen from the direction matrix: each index axis is assigned to the world axis
+it points along most closely.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flaresam.errors import DataError
+from flaresam.io.atomic import atomic_path
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+# Tolerances for "the same grid": headers written by different tools round
+# origins and directions differently in the last digits.
+SPACING_RTOL = 1e-4
+ORIGIN_ATOL_MM = 1e-3
+DIRECTION_ATOL = 1e-4
+
+
+def _sitk() -> Any:
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def is_volume_file(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and any(name.endswith(s) for s in VOLUME_SUFFIXES)
+
+
+def strip_volume_suffix(name: str) -> str:
+    low = name.lower()
+    for s in VOLUME_SUFFIXES:
+        if low.endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Geometry of a 3D image as ITK defines it (index order x, y, z; LPS world)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major; column c = index axis c in world
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def from_image(cls, image: Any) -> Geometry:
+        return cls(
+            size=tuple(int(v) for v in image.GetSize()),  # type: ignore[arg-type]
+            spacing=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
+            origin=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
+            direction=tuple(float(v) for v in image.GetDirection()),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        return cls(
+            size=tuple(int(v) for v in d["size"]),  # type: ignore[arg-type]
+            spacing=tuple(float(v) for v in d["spacing"]),  # type: ignore[arg-type]
+            origin=tuple(float(v) for v in d["origin"]),  # type: ignore[arg-type]
+            direction=tuple(float(v) for v in d["direction"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+    def apply_to(self, image: Any) -> Any:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    # ---- orientation ----------------------------------------------------
+    @property
+    def matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @cached_property
+    def axis_map(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """For each index axis c: the world axis it is closest to, and the sign (+1/-1)."""
+        m = self.matrix
+        best = max(itertools.permutations(range(3)), key=lambda p: sum(abs(m[p[c], c]) for c in range(3)))
+        signs = tuple(1 if m[best[c], c] >= 0 else -1 for c in range(3))
+        return tuple(best), signs  # type: ignore[return-value]
+
+    @cached_property
+    def _np_perm_flips(self) -> tuple[tuple[int, int, int], tuple[int, ...]]:
+        world_of, signs = self.axis_map
+        # numpy axis a of the file's array is index axis 2 - a; canonical numpy axis A is world axis 2 - A
+        perm = [0, 0, 0]
+        flips: list[int] = []
+        for c in range(3):
+            canon_axis = 2 - world_of[c]
+            perm[canon_axis] = 2 - c
+            if signs[c] < 0:
+                flips.append(canon_axis)
+        return tuple(perm), tuple(sorted(flips))  # type: ignore[return-value]
+
+    def to_canonical(self, array: np.ndarray) -> np.ndarray:
+        """Array in the file's layout ([k, j, i]) -> canonical [z, y, x] (a view where possible)."""
+        perm, flips = self._np_perm_flips
+        out = np.transpose(array, perm)
+        if flips:
+            out = np.flip(out, axis=flips)
+        return out
+
+    def from_canonical(self, array: np.ndarray) -> np.ndarray:
+        """Canonical [z, y, x] -> the file's layout ([k, j, i])."""
+        perm, flips = self._np_perm_flips
+        if flips:
+            array = np.flip(array, axis=flips)
+        return np.transpose(array, np.argsort(perm))
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        file_shape = self.size[::-1]
+        perm, _ = self._np_perm_flips
+        return tuple(int(file_shape[p]) for p in perm)  # type: ignore[return-value]
+
+    @property
+    def canonical_spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along canonical array axes (z, y, x)."""
+        file_spacing = self.spacing[::-1]
+        perm, _ = self._np_perm_flips
+        return tuple(float(file_spacing[p]) for p in perm)  # type: ignore[return-value]
+
+    @property
+    def canonical_origin(self) -> np.ndarray:
+        """World position (mm) of canonical voxel [0, 0, 0]."""
+        _, signs = self.axis_map
+        idx = np.array([0 if signs[c] > 0 else self.size[c] - 1 for c in range(3)], dtype=float)
+        return np.asarray(self.origin) + self.matrix @ (idx * np.asarray(self.spacing))
+
+    @property
+    def canonical_direction(self) -> np.ndarray:
+        """Direction matrix of the canonical array (columns in world axis order x, y, z)."""
+        world_of, signs = self.axis_map
+        m = self.matrix
+        out = np.zeros((3, 3))
+        for c in range(3):
+            out[:, world_of[c]] = m[:, c] * signs[c]
+        return out
+
+    # ---- comparison -----------------------------------------------------
+    def same_grid(self, other: Geometry) -> bool:
+        """Identical voxel grid in the same array layout (within header rounding)."""
+        return (
+            self.size == other.size
+            and np.allclose(self.spacing, other.spacing, rtol=SPACING_RTOL, atol=0)
+            and np.allclose(self.origin, other.origin, rtol=0, atol=ORIGIN_ATOL_MM)
+            and np.allclose(self.direction, other.direction, rtol=0, atol=DIRECTION_ATOL)
+        )
+
+    def same_physical_grid(self, other: Geometry) -> bool:
+        """The same voxel centres in space, possibly stored with axes permuted or flipped."""
+        return (
+            self.canonical_shape == other.canonical_shape
+            and np.allclose(self.canonical_spacing, other.canonical_spacing, rtol=SPACING_RTOL, atol=0)
+            and np.allclose(self.canonical_origin, other.canonical_origin, rtol=0, atol=ORIGIN_ATOL_MM)
+            and np.allclose(self.canonical_direction, other.canonical_direction, rtol=0, atol=DIRECTION_ATOL)
+        )
+
+    def describe(self) -> str:
+        sp = "x".join(f"{s:g}" for s in self.spacing)
+        org = ", ".join(f"{o:.1f}" for o in self.origin)
+        return f"size {self.size}, spacing {sp} mm, origin ({org})"
+
+
+@dataclass
+class Volume:
+    """A 3D volume in canonical orientation plus the geometry of the file it came from."""
+
+    array: np.ndarray  # canonical [z, y, x]
+    geometry: Geometry
+    path: Path | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """mm per voxel along array axes (z, y, x)."""
+        return self.geometry.canonical_spacing
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.array.shape[0])
+
+
+# ---------------------------------------------------------------------------
+# reading
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # ITK messages carry a file/line preamble; the useful part is usually last
+    for ln in reversed(lines):
+        if "Description:" in ln:
+            return ln.split("Description:", 1)[1].strip()
+    return lines[-1] if lines else type(exc).__name__
+
+
+def read_image(path: str | os.PathLike[str], pixel_type: Any = None) -> Any:
+    """Read a 3D image file or a DICOM series folder with SimpleITK; clear errors otherwise."""
+    sitk = _sitk()
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    try:
+        if p.is_dir():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+            if not series:
+                raise DataError(f"{p}: folder holds no DICOM series")
+            # several series in one folder: take the one with the most slices
+            files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), s) for s in series), key=len)
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            if pixel_type is not None:
+                reader.SetOutputPixelType(pixel_type)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(p), pixel_type) if pixel_type is not None else sitk.ReadImage(str(p))
+    except DataError:
+        raise
+    except RuntimeError as exc:
+        raise DataError(f"{p}: cannot read as an image ({_first_line(exc)})") from None
+    if image.GetDimension() != 3:
+        raise DataError(f"{p}: expected a 3D volume, got a {image.GetDimension()}D image")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{p}: expected a scalar volume, got {image.GetNumberOfComponentsPerPixel()} components per voxel")
+    return image
+
+
+def read_volume(path: str | os.PathLike[str], dtype: Any = None) -> Volume:
+    """Read an image into a canonical-orientation :class:`Volume` (array dtype kept unless given)."""
+    sitk = _sitk()
+    image = read_image(path)
+    geometry = Geometry.from_image(image)
+    array = sitk.GetArrayFromImage(image)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    return Volume(array=geometry.to_canonical(array), geometry=geometry, path=Path(path))
+
+
+def label_array(image: Any, path: Path, max_label: int | None) -> np.ndarray:
+    """The label image's voxels as uint8 in the file's layout; checks integer values in 0..max_label."""
+    sitk = _sitk()
+    view = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(view.dtype, np.integer):
+        if not np.all(np.isfinite(view)) or not np.array_equal(view, np.round(view)):
+            raise DataError(f"{path}: label volume holds non-integer values")
+    lo, hi = (view.min(), view.max()) if view.size else (0, 0)
+    limit = 255 if max_label is None else max_label
+    if lo < 0 or hi > limit:
+        bad = sorted({int(v) for v in np.unique(view) if v < 0 or v > limit})[:8]
+        raise DataError(f"{path}: label values {bad} outside 0..{limit}")
+    return np.asarray(view, dtype=np.uint8)
+
+
+def read_label(
+    path: str | os.PathLike[str],
+    reference: Geometry,
+    reference_path: str | os.PathLike[str] | None = None,
+    max_label: int | None = 13,
+) -> Volume:
+    """Read a label volume aligned to ``reference`` in physical space.
+
+    Same grid: used as is. Same voxel centres stored with other axis order or
+    flips (a flipped direction, say): brought onto the reference grid, which for
+    coinciding centres is exactly nearest-neighbour resampling. Anything else is
+    refused, naming both files: pairing voxels by array index alone would put
+    organs in the wrong place.
+    """
+    p = Path(path)
+    image = read_image(p)
+    geometry = Geometry.from_image(image)
+    arr = label_array(image, p, max_label)
+    if not geometry.same_physical_grid(reference):
+        ref = f"{reference_path}" if reference_path else "its image"
+        raise DataError(
+            f"label {p} does not lie on the grid of {ref}: label {geometry.describe()} vs image {reference.describe()}"
+        )
+    return Volume(array=geometry.to_canonical(arr), geometry=reference, path=p)
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+def write_label(array: np.ndarray, geometry: Geometry, path: str | os.PathLike[str]) -> Path:
+    """Write a canonical [z, y, x] label array as uint8 with ``geometry`` exactly; atomic."""
+    sitk = _sitk()
+    if tuple(array.shape) != geometry.canonical_shape:
+        raise ValueError(f"label shape {array.shape} does not match the reference {geometry.canonical_shape}")
+    file_array = np.ascontiguousarray(geometry.from_canonical(np.asarray(array, dtype=np.uint8)))
+    image = geometry.apply_to(sitk.GetImageFromArray(file_array))
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=target.name.lower().endswith(".gz"))
+    return target
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike[str], compress: bool = True) -> Path:
+    """Write a canonical array of any dtype with ``geometry``; atomic (used for images and phantoms)."""
+    sitk = _sitk()
+    file_array = np.ascontiguousarray(geometry.from_canonical(array))
+    image = geometry.apply_to(sitk.GetImageFromArray(file_array))
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+    return target
