@@ -280,7 +280,8 @@ def label_array(image: Any, path: Path, max_label: int | None) -> np.ndarray:
     if lo < 0 or hi > limit:
         bad = sorted({int(v) for v in np.unique(view) if v < 0 or v > limit})[:8]
         raise DataError(f"{path}: label values {bad} outside 0..{limit}")
-    return np.asarray(view, dtype=np.uint8)
+    # a copy: the view borrows the image's buffer, which is freed with the image
+    return np.array(view, dtype=np.uint8)
 
 
 def read_label(
