@@ -1,17 +1,139 @@
-"""`flaresam weights` (not implemented yet)."""
+"""`flaresam weights`: list, download, locate and verify the official SAM / HQ-SAM checkpoints."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
 from flaresam.cli.app import app
-from flaresam.errors import NotImplementedYet
 
-weights_app = typer.Typer(help="The official SAM and HQ-SAM checkpoints (not implemented yet).", no_args_is_help=True)
+weights_app = typer.Typer(
+    help="The official SAM, HQ-SAM and MobileSAM checkpoints: fetched on demand, SHA-256 verified.",
+    no_args_is_help=True,
+)
 app.add_typer(weights_app, name="weights")
+
+_DIR_HELP = "Weights folder (default: the cache, $FLARESAM_HOME/weights or the platform's user cache)."
 
 
 @weights_app.command("list")
-def weights_list() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("flaresam weights")
+def weights_list(
+    as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout instead of a table."),
+    dest_dir: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
+) -> None:
+    """Every known checkpoint: name, model, architecture, size, and whether it is in the cache."""
+    from flaresam.models import weights
+    from flaresam.ui import info, out
+
+    rows = []
+    for e in weights.REGISTRY:
+        rows.append({
+            "name": e.name, "title": e.title, "arch": e.arch, "decoder": e.decoder, "file": e.filename,
+            "bytes": e.bytes, "sha256": e.sha256, "url": e.url,
+            "path": str(weights.cached_path(e, dest_dir)), "state": weights.cache_state(e, dest_dir),
+        })
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    marks = {"cached": "[green]yes[/green]", "partial": "[yellow]partial[/yellow]",
+             "wrong size": "[red]wrong size[/red]", "missing": "no"}
+    table = Table(title="Checkpoints")
+    for col, justify in (("name", "left"), ("model", "left"), ("arch", "left"), ("decoder", "left"),
+                         ("size", "right"), ("cached", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(r["name"], r["title"], r["arch"], r["decoder"], weights.human_bytes(r["bytes"]), marks[r["state"]])
+    out.print(table)
+    info(f"Cache: {weights.cache_dir(dest_dir)}")
+
+
+@weights_app.command("download")
+def weights_download(
+    names: list[str] = typer.Argument(..., help="Checkpoint names (see `flaresam weights list`)."),
+    dest_dir: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
+    url: str | None = typer.Option(None, "--url", help="Mirror URL of the file, for networks that cannot reach the official host."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fetch checkpoints (resuming partial downloads) and check their SHA-256; prints each file's path.
+
+    A file already in place is re-hashed; one that fails is downloaded again.
+    """
+    from flaresam.errors import UsageError
+    from flaresam.models import weights
+
+    if url and len(names) > 1:
+        raise UsageError("--url is the mirror of one file: give a single checkpoint name with it")
+    entries = [weights.get_entry(n) for n in names]  # unknown names fail before any download
+    for entry in entries:
+        path = weights.download(entry, url=url, dest_dir=dest_dir, quiet=quiet, rehash=True)
+        typer.echo(str(path))
+
+
+@weights_app.command("path")
+def weights_path(
+    name: str = typer.Argument(..., help="Checkpoint name."),
+    dest_dir: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
+    fetch: bool = typer.Option(False, "--download", help="Download it first when it is not cached."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Print the cached file of a checkpoint (exit 1, with where to put it, when it is not there)."""
+    from flaresam.errors import DataError
+    from flaresam.models import weights
+
+    entry = weights.get_entry(name)
+    if fetch:
+        typer.echo(str(weights.download(entry, dest_dir=dest_dir, quiet=quiet)))
+        return
+    state = weights.cache_state(entry, dest_dir)
+    path = weights.cached_path(entry, dest_dir)
+    if state != "cached":
+        raise DataError(
+            f"{name} is not in the cache ({state}): run `flaresam weights download {name}`, "
+            f"or put {entry.filename} from {entry.url} at {path}"
+        )
+    typer.echo(str(path))
+
+
+@weights_app.command("verify")
+def weights_verify(
+    names: list[str] | None = typer.Argument(None, help="Checkpoint names (default: every cached one)."),
+    dest_dir: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON to this file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Re-hash cached checkpoints against the registry; exit 1 if any is missing or fails."""
+    from rich.table import Table
+
+    from flaresam.io.atomic import atomic_write_text
+    from flaresam.models import weights
+    from flaresam.ui import info, out, warn
+
+    entries = [weights.get_entry(n) for n in names or []]
+    results = weights.verify(entries or None, dest_dir=dest_dir, quiet=quiet)
+    if not results:
+        info(f"No checkpoints cached in {weights.cache_dir(dest_dir)}.")
+    else:
+        marks = {"ok": "[green]ok[/green]", "mismatch": "[red]SHA-256 mismatch[/red]",
+                 "wrong size": "[red]wrong size[/red]", "missing": "[red]missing[/red]"}
+        table = Table(title="Checkpoint verification")
+        for col in ("name", "status", "file"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(r.entry.name, marks[r.status], str(r.path))
+        out.print(table)
+    if json_out:
+        atomic_write_text(json_out, json.dumps([
+            {"name": r.entry.name, "path": str(r.path), "status": r.status, "bytes": r.size,
+             "expected_bytes": r.entry.bytes, "sha256": r.sha256, "expected_sha256": r.entry.sha256}
+            for r in results
+        ], indent=2))
+        info(f"Results written to {json_out}")
+    bad = [r for r in results if not r.ok]
+    for r in bad:
+        warn(f"{r.entry.name}: {r.status} ({r.path}); `flaresam weights download {r.entry.name}` fetches it again")
+    if bad:
+        raise typer.Exit(1)

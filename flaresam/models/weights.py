@@ -1,0 +1,508 @@
+"""The official SAM, HQ-SAM and MobileSAM checkpoints: one table, a verified cache, downloads on demand.
+
+Users name a checkpoint (``sam_hq_vit_b``) instead of hunting for files. The
+registry records where each file is published, its exact size and SHA-256, and
+the architecture and mask decoder it needs, so ``--checkpoint sam_hq_vit_b``
+is enough to build the right model.
+
+A download streams into ``<file>.part`` and resumes it with an HTTP Range
+request after an interruption; pooch then checks the SHA-256 and moves the file
+into place, so the cache only ever holds whole, verified files. No network
+fails within seconds with the URL and the path to put the file by hand; offline
+mode (``offline=True`` or ``FLARESAM_OFFLINE=1``) never opens a socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flaresam.errors import DataError, UsageError
+
+CONNECT_TIMEOUT_S = 5.0  # no route / no DNS / firewall: fail fast, never hang
+READ_TIMEOUT_S = 30.0  # a stalled server: the .part file keeps what arrived
+CHUNK_BYTES = 1 << 20  # hashing reads
+STREAM_CHUNK_BYTES = 1 << 16  # small, so an interruption loses little of what arrived
+OFFLINE_ENV = "FLARESAM_OFFLINE"
+MIRROR_ENV = "FLARESAM_WEIGHTS_MIRROR"  # base URL; the file name is appended
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One published checkpoint file and the model it builds."""
+
+    name: str
+    filename: str
+    url: str
+    bytes: int
+    sha256: str
+    arch: str  # key of segment_anything_hq.sam_model_registry: vit_b, vit_l, vit_h, vit_tiny
+    decoder: str  # "hq": carries HQ-SAM's decoder weights; "sam": the original SAM decoder only
+    title: str
+
+
+_HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
+_SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
+_MOBILE = "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/"
+
+REGISTRY: tuple[WeightsEntry, ...] = (
+    WeightsEntry("sam_hq_vit_b", "sam_hq_vit_b.pth", _HQ + "sam_hq_vit_b.pth", 379335069,
+                 "14a9d662cd6f5a9c2dba6d40ab0058d88d287e4a18fd6fdc6ad5fb1a3fdeaa57", "vit_b", "hq", "HQ-SAM ViT-B"),
+    WeightsEntry("sam_hq_vit_l", "sam_hq_vit_l.pth", _HQ + "sam_hq_vit_l.pth", 1254865805,
+                 "e1a6c385d62bf005ded91a54d5ec55c985cfc4103ef89c08d90f39f04934c343", "vit_l", "hq", "HQ-SAM ViT-L"),
+    WeightsEntry("sam_hq_vit_h", "sam_hq_vit_h.pth", _HQ + "sam_hq_vit_h.pth", 2570940653,
+                 "a7ac14a085326d9fa6199c8c698c4f0e7280afdbb974d2c4660ec60877b45e35", "vit_h", "hq", "HQ-SAM ViT-H"),
+    WeightsEntry("sam_hq_vit_tiny", "sam_hq_vit_tiny.pth", _HQ + "sam_hq_vit_tiny.pth", 42526881,
+                 "0f32c075ccdd870ae54db2f7630e7a0878ede5a2b06d05d6fe02c65a82fb7196", "vit_tiny", "hq", "HQ-SAM Light (TinyViT)"),
+    WeightsEntry("sam_vit_b", "sam_vit_b_01ec64.pth", _SAM + "sam_vit_b_01ec64.pth", 375042383,
+                 "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", "vit_b", "sam", "SAM ViT-B"),
+    WeightsEntry("sam_vit_l", "sam_vit_l_0b3195.pth", _SAM + "sam_vit_l_0b3195.pth", 1249524607,
+                 "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", "vit_l", "sam", "SAM ViT-L"),
+    WeightsEntry("sam_vit_h", "sam_vit_h_4b8939.pth", _SAM + "sam_vit_h_4b8939.pth", 2564550879,
+                 "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", "vit_h", "sam", "SAM ViT-H"),
+    WeightsEntry("mobile_sam", "mobile_sam.pt", _MOBILE + "mobile_sam.pt", 40728226,
+                 "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f", "vit_tiny", "sam", "MobileSAM"),
+)
+
+
+def names() -> list[str]:
+    return [e.name for e in REGISTRY]
+
+
+def find_entry(name: str) -> WeightsEntry | None:
+    return next((e for e in REGISTRY if e.name == name), None)
+
+
+def get_entry(name: str) -> WeightsEntry:
+    entry = find_entry(name)
+    if entry is None:
+        raise UsageError(f"unknown checkpoint name {name!r} (known: {', '.join(names())})")
+    return entry
+
+
+def entry_for_file(path: str | os.PathLike[str]) -> WeightsEntry | None:
+    """The registry entry an existing file is a copy of, judged by its exact byte count (all differ)."""
+    size = Path(path).stat().st_size
+    return next((e for e in REGISTRY if e.bytes == size), None)
+
+
+def cache_dir(dest_dir: str | os.PathLike[str] | None = None) -> Path:
+    from flaresam.paths import weights_dir
+
+    return Path(dest_dir).expanduser() if dest_dir is not None else weights_dir()
+
+
+def cached_path(entry: WeightsEntry | str, dest_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the file lives (or will live) in the cache."""
+    entry = _as_entry(entry)
+    return cache_dir(dest_dir) / entry.filename
+
+
+def cache_state(entry: WeightsEntry | str, dest_dir: str | os.PathLike[str] | None = None) -> str:
+    """"cached" (right size), "partial" (a .part to resume), "wrong size", or "missing"."""
+    path = cached_path(entry, dest_dir)
+    if path.is_file():
+        return "cached" if path.stat().st_size == _as_entry(entry).bytes else "wrong size"
+    return "partial" if _part_path(path).is_file() else "missing"
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    if offline:
+        return True
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def source_url(entry: WeightsEntry, url: str | None = None) -> str:
+    """The URL to fetch from: an explicit mirror, else ``$FLARESAM_WEIGHTS_MIRROR/<file>``, else the official one."""
+    if url:
+        return url
+    mirror = os.environ.get(MIRROR_ENV, "").strip()
+    if mirror:
+        return mirror.rstrip("/") + "/" + entry.filename
+    return entry.url
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+# ---------------------------------------------------------------- download
+
+
+def download(
+    entry_or_name: WeightsEntry | str,
+    *,
+    url: str | None = None,
+    sha256: str | None = None,
+    dest_dir: str | os.PathLike[str] | None = None,
+    offline: bool | None = None,
+    quiet: bool = False,
+    rehash: bool = False,
+    timeout: tuple[float, float] = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+) -> Path:
+    """Return the verified local file for a checkpoint, downloading (or resuming) it when missing.
+
+    ``url`` is a mirror for the official location; ``sha256`` overrides the
+    expected hash (then the size is not checked, since it is unknown). A file
+    already in place is trusted by its size, or re-hashed with ``rehash``; a
+    file that fails the check is downloaded again.
+    """
+    entry = _as_entry(entry_or_name)
+    expected_sha = (sha256 or entry.sha256).lower()
+    expected_size = None if sha256 else entry.bytes
+    final = cache_dir(dest_dir) / entry.filename
+    src = source_url(entry, url)
+
+    existed = final.is_file()
+    if _existing_ok(final, expected_size, expected_sha if rehash else None, quiet):
+        return final
+    if is_offline(offline):
+        raise DataError(_manual_message(entry.name, src, final, "offline mode (--offline or FLARESAM_OFFLINE=1) is on",
+                                        mirror_hint=False))
+
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the weights folder {final.parent}: {exc}") from exc
+    with _download_lock(final, entry.name, quiet):
+        # another process may have finished it (verified) while we waited for the lock
+        if not existed and _existing_ok(final, expected_size, None, quiet=True):
+            return final
+        if final.exists():
+            from flaresam.ui import warn
+
+            wrong_size = expected_size is not None and final.stat().st_size != expected_size
+            what = "has the wrong size" if wrong_size else "fails its SHA-256 check"
+            warn(f"{final} {what}: downloading it again")
+            final.unlink()
+        _fetch(entry.name, src, final, expected_size, expected_sha, quiet, timeout)
+    return final
+
+
+def _existing_ok(final: Path, size: int | None, sha: str | None, quiet: bool) -> bool:
+    if not final.is_file():
+        return False
+    if size is not None and final.stat().st_size != size:
+        return False
+    return sha is None or sha256_file(final, quiet=quiet) == sha
+
+
+def _fetch(name: str, url: str, final: Path, size: int | None, sha: str, quiet: bool, timeout: tuple[float, float]) -> None:
+    import logging
+
+    import pooch
+
+    from flaresam.ui import console
+
+    if not quiet:
+        console.print(f"Downloading {name}{f' ({human_bytes(size)})' if size else ''} from {url}", soft_wrap=True)
+    downloader = _ResumingDownloader(name, final, size, sha, quiet, timeout)
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # our own messages say what happens
+    try:
+        # pooch re-checks the hash of the finished file and moves it into place atomically
+        pooch.retrieve(url, known_hash=f"sha256:{sha}", fname=final.name, path=final.parent,
+                       downloader=downloader, progressbar=False)
+    except ValueError as exc:
+        final.unlink(missing_ok=True)
+        raise DataError(f"{name}: SHA-256 check failed after download from {url} ({exc}); nothing was kept") from exc
+    finally:
+        logger.setLevel(level)
+    if not quiet:
+        console.print(f"{name}: {final} (SHA-256 verified)", soft_wrap=True)
+
+
+def _part_path(final: Path) -> Path:
+    return final.with_name(final.name + ".part")
+
+
+class _ResumingDownloader:
+    """A pooch downloader that streams into ``<file>.part``, resuming it with ``Range: bytes=N-``.
+
+    It hashes while it writes, so a bad file is caught (and deleted) without a
+    second read; only a complete file of the right hash is handed to pooch.
+    """
+
+    def __init__(self, name: str, final: Path, size: int | None, sha: str, quiet: bool,
+                 timeout: tuple[float, float]) -> None:
+        self.name, self.final, self.size, self.sha = name, final, size, sha
+        self.quiet, self.timeout = quiet, timeout
+        self.part = _part_path(final)
+
+    def __call__(self, url: str, output_file: Any, pooch: Any) -> None:
+        have = self.part.stat().st_size if self.part.is_file() else 0
+        if self.size is not None and have > self.size:
+            self.part.unlink()
+            have = 0
+        hasher = hashlib.sha256()
+        if have:
+            _hash_into(hasher, self.part, f"{self.name} (resume check)", self.quiet)
+        if self.size is None or have < self.size:
+            hasher = self._stream(url, have, hasher, allow_restart=True)
+        got_size = self.part.stat().st_size
+        if self.size is not None and got_size < self.size:
+            raise DataError(
+                f"{self.name}: download from {url} stopped at {got_size} of {self.size} bytes; "
+                f"run the same command again to resume from {self.part}"
+            )
+        got = hasher.hexdigest()
+        if (self.size is not None and got_size != self.size) or got != self.sha:
+            self.part.unlink()
+            raise DataError(
+                f"{self.name}: the file from {url} fails its check (expected SHA-256 {self.sha}"
+                f"{f', {self.size} bytes' if self.size else ''}; got {got}, {got_size} bytes); "
+                "it was deleted. If you used a mirror, check that it serves the official file"
+            )
+        os.replace(self.part, output_file)
+
+    def _stream(self, url: str, have: int, hasher: Any, allow_restart: bool) -> Any:
+        import requests
+
+        from flaresam import __version__
+
+        headers = {"User-Agent": f"flaresam/{__version__}", "Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=self.timeout) as resp:
+                if resp.status_code == 416 and have:
+                    if self.size is None or have == self.size:
+                        return hasher  # the .part already holds everything the server has
+                    if not allow_restart:
+                        raise DataError(f"{self.name}: {url} refuses the byte range {have}- of a {self.size}-byte file")
+                    self.part.unlink()
+                    return self._stream(url, 0, hashlib.sha256(), allow_restart=False)
+                if resp.status_code == 206 and not _range_starts_at(resp, have):
+                    if not allow_restart:
+                        raise DataError(f"{self.name}: {url} answered a resume request with the wrong byte range")
+                    self.part.unlink(missing_ok=True)
+                    return self._stream(url, 0, hashlib.sha256(), allow_restart=False)
+                if resp.status_code == 200 and have:
+                    have, hasher = 0, hashlib.sha256()  # the server ignored Range: start over
+                if resp.status_code not in (200, 206):
+                    raise DataError(_manual_message(
+                        self.name, url, self.final, f"the server answered HTTP {resp.status_code} {resp.reason}"))
+                served = _served_total(resp, have)
+                if self.size is not None and served is not None and served != self.size:
+                    raise DataError(
+                        f"{self.name}: {url} serves a {served}-byte file, the official one has {self.size} bytes; "
+                        "check the URL (a mirror must serve the official file)"
+                    )
+                total = self.size if self.size is not None else served
+                with open(self.part, "ab" if have else "wb") as fh, _bytes_progress(self.quiet) as bar:
+                    task = bar.add_task(self.name, total=total, completed=have)
+                    for chunk in resp.iter_content(STREAM_CHUNK_BYTES):
+                        fh.write(chunk)
+                        hasher.update(chunk)
+                        bar.advance(task, len(chunk))
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                requests.exceptions.ChunkedEncodingError) as exc:
+            got = self.part.stat().st_size if self.part.is_file() else 0
+            if got:
+                raise DataError(
+                    f"{self.name}: download from {url} interrupted after {got} bytes "
+                    f"({_network_reason(exc, self.timeout)}); run the same command again to resume"
+                ) from exc
+            raise DataError(_manual_message(self.name, url, self.final, _network_reason(exc, self.timeout))) from exc
+        except requests.exceptions.RequestException as exc:
+            raise DataError(_manual_message(self.name, url, self.final, f"{type(exc).__name__}: {exc}")) from exc
+        except OSError as exc:  # disk full, read-only cache folder
+            raise DataError(f"{self.name}: cannot write {self.part}: {exc}") from exc
+        return hasher
+
+
+def _served_total(resp: Any, have: int) -> int | None:
+    """The size of the whole file as the server states it (None when it does not say)."""
+    if resp.status_code == 206:
+        match = re.search(r"/(\d+)\s*$", resp.headers.get("Content-Range", ""))
+        return int(match.group(1)) if match else None
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _range_starts_at(resp: Any, start: int) -> bool:
+    match = re.match(r"\s*bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
+    return bool(match) and int(match.group(1)) == start
+
+
+def _network_reason(exc: Exception, timeout: tuple[float, float]) -> str:
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return f"no answer within {timeout[0]:g} s"
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return f"the server sent nothing for {timeout[1]:g} s"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "the connection closed early"
+    match = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+    if match:
+        return f"no connection ({match.group(1).strip()})"
+    return f"connection failed: {type(exc).__name__}"
+
+
+def _manual_message(name: str, url: str, final: Path, reason: str, mirror_hint: bool = True) -> str:
+    message = (
+        f"cannot download {name} from {url}: {reason}. Fetch that file another way and put it at {final} "
+        f"(`flaresam weights verify {name}` checks it)"
+    )
+    if mirror_hint:
+        message += f", or use a mirror: `flaresam weights download {name} --url URL` or {MIRROR_ENV}=BASE_URL"
+    return message
+
+
+@contextlib.contextmanager
+def _download_lock(final: Path, name: str, quiet: bool) -> Iterator[None]:
+    """One downloader per file across processes (e.g. every rank of a DDP job asking for it)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(final.with_name(f".{final.name}.lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not quiet:
+            from flaresam.ui import info
+
+            info(f"Another process is downloading {name}; waiting for it to finish")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------- hashing and verify
+
+
+@contextlib.contextmanager
+def _bytes_progress(quiet: bool) -> Iterator[Any]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from flaresam.ui import console
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=quiet) as bar:
+        yield bar
+
+
+def _hash_into(hasher: Any, path: Path, label: str, quiet: bool) -> None:
+    with open(path, "rb") as fh, _bytes_progress(quiet) as bar:
+        task = bar.add_task(label, total=path.stat().st_size)
+        while chunk := fh.read(CHUNK_BYTES):
+            hasher.update(chunk)
+            bar.advance(task, len(chunk))
+
+
+def sha256_file(path: str | os.PathLike[str], quiet: bool = False) -> str:
+    path = Path(path)
+    hasher = hashlib.sha256()
+    _hash_into(hasher, path, f"SHA-256 {path.name}", quiet)
+    return hasher.hexdigest()
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    entry: WeightsEntry
+    path: Path
+    status: str  # "ok", "mismatch", "wrong size", "missing"
+    size: int | None
+    sha256: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def verify(
+    names_or_entries: list[WeightsEntry | str] | None = None,
+    *,
+    dest_dir: str | os.PathLike[str] | None = None,
+    quiet: bool = False,
+) -> list[VerifyResult]:
+    """Re-hash cached checkpoints: the named ones, or every registry file present in the cache."""
+    if names_or_entries:
+        entries = [_as_entry(e) for e in names_or_entries]
+    else:
+        entries = [e for e in REGISTRY if cached_path(e, dest_dir).is_file()]
+    results = []
+    for entry in entries:
+        path = cached_path(entry, dest_dir)
+        if not path.is_file():
+            results.append(VerifyResult(entry, path, "missing", None, None))
+            continue
+        size = path.stat().st_size
+        if size != entry.bytes:
+            results.append(VerifyResult(entry, path, "wrong size", size, None))
+            continue
+        got = sha256_file(path, quiet=quiet)
+        results.append(VerifyResult(entry, path, "ok" if got == entry.sha256 else "mismatch", size, got))
+    return results
+
+
+# ---------------------------------------------------------------- --checkpoint
+
+
+def resolve_checkpoint(
+    spec: str | os.PathLike[str], *, offline: bool = False, quiet: bool = False
+) -> tuple[Path, WeightsEntry | None]:
+    """A ``--checkpoint`` value: an existing file, or a registry name fetched into the cache on demand.
+
+    Returns the file and the registry entry it is a copy of (None for other
+    files, e.g. fine-tuned checkpoints). A cached file is trusted by its size;
+    ``flaresam weights verify`` re-hashes it.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path, entry_for_file(path)
+    if path.exists():
+        raise UsageError(f"checkpoint {str(spec)!r} is a directory, not a checkpoint file")
+    entry = find_entry(str(spec))
+    if entry is None:
+        raise UsageError(
+            f"checkpoint {str(spec)!r}: not a file and not a known checkpoint name (known: {', '.join(names())})"
+        )
+    final = cached_path(entry)
+    if is_offline(offline) and final.is_file() and final.stat().st_size != entry.bytes:
+        raise DataError(
+            f"{final} has {final.stat().st_size} bytes, {entry.name} has {entry.bytes}; "
+            f"replace it (offline mode is on, so flaresam will not download it)"
+        )
+    return download(entry, offline=offline, quiet=quiet), entry
+
+
+def _as_entry(entry: WeightsEntry | str) -> WeightsEntry:
+    return entry if isinstance(entry, WeightsEntry) else get_entry(entry)
+
+
+__all__ = [
+    "REGISTRY",
+    "VerifyResult",
+    "WeightsEntry",
+    "cache_state",
+    "cached_path",
+    "download",
+    "entry_for_file",
+    "get_entry",
+    "names",
+    "resolve_checkpoint",
+    "sha256_file",
+    "verify",
+]
