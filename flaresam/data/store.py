@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -110,10 +111,11 @@ def _source_stamp(case: Case) -> dict[str, Any]:
 
 
 def _fingerprint(*arrays: np.ndarray) -> str:
+    """Content fingerprint: CRC-32 of every byte (fast; this detects changes, it is no security hash), with shapes."""
     h = hashlib.blake2b(digest_size=16)
     for a in arrays:
-        h.update(str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).data)
+        data = np.ascontiguousarray(a).data
+        h.update(f"{a.shape}:{a.dtype}:{zlib.crc32(data)};".encode())
     return h.hexdigest()
 
 

@@ -7,6 +7,7 @@ abdominal soft-tissue window is level 40 HU, width 400 HU, i.e. [-160, 240] HU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -50,9 +51,27 @@ def parse_window(text: str | None) -> Window:
     return Window(level, width)
 
 
-def apply_window(hu: np.ndarray, window: Window = DEFAULT_WINDOW) -> np.ndarray:
-    """HU array -> uint8 in [0, 255]: low..high maps linearly, outside is clipped."""
+def _window_float(hu: np.ndarray, window: Window) -> np.ndarray:
     scale = 255.0 / window.width
     out = (np.asarray(hu, dtype=np.float32) - np.float32(window.low)) * np.float32(scale)
     np.clip(out, 0, 255, out=out)
     return np.rint(out, out=out).astype(np.uint8)
+
+
+@lru_cache(maxsize=8)
+def _int16_table(window: Window) -> np.ndarray:
+    """uint8 value of every int16 HU, indexed by the HU's bit pattern read as uint16."""
+    every = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    return _window_float(every, window)
+
+
+def apply_window(hu: np.ndarray, window: Window = DEFAULT_WINDOW) -> np.ndarray:
+    """HU array -> uint8 in [0, 255]: low..high maps linearly, outside is clipped.
+
+    int16 volumes (nearly every CT) go through a 64k lookup table, several times
+    faster than the float arithmetic, with identical results.
+    """
+    hu = np.asarray(hu)
+    if hu.dtype == np.int16:
+        return _int16_table(window)[hu.view(np.uint16)]
+    return _window_float(hu, window)

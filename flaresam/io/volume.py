@@ -226,6 +226,24 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+class _BorrowedArray(np.ndarray):
+    """An ndarray viewing a SimpleITK image's buffer that holds a reference to the image.
+
+    ``sitk.GetArrayViewFromImage`` alone does not keep the image alive: once the
+    image is collected the view reads freed memory. Views derived from this array
+    (transposes, flips, slices) keep it, and so the image, alive through ``.base``.
+    """
+
+    _image: Any = None
+
+
+def borrowed_array(image: Any) -> np.ndarray:
+    """Zero-copy, read-only view of ``image``'s voxels ([k, j, i]) that is safe to keep."""
+    view = _sitk().GetArrayViewFromImage(image).view(_BorrowedArray)
+    view._image = image
+    return view
+
+
 def read_image(path: str | os.PathLike[str], pixel_type: Any = None) -> Any:
     """Read a 3D image file or a DICOM series folder with SimpleITK; clear errors otherwise."""
     sitk = _sitk()
@@ -258,20 +276,23 @@ def read_image(path: str | os.PathLike[str], pixel_type: Any = None) -> Any:
 
 
 def read_volume(path: str | os.PathLike[str], dtype: Any = None) -> Volume:
-    """Read an image into a canonical-orientation :class:`Volume` (array dtype kept unless given)."""
+    """Read an image into a canonical-orientation :class:`Volume` (array dtype kept unless given).
+
+    The array is a read-only, zero-copy view of the image buffer (the Volume keeps
+    the image alive); copy it before writing into it.
+    """
     sitk = _sitk()
     image = read_image(path)
     geometry = Geometry.from_image(image)
-    array = sitk.GetArrayFromImage(image)
-    if dtype is not None:
-        array = array.astype(dtype, copy=False)
+    array = borrowed_array(image)
+    if dtype is not None and array.dtype != np.dtype(dtype):
+        array = array.astype(dtype)
     return Volume(array=geometry.to_canonical(array), geometry=geometry, path=Path(path))
 
 
 def label_array(image: Any, path: Path, max_label: int | None) -> np.ndarray:
     """The label image's voxels as uint8 in the file's layout; checks integer values in 0..max_label."""
-    sitk = _sitk()
-    view = sitk.GetArrayViewFromImage(image)
+    view = borrowed_array(image)
     if not np.issubdtype(view.dtype, np.integer):
         if not np.all(np.isfinite(view)) or not np.array_equal(view, np.round(view)):
             raise DataError(f"{path}: label volume holds non-integer values")
