@@ -1,15 +1,151 @@
-"""`flaresam score` (not implemented yet)."""
+"""`flaresam score`: FLARE22-exact DSC and NSD (or the study's slice Dice) of predictions against ground truth."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import typer
+
 from flaresam.cli.app import app
-from flaresam.errors import NotImplementedYet
 
-
-@app.command(
-    "score",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+_PROTOCOL_HELP = (
+    "flare22: the challenge's official DSC and NSD per organ (default). "
+    "slice: the study's mean 2D Dice over (axial slice, organ) pairs."
 )
-def score() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("flaresam score")
+
+
+@app.command("score")
+def score(
+    pred: Path = typer.Argument(..., metavar="PRED", show_default=False, help="Prediction label file, or folder of them (NAME.nii.gz or NAME_0000.nii.gz)."),
+    gt: Path = typer.Argument(..., metavar="GT", show_default=False, help="Ground-truth label file, or folder of them, or a dataset folder with labels/ or labelsTr/."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write every case's and the summary's numbers as JSON to this file."),
+    csv_out: Path | None = typer.Option(None, "--csv", help="Write a row per case as CSV to this file."),
+    protocol: str = typer.Option("flare22", "--protocol", help=_PROTOCOL_HELP),
+    keep_top_slice: bool = typer.Option(
+        False,
+        "--keep-top-slice",
+        help="flare22: score aorta, IVC and esophagus on all their ground-truth slices; "
+        "the official script leaves the top one out (z_lower:z_upper).",
+    ),
+    nsd_min_dsc: float | None = typer.Option(
+        None, "--nsd-min-dsc", min=0.0, max=1.0, help="flare22: NSD is 0 where DSC is below this (default 0.2, as the official script; 0 turns the rule off)."
+    ),
+    workers: int = typer.Option(0, "--workers", min=0, help="Parallel processes (0: one per CPU core)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Score predicted label volumes against ground truth, per organ and per case."""
+    from flaresam.errors import DataError, UsageError
+    from flaresam.metrics import NSD_MIN_DSC, PROTOCOLS, iter_scores, pair_cases, summarize
+    from flaresam.organs import ORGANS
+    from flaresam.report import write_csv, write_json
+    from flaresam.ui import info, out, progress, warn
+
+    protocol = protocol.strip().lower()
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
+    if protocol != "flare22" and (keep_top_slice or nsd_min_dsc is not None):
+        raise UsageError("--keep-top-slice and --nsd-min-dsc apply to the flare22 protocol only")
+    min_dsc = NSD_MIN_DSC if nsd_min_dsc is None else nsd_min_dsc
+
+    pairing = pair_cases(pred, gt)
+    if pairing.pred_only or pairing.gt_only:
+        parts = []
+        if pairing.pred_only:
+            parts.append(f"predictions without ground truth: {_listing(pairing.pred_only)}")
+        if pairing.gt_only:
+            parts.append(f"ground truth without prediction: {_listing(pairing.gt_only)}")
+        warn(f"{len(pairing.pred_only) + len(pairing.gt_only)} unpaired case(s) not scored; " + "; ".join(parts))
+    if not pairing.pairs:
+        raise DataError(f"no prediction in {pred} pairs with a ground truth in {gt} (cases pair by file name)")
+
+    results = iter_scores(pairing.pairs, protocol, ORGANS, not keep_top_slice, min_dsc, workers or None)
+    cases: list[dict[str, Any]] = []
+    with progress(quiet=quiet, transient=True) as bar:
+        task = bar.add_task("Scoring cases", total=len(pairing.pairs))
+        for result in results:
+            cases.append(result)
+            bar.advance(task)
+    order = {p.case: i for i, p in enumerate(pairing.pairs)}
+    cases.sort(key=lambda c: order[c["case"]])
+    summary = summarize(cases, protocol, ORGANS)
+
+    out.print(_table(protocol, cases, summary, not keep_top_slice, min_dsc))
+    document = _document(protocol, cases, summary, pairing, not keep_top_slice, min_dsc)
+    if json_out:
+        write_json(json_out, document)
+        info(f"Scores written to {json_out}")
+    if csv_out:
+        columns, rows = _csv_rows(protocol, document["cases"])
+        write_csv(csv_out, rows, columns)
+        info(f"Per-case scores written to {csv_out}")
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _table(protocol: str, cases: list[dict[str, Any]], summary: dict[str, Any], crop_top_slice: bool, min_dsc: float) -> Any:
+    from flaresam.organs import ORGANS
+    from flaresam.report import fmt, fmt_mean_std, table
+
+    per = summary["per_organ"]
+    n = len(cases)
+    if protocol == "flare22":
+        rows = [
+            [o.display, fmt_mean_std(per[o.name]["dsc"], per[o.name]["dsc_std"]), fmt_mean_std(per[o.name]["nsd"], per[o.name]["nsd_std"]), f"{o.nsd_tolerance_mm:g}"]
+            for o in ORGANS
+        ]
+        footer = [["Mean (13 organs)", fmt(summary["mean"]["dsc"]), fmt(summary["mean"]["nsd"]), ""]]
+        quirk = "top GT slice of aorta/IVC/esophagus left out, as the official script" if crop_top_slice else "aorta/IVC/esophagus on all GT slices"
+        caption = f"mean ± std over cases; NSD 0 where DSC < {min_dsc:g}; {quirk}"
+        return table(f"FLARE22 DSC and NSD, {n} case(s)", ["Organ", "DSC", "NSD", "tol. mm"], rows, footer, caption)
+    rows = [[o.display, fmt(per[o.name]["dsc"]), fmt(per[o.name]["dsc_std"]), str(per[o.name]["pairs"])] for o in ORGANS]
+    total = sum(per[o.name]["pairs"] for o in ORGANS)
+    footer = [["Mean (all pairs)", fmt(summary["mean"]["dsc"]), "", str(total)]]
+    caption = "Dice over the (axial slice, organ) pairs where the organ is in the GT or the prediction; std over cases"
+    return table(f"Slice Dice, {n} case(s)", ["Organ", "Dice", "std", "pairs"], rows, footer, caption)
+
+
+def _document(protocol: str, cases: list[dict[str, Any]], summary: dict[str, Any], pairing: Any, crop_top_slice: bool, min_dsc: float) -> dict[str, Any]:
+    from flaresam.organs import ORGANS
+
+    if protocol == "flare22":
+        settings: dict[str, Any] = {
+            "crop_top_slice": crop_top_slice,
+            "nsd_min_dsc": min_dsc,
+            "nsd_tolerance_mm": {o.name: o.nsd_tolerance_mm for o in ORGANS},
+        }
+    else:
+        settings = {"slices": "axial", "mean": "over all (slice, organ) pairs"}
+    out_cases = []
+    for c in cases:
+        organs = {name: {k: v for k, v in vals.items() if k != "sum"} for name, vals in c["organs"].items()}
+        out_cases.append({"case": c["case"], "pred": c["pred"], "gt": c["gt"], "organs": organs, "mean": c["mean"]})
+    return {
+        "protocol": protocol,
+        "settings": settings,
+        "cases": out_cases,
+        "per_organ": summary["per_organ"],
+        "mean": summary["mean"],
+        "unpaired": {"pred_only": pairing.pred_only, "gt_only": pairing.gt_only},
+    }
+
+
+def _csv_rows(protocol: str, cases: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    from flaresam.organs import ORGANS
+
+    metrics = ("dsc", "nsd") if protocol == "flare22" else ("dsc", "pairs")
+    columns = ["case"] + [f"{o.name}_{m}" for m in metrics for o in ORGANS]
+    columns += [f"mean_{m}" for m in ("dsc", "nsd")] if protocol == "flare22" else ["mean_dsc"]
+    rows = []
+    for c in cases:
+        row: dict[str, Any] = {"case": c["case"]}
+        for o in ORGANS:
+            for m in metrics:
+                row[f"{o.name}_{m}"] = c["organs"][o.name][m]
+        for m, v in c["mean"].items():
+            row[f"mean_{m}"] = v
+        rows.append(row)
+    return columns, rows
