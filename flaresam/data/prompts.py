@@ -1,0 +1,129 @@
+"""Box prompts from label slices: what SAM is told to segment.
+
+Per axial slice every present organ gets one tight box (option: one per
+connected component); organs with fewer than ``min_pixels`` pixels on the slice
+are skipped (a few stray voxels make a degenerate box that teaches nothing).
+During training each side of a box moves *outward* by a random 0..N pixels,
+with N counted in SAM's 1024 frame (default 20) so the jitter means the same
+whatever the slice size; moving outward only (the MedSAM convention) keeps the
+organ inside its box, which is what a clinician's or a detector's box gives at
+inference time.
+
+Boxes are (x0, y0, x1, y1) with inclusive pixel indices, as in ``boxes.npy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flaresam.errors import UsageError
+from flaresam.organs import NUM_ORGANS
+
+DEFAULT_JITTER_PX = 20
+DEFAULT_MIN_PIXELS = 10
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    jitter_px: int = DEFAULT_JITTER_PX  # outward jitter per side, 0..N pixels in the 1024 frame
+    min_pixels: int = DEFAULT_MIN_PIXELS  # organs (components) smaller than this on a slice get no prompt
+    per_component: bool = False  # one box per connected component instead of per organ
+
+    def __post_init__(self) -> None:
+        if self.jitter_px < 0:
+            raise UsageError(f"box jitter must be >= 0 pixels, got {self.jitter_px}")
+        if self.min_pixels < 1:
+            raise UsageError(f"minimum organ pixel count must be >= 1, got {self.min_pixels}")
+
+
+@dataclass
+class SlicePrompts:
+    organs: np.ndarray  # int64 [K], organ ids 1..13
+    boxes: np.ndarray  # int32 [K, 4], tight boxes in slice pixels (inclusive)
+    masks: np.ndarray  # bool [K, H, W], the target of each prompt
+
+    def __len__(self) -> int:
+        return int(self.organs.shape[0])
+
+
+def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def slice_prompts(
+    label: np.ndarray,
+    config: PromptConfig = PromptConfig(),
+    boxes: np.ndarray | None = None,
+    pixels: np.ndarray | None = None,
+) -> SlicePrompts:
+    """Box prompts and target masks of one label slice [H, W].
+
+    ``boxes`` [13, 4] and ``pixels`` [13] are the prepared store's per-slice
+    tables; given, the per-organ case needs no scan of the slice for boxes.
+    """
+    label = np.asarray(label)
+    h, w = label.shape
+    if pixels is None or boxes is None:
+        counts = np.bincount(label.ravel(), minlength=NUM_ORGANS + 1)[1 : NUM_ORGANS + 1]
+        present = [o + 1 for o in range(NUM_ORGANS) if counts[o] >= config.min_pixels]
+        box_of = {o: _tight_box(label == o) for o in present}
+    else:
+        present = [o + 1 for o in range(NUM_ORGANS) if pixels[o] >= config.min_pixels]
+        box_of = {o: tuple(int(v) for v in boxes[o - 1]) for o in present}
+
+    organs: list[int] = []
+    out_boxes: list[tuple[int, int, int, int]] = []
+    masks: list[np.ndarray] = []
+    if not config.per_component:
+        for o in present:
+            organs.append(o)
+            out_boxes.append(box_of[o])
+            masks.append(label == o)
+    else:
+        from scipy import ndimage
+
+        eight = np.ones((3, 3), dtype=bool)
+        for o in present:
+            x0, y0, x1, y1 = box_of[o]
+            sub = label[y0 : y1 + 1, x0 : x1 + 1] == o
+            comp, n = ndimage.label(sub, structure=eight)
+            if n == 0:
+                continue
+            sizes = np.bincount(comp.ravel(), minlength=n + 1)
+            for c, sl in enumerate(ndimage.find_objects(comp), start=1):
+                if sl is None or sizes[c] < config.min_pixels:
+                    continue
+                m = np.zeros((h, w), dtype=bool)
+                m[y0 : y1 + 1, x0 : x1 + 1] = comp == c
+                organs.append(o)
+                out_boxes.append((x0 + sl[1].start, y0 + sl[0].start, x0 + sl[1].stop - 1, y0 + sl[0].stop - 1))
+                masks.append(m)
+    return SlicePrompts(
+        organs=np.asarray(organs, dtype=np.int64),
+        boxes=np.asarray(out_boxes, dtype=np.int32).reshape(-1, 4),
+        masks=np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool),
+    )
+
+
+def jitter_boxes(
+    boxes: np.ndarray,
+    max_px: int,
+    rng: np.random.Generator,
+    frame_hw: tuple[int, int],
+) -> np.ndarray:
+    """Move each side of frame-space boxes [K, 4] outward by a random integer 0..``max_px``.
+
+    Results are clipped to the image inside the frame (``frame_hw`` = (h', w')).
+    """
+    out = np.asarray(boxes, dtype=np.float32).copy()
+    if max_px > 0 and len(out):
+        shift = rng.integers(0, max_px + 1, size=out.shape).astype(np.float32)
+        out += shift * np.asarray([-1, -1, 1, 1], dtype=np.float32)
+    h, w = frame_hw
+    np.clip(out[:, 0::2], 0, w - 1, out=out[:, 0::2])
+    np.clip(out[:, 1::2], 0, h - 1, out=out[:, 1::2])
+    return out

@@ -1,0 +1,142 @@
+"""Training slices for SAM / HQ-SAM: one windowed slice, its box prompts and a target mask per prompt.
+
+An item is everything the decoder step needs for one slice, already in SAM's
+frame (see :mod:`flaresam.models.sam_io`): the slice resized and padded to
+S x S (uint8, normalised later on the device), its jittered box prompts in
+frame coordinates, and one soft target per prompt at the decoder's 256 x 256
+output. When the embedding cache holds the slice, the item carries the cached
+embedding instead of the image, so a DataLoader worker reads it from disk in
+parallel with the step.
+
+Only slices with at least one promptable organ are indexed: a slice without a
+box gives SAM nothing to learn from.
+
+Jitter is drawn from ``(seed, epoch, item)``: the same run repeats exactly, a
+new epoch (:meth:`SamSliceDataset.set_epoch`) draws new boxes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from flaresam.data.prompts import PromptConfig, jitter_boxes, slice_prompts
+from flaresam.errors import DataError
+from flaresam.models.sam_io import boxes_to_frame, lowres_hw, lowres_targets, preprocess_shape, resize_slices
+
+
+class SamSliceDataset(torch.utils.data.Dataset):
+    def __init__(
+        self,
+        store: Any,
+        case_ids: list[str],
+        *,
+        image_size: int,
+        lowres: int,
+        prompts: PromptConfig = PromptConfig(),
+        seed: int = 0,
+        cache: Any = None,
+        need_interm: bool = True,
+    ) -> None:
+        self.store = store
+        self.case_ids = list(case_ids)
+        self.image_size, self.lowres = image_size, lowres
+        self.prompts, self.seed = prompts, int(seed)
+        self.cache, self.need_interm = cache, need_interm
+        self.epoch = 0
+        index = []
+        for ci, cid in enumerate(self.case_ids):
+            pixels = np.load(store.case_dir(cid) / "pixels.npy")
+            zs = np.flatnonzero((pixels >= prompts.min_pixels).any(axis=1))
+            index.append(np.stack([np.full_like(zs, ci), zs], axis=1))
+        self.index = np.concatenate(index) if index else np.zeros((0, 2), dtype=np.int64)
+        if len(self.index) == 0:
+            raise DataError(
+                f"{store.root}: no training slice has an organ of at least {prompts.min_pixels} pixels "
+                f"in the {len(self.case_ids)} training cases"
+            )
+        self._cases: dict[int, Any] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return int(len(self.index))
+
+    def _case(self, ci: int) -> Any:
+        case = self._cases.get(ci)
+        if case is None:
+            case = self._cases[ci] = self.store.load_case(self.case_ids[ci])
+        return case
+
+    def __getstate__(self) -> dict[str, Any]:  # workers reopen the memory maps themselves
+        state = dict(self.__dict__)
+        state["_cases"] = {}
+        return state
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ci, z = (int(v) for v in self.index[i])
+        case = self._case(ci)
+        image = np.asarray(case.image[z])
+        h, w = image.shape
+        prompts = slice_prompts(np.asarray(case.label[z]), self.prompts, case.boxes[z], case.pixels[z])
+        input_hw = preprocess_shape(h, w, self.image_size)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        boxes = jitter_boxes(boxes_to_frame(prompts.boxes, (h, w), input_hw), self.prompts.jitter_px, rng, input_hw)
+        targets = lowres_targets(torch.from_numpy(prompts.masks), input_hw, self.image_size, self.lowres)
+
+        item: dict[str, Any] = {
+            "case": self.case_ids[ci],
+            "z": z,
+            "input_hw": input_hw,
+            "lowres_hw": lowres_hw(input_hw, self.image_size, self.lowres),
+            "boxes": torch.from_numpy(boxes),
+            "organs": torch.from_numpy(prompts.organs),
+            "targets": targets.to(torch.float16),
+            "slice_key": None,
+            "image": None,
+            "embedding": None,
+            "interm": None,
+        }
+        if self.cache is not None:
+            from flaresam.models.embedding_cache import slice_key
+
+            item["slice_key"] = key = slice_key(image)
+            hit = self.cache.load(key, interm=self.need_interm)
+            if hit is not None:
+                item["embedding"] = torch.from_numpy(hit[0])
+                item["interm"] = None if hit[1] is None else torch.from_numpy(hit[1])
+                return item
+        item["image"] = resize_slices(torch.from_numpy(np.array(image))[None], self.image_size)[0][0]
+        return item
+
+
+def collate_sam(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Items -> one batch: images to encode, cached embeddings, and all prompts flattened with their slice index."""
+    b = len(items)
+    image_rows = [j for j, it in enumerate(items) if it["embedding"] is None]
+    cached_rows = [j for j, it in enumerate(items) if it["embedding"] is not None]
+    counts = torch.tensor([len(it["organs"]) for it in items], dtype=torch.long)
+    batch: dict[str, Any] = {
+        "cases": [it["case"] for it in items],
+        "z": torch.tensor([it["z"] for it in items], dtype=torch.long),
+        "slice_keys": [it["slice_key"] for it in items],
+        "input_hw": torch.tensor([it["input_hw"] for it in items], dtype=torch.long).reshape(b, 2),
+        "lowres_hw": torch.tensor([it["lowres_hw"] for it in items], dtype=torch.long).reshape(b, 2),
+        "image_rows": torch.tensor(image_rows, dtype=torch.long),
+        "images": torch.stack([items[j]["image"] for j in image_rows]) if image_rows else None,
+        "cached_rows": torch.tensor(cached_rows, dtype=torch.long),
+        "embeddings": torch.stack([items[j]["embedding"] for j in cached_rows]) if cached_rows else None,
+        "interm": (
+            torch.stack([items[j]["interm"] for j in cached_rows])
+            if cached_rows and items[cached_rows[0]]["interm"] is not None
+            else None
+        ),
+        "slice_index": torch.repeat_interleave(torch.arange(b), counts),
+        "boxes": torch.cat([it["boxes"] for it in items]).reshape(-1, 4),
+        "organs": torch.cat([it["organs"] for it in items]),
+        "targets": torch.cat([it["targets"] for it in items]),
+    }
+    return batch

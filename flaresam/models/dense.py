@@ -1,0 +1,275 @@
+"""The dense baselines: segmentation-models-pytorch U-Net and DeepLabV3+ as a :class:`ModelStep`.
+
+Both predict all 14 classes (background + 13 organs) of a windowed axial slice
+(1 channel, or 3 adjacent slices with ``context=3``) without prompts. They plug
+into the one shared trainer (:mod:`flaresam.train`) exactly like the SAM models,
+so validation Dice, checkpoints and ``compare`` line up.
+
+ImageNet encoder weights come from the Hugging Face hub. They are looked up in
+the local cache first; otherwise a connection probe with a short deadline runs
+before any download, so an offline machine gets a clear :class:`DataError`
+within seconds instead of a hang. ``FLARESAM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``
+never opens a socket.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flaresam.errors import DataError, UsageError
+from flaresam.organs import NUM_CLASSES
+
+ARCHS = {"unet": "Unet", "deeplab": "DeepLabV3Plus"}
+LOSSES = ("dice", "dice+ce")
+PROBE_TIMEOUT_S = 4.0
+# grey-level ImageNet statistics (mean of the RGB ones): harmless for random init, right for pretrained
+GREY_MEAN, GREY_STD = 0.449, 0.226
+PAD_MULTIPLE = 32  # five stride-2 stages in every smp encoder
+
+
+# ---------------------------------------------------------------------------
+# ImageNet weights without hangs
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("FLARESAM_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def _probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when a TCP connection to ``url``'s host opens within ``timeout`` s, else the reason.
+
+    Runs in a daemon thread so that a stalled DNS lookup (which ignores socket
+    timeouts) cannot hold the command either.
+    """
+    import socket
+
+    parsed = urlparse(url)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    result: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(None)
+        except OSError as exc:
+            result.append(f"{type(exc).__name__}: {exc}")
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    if not result:
+        return f"no answer from {host}:{port} within {timeout:g} s"
+    return result[0]
+
+
+def encoder_weights_file(encoder: str, weights: str) -> Path:
+    """Path of the encoder's ``model.safetensors``: from the cache, else downloaded (fails fast offline)."""
+    from segmentation_models_pytorch.encoders import encoders
+
+    settings = encoders[encoder]["pretrained_settings"]
+    if weights not in settings:
+        raise UsageError(f"--encoder-weights {weights} is not published for {encoder}; available: {', '.join(settings)}, none")
+    repo_id, revision = settings[weights]["repo_id"], settings[weights]["revision"]
+    cache = _hf_cache_dir()
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "model.safetensors", cache_dir=str(cache), revision=revision)
+    if isinstance(cached, str) and Path(cached).is_file():
+        return Path(cached)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    hint = f"run once with network access (they are cached under {cache}), or use --encoder-weights none"
+    if _offline():
+        raise DataError(f"{weights} weights for encoder {encoder} are not in the local cache and offline mode is on; {hint}")
+    reason = _probe(endpoint)
+    if reason is not None:
+        raise DataError(f"cannot download {weights} weights for encoder {encoder} from {endpoint} ({reason}); {hint}")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(repo_id, "model.safetensors", revision=revision, cache_dir=str(cache))
+    except Exception as exc:  # network, HTTP or disk: one clear line either way
+        raise DataError(f"downloading {weights} weights for encoder {encoder} from {endpoint} failed: {type(exc).__name__}: {exc}; {hint}") from None
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------
+# the network
+
+
+class DenseNet(nn.Module):
+    """Normalise, pad to a multiple of 32 (smp's encoders halve five times), segment, crop back."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.net = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % PAD_MULTIPLE, (-w) % PAD_MULTIPLE
+        x = (x - GREY_MEAN) / GREY_STD
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), value=(0.0 - GREY_MEAN) / GREY_STD)  # air
+        return self.net(x)[..., :h, :w]
+
+
+def build_network(name: str, encoder: str, encoder_weights: str | None, in_channels: int) -> DenseNet:
+    """An smp Unet/DeepLabV3Plus with 14 classes; pretrained encoder tensors from the hub cache."""
+    import segmentation_models_pytorch as smp
+
+    if name not in ARCHS:
+        raise UsageError(f"unknown dense model {name!r}; known: {', '.join(ARCHS)}")
+    from segmentation_models_pytorch.encoders import encoders
+
+    if encoder not in encoders:
+        raise UsageError(f"unknown --encoder {encoder!r}; e.g. resnet18, resnet34, resnet50, efficientnet-b0, mobilenet_v2 (see segmentation-models-pytorch)")
+    weights_path = encoder_weights_file(encoder, encoder_weights) if encoder_weights else None
+    cls = getattr(smp, ARCHS[name])
+    # built at 3 input channels so pretrained tensors load as published, then adapted like smp does
+    net = cls(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=NUM_CLASSES)
+    if weights_path is not None:
+        from safetensors.torch import load_file
+
+        try:
+            net.encoder.load_state_dict(load_file(str(weights_path), device="cpu"))
+        except Exception as exc:
+            raise DataError(f"{weights_path}: unusable {encoder} weights ({type(exc).__name__}: {exc}); delete the file to download it again") from None
+    if in_channels != 3:
+        net.encoder.set_in_channels(in_channels, pretrained=weights_path is not None)
+
+    return DenseNet(net)
+
+
+# ---------------------------------------------------------------------------
+# the step
+
+
+class DenseStep:
+    """U-Net / DeepLabV3+ for the shared trainer: every tensor trains and is saved."""
+
+    prompted = False
+
+    def __init__(
+        self,
+        name: str = "unet",
+        *,
+        encoder: str = "resnet34",
+        encoder_weights: str | None = "imagenet",
+        size: int | None = None,
+        context: int = 1,
+        augment: bool = True,
+        loss: str = "dice",
+        empty_fraction: float = 0.1,
+    ) -> None:
+        if encoder_weights in ("none", "None", ""):
+            encoder_weights = None
+        if context not in (1, 3):
+            raise UsageError(f"--context must be 1 or 3 (adjacent slices as channels), got {context}")
+        if size is not None and size < 16:
+            raise UsageError(f"--size must be at least 16 pixels, got {size}")
+        if loss not in LOSSES:
+            raise UsageError(f"--loss {loss!r} is not available for {name}; choose {' or '.join(LOSSES)}")
+        self.name = name
+        self.encoder, self.encoder_weights = encoder, encoder_weights
+        self.size, self.context, self.augment, self.loss_name = size, context, augment, loss
+        self.empty_fraction = empty_fraction
+        self._net = build_network(name, encoder, encoder_weights, context)
+        self._train_net: Any = self._net  # the trainer binds its DDP wrapper here
+        self._dice: Any = None
+        self._ce: Any = None
+
+    # -- the ModelStep contract ---------------------------------------------
+    def network(self) -> Any:
+        return self._net
+
+    def trainable_module(self) -> Any:
+        return self._net
+
+    def bind_network(self, module: Any) -> None:
+        """Training forwards go through ``module`` (the trainer's DistributedDataParallel wrapper)."""
+        self._train_net = module
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "encoder": self.encoder,
+            "encoder_weights": self.encoder_weights,
+            "size": self.size,
+            "context": self.context,
+            "augment": self.augment,
+            "loss": self.loss_name,
+            "empty_fraction": self.empty_fraction,
+        }
+
+    def train_dataset(self, store: Any, case_ids: list[str], seed: int) -> Any:
+        from flaresam.data.slices import DenseSliceDataset
+
+        return DenseSliceDataset(
+            store.root,
+            case_ids,
+            context=self.context,
+            size=self.size,
+            augment=self.augment,
+            seed=seed,
+            empty_fraction=self.empty_fraction,
+        )
+
+    def collate(self, items: list[Any]) -> Any:
+        from flaresam.data.slices import collate_dense
+
+        return collate_dense(items)
+
+    def loss(self, batch: Any, device: Any) -> tuple[Any, int]:
+        if self._dice is None:
+            from segmentation_models_pytorch.losses import DiceLoss
+
+            self._dice = DiceLoss("multiclass", from_logits=True)
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        logits = self._train_net(x).float()
+        value = self._dice(logits, y)
+        if self.loss_name == "dice+ce":
+            value = value + F.cross_entropy(logits, y)
+        return value, int(x.shape[0])
+
+    def predict_slices(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None, device: Any) -> np.ndarray:
+        from flaresam.data.slices import resize_image, slice_stack
+
+        indices = np.asarray(indices, dtype=np.int64)
+        h, w = volume.shape[1:]
+        out = np.zeros((len(indices), h, w), dtype=np.uint8)
+        net = self._net
+        was_training = net.training
+        net.eval()
+        dev = torch.device(device)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        chunk = 16
+        try:
+            with torch.no_grad(), amp:
+                for start in range(0, len(indices), chunk):
+                    part = indices[start : start + chunk]
+                    x = torch.from_numpy(slice_stack(volume, part, self.context)).to(dev).float().div_(255.0)
+                    logits = net(resize_image(x, self.size)).float()
+                    if tuple(logits.shape[-2:]) != (h, w):
+                        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+                    out[start : start + len(part)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        finally:
+            net.train(was_training)
+        return out

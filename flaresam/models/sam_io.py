@@ -1,0 +1,126 @@
+"""SAM's input and output geometry: slices in, 1024-frame tensors and boxes, logits back out.
+
+SAM sees every image the same way: the longest side resized to the encoder's
+input size (1024 for the official models), the other side scaled by the same
+factor, the result padded bottom/right to a square, pixel-normalised with SAM's
+ImageNet mean/std. Box prompts and target masks must live in that same frame,
+and predicted logits must be cropped and resized back to the slice's own size
+before they can be scored. Everything here is batched and vectorised so that a
+training step or a volume prediction never loops over images in Python.
+
+Conventions:
+
+* ``image_size`` (S): the encoder's square input (1024; smaller for the test-only arch).
+* ``input_hw`` (h', w'): the resized slice inside the S x S frame, before padding.
+* ``lowres`` (L): the mask decoder's output size, 4 x the image embedding (256 for S = 1024).
+* Boxes are (x0, y0, x1, y1) with inclusive pixel indices, as in ``boxes.npy``;
+  scaling them by (w'/W, h'/H) is what SAM's own ``ResizeLongestSide.apply_boxes`` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# SAM's pixel statistics (RGB, 0..255), identical for every official checkpoint.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+# Bump when anything below changes what the encoder sees: the embedding cache keys on it.
+PREPROCESS_VERSION = 1
+
+
+def preprocess_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """(h', w') of a ``height`` x ``width`` slice once its longest side is ``image_size`` (SAM's rounding)."""
+    scale = image_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_slices(slices: torch.Tensor, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 [B, H, W] slices -> uint8 [B, S, S] (resized longest side, zero-padded) and (h', w').
+
+    Bilinear with antialiasing, rounded back to uint8 like SAM's own numpy path,
+    so a training item (built on a CPU worker) and a prediction (built on the
+    GPU) feed the encoder the same pixels.
+    """
+    b, h, w = slices.shape
+    nh, nw = preprocess_shape(h, w, image_size)
+    x = slices.to(torch.float32).unsqueeze(1)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    x = x.round_().clamp_(0, 255).to(torch.uint8)[:, 0]
+    out = torch.zeros((b, image_size, image_size), dtype=torch.uint8, device=slices.device)
+    out[:, :nh, :nw] = x
+    return out, (nh, nw)
+
+
+def frame_mask(input_hw: torch.Tensor, size: int) -> torch.Tensor:
+    """bool [B, size, size]: True inside each image's (h, w) region, False in the padding."""
+    ar = torch.arange(size, device=input_hw.device)
+    rows = ar[None, :] < input_hw[:, 0:1]
+    cols = ar[None, :] < input_hw[:, 1:2]
+    return rows[:, :, None] & cols[:, None, :]
+
+
+def normalise(images: torch.Tensor, input_hw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S] grey frames -> float [B, 3, S, S] as SAM's ``preprocess`` makes them.
+
+    The grey slice is repeated into 3 channels, normalised per channel, and the
+    padding set to 0 *after* normalisation (SAM pads the normalised image).
+    ``mean``/``std`` are [3, 1, 1] tensors (the model's buffers).
+    """
+    x = images.to(mean.dtype).unsqueeze(1)
+    x = (x - mean) / std
+    valid = frame_mask(input_hw, images.shape[-1]).unsqueeze(1)
+    return x * valid
+
+
+def boxes_to_frame(boxes: np.ndarray | torch.Tensor, slice_hw: tuple[int, int], input_hw: tuple[int, int]):
+    """Slice-pixel boxes (x0, y0, x1, y1) -> the S x S frame's coordinates (float)."""
+    h, w = slice_hw
+    nh, nw = input_hw
+    scale = (nw / w, nh / h, nw / w, nh / h)
+    if isinstance(boxes, torch.Tensor):
+        return boxes.to(torch.float32) * torch.tensor(scale, dtype=torch.float32, device=boxes.device)
+    return np.asarray(boxes, dtype=np.float32) * np.asarray(scale, dtype=np.float32)
+
+
+def lowres_hw(input_hw: tuple[int, int], image_size: int, lowres: int) -> tuple[int, int]:
+    """The part of the L x L decoder output that covers the unpadded image."""
+    nh, nw = input_hw
+    f = lowres / image_size
+    return max(1, round(nh * f)), max(1, round(nw * f))
+
+
+def lowres_targets(masks: torch.Tensor, input_hw: tuple[int, int], image_size: int, lowres: int) -> torch.Tensor:
+    """bool/0-1 [K, H, W] slice masks -> soft targets float [K, L, L] in the decoder's output frame.
+
+    Area averaging (the fraction of each low-res cell the organ covers) keeps
+    thin structures visible at 256 x 256 instead of dropping or thickening them;
+    the padding stays 0 and is excluded from the loss by :func:`frame_mask`.
+    """
+    k = masks.shape[0]
+    hl, wl = lowres_hw(input_hw, image_size, lowres)
+    out = torch.zeros((k, lowres, lowres), dtype=torch.float32, device=masks.device)
+    if k:
+        small = F.interpolate(masks.to(torch.float32).unsqueeze(1), size=(hl, wl), mode="area")[:, 0]
+        out[:, :hl, :wl] = small
+    return out
+
+
+def logits_to_slice(
+    logits: torch.Tensor,
+    input_hw: tuple[int, int],
+    image_size: int,
+    slice_hw: tuple[int, int],
+) -> torch.Tensor:
+    """[N, 1, L, L] decoder logits -> [N, H, W] logits on the slice's own pixel grid.
+
+    The same three steps as SAM's ``postprocess_masks``: upsample to the S x S
+    frame, crop the padding, resize to the original slice size.
+    """
+    x = F.interpolate(logits, (image_size, image_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_hw[0], : input_hw[1]]
+    x = F.interpolate(x, slice_hw, mode="bilinear", align_corners=False)
+    return x[:, 0]

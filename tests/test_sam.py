@@ -1,0 +1,425 @@
+"""SAM / HQ-SAM fine-tuning (flaresam.models.sam): official weights, frozen parts, batched decoding, training.
+
+Everything runs the real segment-anything-hq modules, at the test-only
+``test_tiny`` size (128 px input) on phantom data, except where the official
+architectures themselves are the subject (key names, TinyViT loading).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flaresam.errors import DataError, UsageError
+from flaresam.models import sam_io
+from flaresam.models.sam import (
+    ARCHS,
+    HQ_MODULES,
+    SamStep,
+    _sam_modeling,
+    build_network,
+    decode,
+    is_hq_key,
+)
+
+M = _sam_modeling()  # segment_anything_hq.modeling, imported quietly
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Toy-sized tensors: one thread avoids OpenMP spin-waiting on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from flaresam.data.phantom import write_demo_dataset
+    from flaresam.data.store import prepare_dataset
+
+    root = tmp_path_factory.mktemp("sam_data")
+    write_demo_dataset(root / "raw", cases=3, size=64, slices=12, seed=0, quiet=True)
+    return prepare_dataset(root / "raw", root / "prep", quiet=True, workers=1)
+
+
+def tiny(model: str = "hqsam", **kw) -> SamStep:
+    return SamStep(model, arch="test_tiny", init="random", quiet=True, **kw)
+
+
+def save_state(path, state):
+    torch.save({k: v.clone() for k, v in state.items()}, path)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# architectures and official key names
+
+
+@pytest.mark.parametrize("arch", ["vit_b", "vit_l", "vit_h"])
+def test_networks_have_the_official_tensor_names_and_shapes(arch):
+    from segment_anything_hq.build_sam import sam_model_registry
+    from segment_anything_hq.build_sam_baseline import sam_model_registry_baseline
+
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        pairs = [(build_network("hqsam", arch), sam_model_registry[arch]()),
+                 (build_network("sam", arch), sam_model_registry_baseline[arch]())]
+    for ours, stock in pairs:
+        a, b = ours.state_dict(), stock.state_dict()
+        assert list(a) == list(b)
+        assert all(a[k].shape == b[k].shape for k in a)
+    hq_keys = [k for k in pairs[0][0].state_dict() if is_hq_key(k)]
+    assert len(hq_keys) == 25  # the issue's count, for every architecture
+    assert set(pairs[0][0].state_dict()) - set(pairs[1][0].state_dict()) == set(hq_keys)
+
+
+def test_vit_tiny_mobile_sam_file_loads_into_hqsam(tmp_path, capsys):
+    from segment_anything_hq.build_sam_baseline import sam_model_registry_baseline
+
+    stock = sam_model_registry_baseline["vit_tiny"]()  # MobileSAM as its authors build it: the official key names
+    path = save_state(tmp_path / "mobile_sam.pt", stock.state_dict())
+    step = SamStep("hqsam", checkpoint=str(path))
+    err = capsys.readouterr().err
+    assert step.arch == "vit_tiny" and step.load_report.fresh_hq == 25 and not step.load_report.ignored_other
+    assert "freshly initialised" in err and "25" in err
+    sd = step.net.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in stock.state_dict().items())
+    # TinyViT caches attention biases in eval mode: they must come from the loaded tensors
+    attn = next(m for m in step.net.image_encoder.modules() if hasattr(m, "attention_bias_idxs"))
+    assert torch.equal(attn.ab, attn.attention_biases[:, attn.attention_bias_idxs])
+    # the trainer's net.train() must not put the frozen encoder (BatchNorm) in training mode
+    step.network().train()
+    assert not step.net.image_encoder.training and not step.net.prompt_encoder.training
+    assert step.net.mask_decoder.training
+
+
+# ---------------------------------------------------------------------------
+# batched decoding == the stock decoder, one image at a time
+
+
+@pytest.mark.parametrize("model", ["hqsam", "sam"])
+def test_batched_decode_equals_stock_per_image_call(model):
+    torch.manual_seed(0)
+    net = build_network(model, "test_tiny", seed=1)
+    spec = ARCHS["test_tiny"]
+    e = spec.embedding_size
+    emb = torch.randn(3, spec.prompt_dim, e, e)
+    interm = torch.randn(3, e, e, spec.vit_dim)
+    slice_index = torch.tensor([2, 0, 1, 0, 2, 2, 1])
+    xy = torch.rand(len(slice_index), 2) * 60
+    boxes = torch.cat([xy, xy + 10 + torch.rand(len(slice_index), 2) * 50], dim=1)
+    with torch.no_grad():
+        sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
+        pe = net.prompt_encoder.get_dense_pe()
+        ours = decode(net.mask_decoder, emb, interm, sparse, dense, slice_index, pe)
+        assert ours.shape == (len(slice_index), 1, spec.lowres, spec.lowres)
+        for img in range(3):
+            sel = slice_index == img
+            stock, _ = net.mask_decoder(
+                image_embeddings=emb[img : img + 1], image_pe=pe, sparse_prompt_embeddings=sparse[sel],
+                dense_prompt_embeddings=dense[sel], multimask_output=False, hq_token_only=True,
+                interm_embeddings=interm[img : img + 1].unsqueeze(0),
+            )
+            assert torch.allclose(ours[sel], stock, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["hqsam", "sam"])
+def test_encode_decode_and_predict_match_stock_sam(model, store):
+    step = tiny(model)
+    net = step.net
+    stock = M.Sam(net.image_encoder, net.prompt_encoder, net.mask_decoder).eval()
+    case = store.load_case(store.val_ids[0])
+    z = np.flatnonzero((case.pixels > 0).sum(axis=1) >= 2)[:2]
+    h, w = case.image.shape[1:]
+    frames, (nh, nw) = sam_io.resize_slices(torch.from_numpy(np.array(case.image[z])), net.image_size)
+    inputs, expected = [], np.zeros((len(z), h, w), dtype=np.uint8)
+    for j, zz in enumerate(z):
+        organs = np.flatnonzero(case.boxes[zz, :, 0] >= 0)
+        fb = torch.from_numpy(sam_io.boxes_to_frame(case.boxes[zz, organs].astype(np.float32), (h, w), (nh, nw)))
+        inputs.append({"image": frames[j, :nh, :nw].float().expand(3, nh, nw), "boxes": fb, "original_size": (h, w)})
+    with torch.no_grad():
+        outs = stock(inputs, multimask_output=False, hq_token_only=True)
+        emb, interm = net.encode(frames, torch.tensor([[nh, nw]] * len(z)))
+        for j, zz in enumerate(z):
+            organs = np.flatnonzero(case.boxes[zz, :, 0] >= 0)
+            ours = net(emb, interm if net.hq else None, inputs[j]["boxes"], torch.full((len(organs),), j))
+            assert torch.allclose(ours, outs[j]["low_res_logits"], atol=1e-4)
+            # labels: the organ with the highest logit, background where every logit is below 0
+            full = sam_io.logits_to_slice(outs[j]["low_res_logits"], (nh, nw), net.image_size, (h, w))
+            best, arg = full.max(dim=0)
+            expected[j] = np.where(best.numpy() > 0, organs[arg.numpy()] + 1, 0)
+    pred = step.predict_slices(case.image, z, case.boxes[z], "cpu")
+    assert pred.dtype == np.uint8 and pred.shape == (len(z), h, w)
+    assert (pred != expected).mean() < 1e-3
+    assert len(np.unique(pred)) > 2  # several organs predicted, not a blank answer
+    # slices without any box stay background; absent boxes (-1) are ignored
+    none = np.full((1, 13, 4), -1, dtype=np.int32)
+    assert not step.predict_slices(case.image, z[:1], none, "cpu").any()
+
+
+# ---------------------------------------------------------------------------
+# training behaviour
+
+
+@pytest.mark.parametrize("model", ["hqsam", "sam"])
+def test_loss_falls_on_a_fixed_batch(model, store):
+    step = tiny(model)
+    ds = step.train_dataset(store, store.train_ids, seed=0)
+    batch = step.collate([ds[i] for i in range(0, len(ds), max(1, len(ds) // 4))][:4])
+    assert batch["images"].shape[1:] == (128, 128) and batch["targets"].shape[1:] == (32, 32)
+    opt = torch.optim.AdamW(step.trainable_module().parameters(), lr=1e-2)
+    step.network().train()
+    losses = []
+    for _ in range(15):
+        loss, n = step.loss(batch, "cpu")
+        assert n == len(batch["boxes"]) > 4  # every prompt of every slice in one call
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.01
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 10
+
+
+def test_a_batch_without_prompts_gives_a_zero_loss(store):
+    step = tiny(per_component=True)
+    items = [step.train_dataset(store, store.train_ids, seed=0)[i] for i in range(2)]
+    for it in items:
+        it.update(boxes=it["boxes"][:0], organs=it["organs"][:0], targets=it["targets"][:0])
+    loss, n = step.loss(step.collate(items), "cpu")
+    loss.backward()
+    assert n == 0 and float(loss.detach()) == 0.0
+
+
+@pytest.mark.parametrize(("model", "trainable"), [("hqsam", "decoder"), ("hqsam", "hq"), ("sam", "decoder")])
+def test_frozen_tensors_stay_bit_identical(model, trainable, store):
+    from flaresam.train import optimizer_groups
+
+    step = tiny(model, trainable=trainable, loss="dice+bce")
+    before = {k: v.clone() for k, v in step.net.state_dict().items()}
+    groups = optimizer_groups(step, 1e-2, 0.1)
+    trained = {id(p) for g in groups for p in g["params"]}
+    ds = step.train_dataset(store, store.train_ids, seed=0)
+    batch = step.collate([ds[i] for i in range(3)])
+    opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)
+    step.network().train()
+    for _ in range(3):
+        loss, _ = step.loss(batch, "cpu")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = step.net.state_dict()
+    names = {id(p): n for n, p in step.net.named_parameters()}
+    trained_names = {names[i] for i in trained}
+    if trainable == "hq":
+        assert trained_names and all(is_hq_key(n) for n in trained_names)
+        assert len([k for k in after if is_hq_key(k)]) == len(trained_names) == 25
+    else:
+        assert trained_names == {n for n, _ in step.net.named_parameters() if n.startswith("mask_decoder.")}
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and changed <= trained_names
+    for k in after:
+        if k.startswith(("image_encoder.", "prompt_encoder.")) or k not in trained_names:
+            assert torch.equal(before[k], after[k]), k
+
+
+def test_trainer_checkpoint_and_resume_round_trip(store, tmp_path):
+    from flaresam.train import TrainConfig, TrainingInterrupted, load_run, train
+
+    def cfg() -> TrainConfig:
+        return TrainConfig(data=str(store.root), model="hqsam", model_options={"arch": "test_tiny", "init": "random"},
+                           epochs=2, batch_size=4, max_steps=2, lr=5e-3, device="cpu", val_slices=2)
+
+    full = train(cfg(), out=tmp_path / "full", quiet=True)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg(), out=tmp_path / "cut", quiet=True, stop_after_steps=3)
+    resumed = train(resume=tmp_path / "cut", quiet=True)
+    a, ca = load_run(full["run_dir"], which="last")
+    b, cb = load_run(resumed["run_dir"], which="last")
+    assert ca["model"]["checkpoint"] is None and ca["model"]["init"] == "random"
+    sa, sb = ca["state_dict"], cb["state_dict"]
+    assert list(sa) == list(a.trainable_module().state_dict())
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # the rebuilt step holds the trained decoder and the same (seeded) frozen encoder
+    fresh = tiny()
+    assert all(torch.equal(v, a.net.state_dict()[k]) for k, v in fresh.net.state_dict().items() if k.startswith("image_encoder."))
+    assert any(not torch.equal(v, a.net.state_dict()[k]) for k, v in fresh.net.state_dict().items() if k.startswith("mask_decoder."))
+    case = store.load_case(store.val_ids[0])
+    z = np.flatnonzero(case.pixels.sum(axis=1) > 0)[:3]
+    assert np.array_equal(a.predict_slices(case.image, z, case.boxes[z], "cpu"), b.predict_slices(case.image, z, case.boxes[z], "cpu"))
+    assert full["best"]["val_mean_dice"] is not None
+
+
+# ---------------------------------------------------------------------------
+# official-format checkpoints
+
+
+def test_hq_and_sam_files_load_both_ways(tmp_path, capsys):
+    hq_net = build_network("hqsam", "test_tiny", seed=5)
+    hq_file = save_state(tmp_path / "sam_hq_test.pth", hq_net.state_dict())
+    sam_file = save_state(tmp_path / "sam_test.pth", {k: v for k, v in hq_net.state_dict().items() if not is_hq_key(k)})
+    ref = hq_net.state_dict()
+
+    a = SamStep("hqsam", checkpoint=str(hq_file), quiet=True)  # arch read off the tensors
+    assert a.arch == "test_tiny" and a.load_report.fresh_hq == 0 and a.load_report.file_kind == "hq"
+    assert all(torch.equal(a.net.state_dict()[k], v) for k, v in ref.items())
+
+    b = SamStep("sam", checkpoint=str(hq_file), arch="test_tiny", quiet=True)
+    assert b.load_report.ignored_hq == 25 and not b.net.hq
+    assert all(torch.equal(b.net.state_dict()[k], ref[k]) for k in b.net.state_dict())
+
+    c = SamStep("sam", checkpoint=str(sam_file), quiet=True)
+    assert c.load_report.ignored_hq == 0 and c.load_report.fresh_hq == 0
+
+    capsys.readouterr()
+    d = SamStep("hqsam", checkpoint=str(sam_file))
+    err = capsys.readouterr().err
+    assert d.load_report.fresh_hq == 25 and "freshly initialised" in err
+    sd = d.net.state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in sd if not is_hq_key(k))
+    assert d.config()["checkpoint"] == str(sam_file.resolve())
+
+
+def test_registry_names_resolve_without_arch(tmp_path, monkeypatch):
+    from flaresam.models import weights
+
+    file = save_state(tmp_path / "f.pth", build_network("hqsam", "test_tiny").state_dict())
+    entry = weights.WeightsEntry("sam_hq_test", "f.pth", "https://example.invalid/f.pth", 1, "0" * 64, "test_tiny", "hq", "t")
+    monkeypatch.setattr(weights, "resolve_checkpoint", lambda spec, **kw: (file, entry))
+    step = SamStep("hqsam", checkpoint="sam_hq_test", quiet=True)
+    assert step.arch == "test_tiny" and step.config()["checkpoint"] == "sam_hq_test"
+    with pytest.raises(UsageError, match=r"test_tiny.*--arch vit_b"):
+        SamStep("hqsam", checkpoint="sam_hq_test", arch="vit_b", quiet=True)
+
+
+def test_registry_name_offline_and_not_cached_fails_fast(monkeypatch):
+    monkeypatch.setenv("FLARESAM_OFFLINE", "1")
+    with pytest.raises(DataError, match="offline"):
+        SamStep("hqsam", checkpoint="sam_hq_vit_b", quiet=True)
+
+
+class _NotTensors:
+    pass
+
+
+def _fake_vit(dim: int, depth: int) -> dict[str, torch.Tensor]:
+    """Just enough of an official ViT state dict for the architecture to be read off it."""
+    sd = {"image_encoder.patch_embed.proj.weight": torch.zeros(dim, 3, 16, 16), "image_encoder.pos_embed": torch.zeros(1, 64, 64, dim)}
+    sd.update({f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(dim) for i in range(depth)})
+    return sd
+
+
+def test_checkpoint_errors(tmp_path):
+    good = build_network("hqsam", "test_tiny").state_dict()
+    (tmp_path / "garbage.pth").write_bytes(b"this is not a checkpoint" * 10)
+    real = save_state(tmp_path / "real.pth", good)
+    (tmp_path / "truncated.pth").write_bytes(real.read_bytes()[: real.stat().st_size // 2])
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    torch.save({"a": 1}, tmp_path / "nontensor.pth")
+    torch.save({"backbone.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    torch.save(_fake_vit(1024, 24), tmp_path / "vit_l.pth")
+    torch.save(_fake_vit(384, 7), tmp_path / "odd.pth")
+    save_state(tmp_path / "holes.pth", {k: v for k, v in good.items() if "neck" not in k})
+    save_state(tmp_path / "half_hq.pth", {k: v for k, v in good.items() if "hf_mlp" not in k})
+    (tmp_path / "folder.pth").mkdir()
+
+    cases = [
+        ("missing.pth", DataError, "not found"),
+        ("folder.pth", (DataError, UsageError), "not a|directory"),
+        ("garbage.pth", DataError, "corrupt"),
+        ("truncated.pth", DataError, "corrupt"),
+        ("list.pth", DataError, "not a state dict"),
+        ("nontensor.pth", DataError, "not a state dict"),
+        ("other.pth", DataError, "not a SAM checkpoint"),
+        ("odd.pth", DataError, "matches no SAM architecture"),
+        ("holes.pth", DataError, "missing"),
+        ("half_hq.pth", DataError, "incomplete HQ-SAM"),
+    ]
+    for name, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            SamStep("hqsam", checkpoint=str(tmp_path / name), quiet=True)
+    with pytest.raises(UsageError, match=r"vit_l.*--arch vit_b"):  # names both architectures
+        SamStep("hqsam", checkpoint=str(tmp_path / "vit_l.pth"), arch="vit_b", quiet=True)
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path):
+    torch.save({"image_encoder.x": _NotTensors()}, tmp_path / "obj.pth")
+    with pytest.raises(DataError, match="Python objects"):
+        SamStep("hqsam", checkpoint=str(tmp_path / "obj.pth"), quiet=True)
+
+
+def test_option_errors():
+    with pytest.raises(UsageError, match=r"flaresam weights|--checkpoint") as info:
+        SamStep("hqsam", arch="test_tiny")
+    assert "--init random" in str(info.value) and "sam_hq_vit_b" in str(info.value)
+    with pytest.raises(UsageError, match="--model sam has none"):
+        SamStep("sam", arch="test_tiny", init="random", trainable="hq")
+    with pytest.raises(UsageError, match="exclude"):
+        SamStep("hqsam", init="random", checkpoint="x.pth")
+    with pytest.raises(UsageError, match="--arch"):
+        SamStep("hqsam", arch="vit_q", init="random")
+    with pytest.raises(UsageError, match="--loss"):
+        tiny(loss="focal")
+    with pytest.raises(UsageError, match="--trainable"):
+        tiny(trainable="all")
+
+
+def test_trainable_module_and_config_rebuild():
+    from flaresam.models.registry import build_step, rebuild_step
+
+    step = build_step("hqsam", arch="test_tiny", init="random", trainable="hq", jitter=5, min_pixels=3)
+    assert sorted(step.trainable_module().state_dict()) == sorted(
+        k.split(".", 1)[1] for k in step.net.state_dict() if is_hq_key(k)
+    )
+    assert set(step.trainable_module()._modules) == set(HQ_MODULES)
+    again = rebuild_step(step.config())
+    assert again.config() == step.config()
+    assert all(torch.equal(v, again.net.state_dict()[k]) for k, v in step.net.state_dict().items())
+
+
+# ---------------------------------------------------------------------------
+# the embedding cache
+
+
+def test_embedding_cache_is_reused_across_epochs_and_by_the_sam_hq_pair(store, tmp_path):
+    cache_dir = tmp_path / "emb"
+    hq = tiny("hqsam", cache_embeddings=str(cache_dir))
+    ds = hq.train_dataset(store, store.train_ids, seed=0)
+    picks = [0, 3, 6]
+    first = hq.collate([ds[i] for i in picks])
+    assert first["images"] is not None and first["embeddings"] is None
+    loss1, _ = hq.loss(first, "cpu")  # encodes and writes the cache
+    assert len(list(cache_dir.glob("*/*/*.emb.npy"))) == len(picks)
+    assert len(list(cache_dir.glob("*/*/*.interm.npy"))) == len(picks)
+
+    second = hq.collate([ds[i] for i in picks])
+    assert second["images"] is None and second["embeddings"].dtype == torch.float16
+
+    def no_encoder(*a, **k):
+        raise AssertionError("the encoder ran although every slice was cached")
+
+    hq.net.encode = no_encoder
+    loss2, _ = hq.loss(second, "cpu")
+    assert torch.allclose(loss1, loss2, atol=1e-6)  # fresh embeddings are rounded like cached ones
+
+    sam = tiny("sam", cache_embeddings=str(cache_dir))  # same seed -> same encoder tensors -> same key
+    assert sam.embedding_cache().key == hq.embedding_cache().key
+    items = [sam.train_dataset(store, store.train_ids, seed=0)[i] for i in picks]
+    assert all(it["embedding"] is not None and it["image"] is None for it in items)
+
+    other = SamStep("hqsam", arch="test_tiny", init="random", init_seed=9, quiet=True, cache_embeddings=str(cache_dir))
+    assert other.embedding_cache().key != hq.embedding_cache().key  # another encoder never reads these
+
+
+def test_predict_with_cache_matches_without(store, tmp_path):
+    plain = tiny()
+    cached = tiny(cache_embeddings=str(tmp_path / "emb"))
+    case = store.load_case(store.val_ids[0])
+    z = np.flatnonzero(case.pixels.sum(axis=1) > 0)
+    a = plain.predict_slices(case.image, z, case.boxes[z], "cpu")
+    b = cached.predict_slices(case.image, z, case.boxes[z], "cpu")  # fills the cache
+    c = cached.predict_slices(case.image, z, case.boxes[z], "cpu")  # reads it
+    assert np.array_equal(b, c)
+    assert (a != b).mean() < 0.01  # float16 storage moves only borderline pixels
