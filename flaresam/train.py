@@ -822,6 +822,7 @@ class _Trainer:
             "metrics": record,
             "seed": self.cfg.seed,
             "data_fingerprint": ctx["store"].fingerprint,
+            "window": ctx["store"].manifest.get("window"),  # predict windows new scans the same way
             "created": _now(),
             "flaresam_version": __version__,
         }

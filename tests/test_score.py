@@ -17,7 +17,7 @@ from flaresam.metrics import CasePair, pair_cases, score_cases
 from flaresam.organs import BY_NAME, ORGANS
 
 nib = pytest.importorskip("nibabel")
-from test_metrics import _random_case, assert_scores_equal, official_flare22  # noqa: E402
+from tests.test_metrics import _random_case, assert_scores_equal, official_flare22  # noqa: E402
 
 FLIP_XY = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 FLIP_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)

@@ -1,15 +1,64 @@
-"""`flaresam predict` (not implemented yet)."""
+"""`flaresam predict`: a CT scan (or a folder of scans) in, FLARE22-labelled volumes out."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import typer
+
 from flaresam.cli.app import app
-from flaresam.errors import NotImplementedYet
 
 
-@app.command(
-    "predict",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-)
-def predict() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("flaresam predict")
+@app.command("predict")
+def predict(
+    scan: Path = typer.Argument(..., help="CT scan (NIfTI/NRRD/MHA file or DICOM series folder), or a folder of scans."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Run folder or checkpoint file. Default: the most recent finished run under --runs."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output label file (or folder, for a folder of scans). Default: NAME_seg.nii.gz next to the scan."
+    ),
+    prompts_from: Path | None = typer.Option(
+        None, "--prompts-from", help="Existing segmentation whose per-slice organ boxes prompt a SAM model."
+    ),
+    boxes: Path | None = typer.Option(None, "--boxes", help="boxes.json: one 3D box per organ (see docs/prompts.md)."),
+    proposer: str | None = typer.Option(
+        None, "--proposer", help="Dense run (unet/deeplab) that proposes boxes for a SAM model (automatic mode)."
+    ),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for runs when --model/--proposer are not given."),
+    organs: str | None = typer.Option(None, "--organs", help="Only these organs, e.g. liver,spleen (default: all 13)."),
+    preview: Path | None = typer.Option(None, "--preview", help="Write a PNG: labels over the CT, axial/coronal/sagittal."),
+    stats: Path | None = typer.Option(None, "--stats", help="Write per-organ statistics (volume ml, mean HU, slice range) as JSON."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices per batch (bounds memory)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Segment the 13 FLARE22 organs; the output keeps the scan's size, spacing, origin and direction."""
+    from flaresam.errors import UsageError
+    from flaresam.organs import parse_organs
+    from flaresam.predict import PredictRequest, run_prediction
+    from flaresam.ui import out as stdout
+
+    if prompts_from and boxes:
+        raise UsageError("give either --prompts-from or --boxes, not both")
+    try:
+        organ_list = parse_organs(organs)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    request = PredictRequest(
+        scan=scan,
+        model=model,
+        out=out,
+        prompts_from=prompts_from,
+        boxes=boxes,
+        proposer=proposer,
+        runs=runs,
+        organs=organ_list,
+        preview=preview,
+        stats=stats,
+        device=device,
+        batch_size=batch_size,
+        quiet=quiet,
+    )
+    for written in run_prediction(request):
+        stdout.print(f"Wrote {written}")

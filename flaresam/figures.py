@@ -1,0 +1,163 @@
+"""Figures people would rather look at: label overlays on CT, and per-organ charts.
+
+Everything renders with matplotlib's Agg backend (no display needed) and is
+written atomically as PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flaresam.data.window import DEFAULT_WINDOW, Window, apply_window
+from flaresam.io.atomic import atomic_path
+from flaresam.organs import BY_ID, ORGANS
+
+OVERLAY_ALPHA = 0.45
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def label_colors() -> np.ndarray:
+    """RGB float table [14, 3] indexed by label id (0 = background, unused)."""
+    table = np.zeros((len(ORGANS) + 1, 3))
+    for o in ORGANS:
+        table[o.id] = np.asarray(o.color) / 255.0
+    return table
+
+
+def overlay(gray: np.ndarray, label: np.ndarray | None, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """uint8 grey slice + label slice -> RGB float image with organs tinted in their colours."""
+    rgb = np.repeat((gray.astype(np.float32) / 255.0)[..., None], 3, axis=-1)
+    if label is not None:
+        mask = label > 0
+        colors = label_colors()[label]
+        rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colors[mask]
+    return rgb
+
+
+def _present_handles(labels: Sequence[np.ndarray]) -> list[Any]:
+    from matplotlib.patches import Patch
+
+    present = sorted({int(v) for lab in labels for v in np.unique(lab) if v > 0})
+    return [Patch(color=np.asarray(BY_ID[i].color) / 255.0, label=BY_ID[i].display) for i in present]
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    plt = _pyplot()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return target
+
+
+def preview(
+    hu: np.ndarray,
+    label: np.ndarray,
+    spacing: tuple[float, float, float],
+    path: str | os.PathLike[str],
+    window: Window = DEFAULT_WINDOW,
+    title: str | None = None,
+) -> Path:
+    """Axial, coronal and sagittal views through the labelled region, labels over the CT."""
+    plt = _pyplot()
+    gray = apply_window(hu, window)
+    if label.any():
+        zs, ys, xs = np.nonzero(label)
+        cz, cy, cx = int(np.median(zs)), int(np.median(ys)), int(np.median(xs))
+        per_slice = (label > 0).sum(axis=(1, 2))
+        cz = int(per_slice.argmax())
+    else:
+        cz, cy, cx = (s // 2 for s in label.shape)
+    sz, sy, sx = spacing
+    views = [
+        ("axial", gray[cz], label[cz], sy / sx),
+        ("coronal", gray[::-1, cy, :], label[::-1, cy, :], sz / sx),
+        ("sagittal", gray[::-1, :, cx], label[::-1, :, cx], sz / sy),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 5))
+    for ax, (name, g, lab, aspect) in zip(axes, views):
+        ax.imshow(overlay(g, lab), aspect=aspect, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    handles = _present_handles([v[2] for v in views])
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def organ_bar_chart(
+    values: dict[str, dict[str, float]],
+    path: str | os.PathLike[str],
+    metric: str = "Dice",
+    title: str | None = None,
+) -> Path:
+    """Grouped bars: ``values[model][organ_name] -> score`` for each organ of the table."""
+    plt = _pyplot()
+    models = list(values)
+    organs = [o for o in ORGANS if any(o.name in values[m] for m in models)]
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(organs))
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(organs) + 2), 4.5))
+    cmap = plt.get_cmap("tab10")
+    for i, m in enumerate(models):
+        ys = [values[m].get(o.name, np.nan) for o in organs]
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, ys, width, label=m, color=cmap(i % 10))
+    ax.set_xticks(x)
+    ax.set_xticklabels([o.display for o in organs], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(len(models), 4))
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def overlay_grid(
+    rows: Sequence[tuple[str, np.ndarray]],
+    columns: Sequence[tuple[str, dict[str, np.ndarray] | None]],
+    path: str | os.PathLike[str],
+    aspect: Sequence[float] | None = None,
+) -> Path:
+    """A Figure-5 style grid: one row per slice, columns CT / ground truth / each model.
+
+    ``rows``: (row title, uint8 grey slice); ``columns``: (column title,
+    {row title: label slice}) with None for the plain CT column.
+    """
+    plt = _pyplot()
+    n_r, n_c = len(rows), len(columns)
+    fig, axes = plt.subplots(n_r, n_c, figsize=(2.4 * n_c, 2.4 * n_r), squeeze=False)
+    all_labels: list[np.ndarray] = []
+    for r, (row_title, gray) in enumerate(rows):
+        for c, (col_title, labels) in enumerate(columns):
+            ax = axes[r][c]
+            lab = None if labels is None else labels[row_title]
+            if lab is not None:
+                all_labels.append(lab)
+            ax.imshow(overlay(gray, lab), aspect=(aspect[r] if aspect else 1.0), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_title, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(row_title, fontsize=8)
+    handles = _present_handles(all_labels)
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return save_figure(fig, path)
