@@ -1,15 +1,66 @@
-"""`flaresam compare` (not implemented yet)."""
+"""`flaresam compare`: the study's table and figures, and a fairer version, from one command."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import typer
+
 from flaresam.cli.app import app
-from flaresam.errors import NotImplementedYet
 
 
-@app.command(
-    "compare",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-)
-def compare() -> None:
-    """Not implemented yet."""
-    raise NotImplementedYet("flaresam compare")
+@app.command("compare")
+def compare(
+    models: str = typer.Option("sam,unet,deeplab,hqsam", "--models", help="Comma-separated: sam, unet, deeplab, hqsam."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Dataset (raw FLARE22/nnU-Net layout or prepared). Default: the built-in synthetic demo."
+    ),
+    out: Path = typer.Option(Path("flaresam-compare"), "--out", help="Folder for results.json/.csv/.md and the figures."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Where runs are trained, and finished matching runs reused."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs per model [default: 10; demo: 6]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Slices per training step [default: 8]."),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch (quick runs)."),
+    arch: str | None = typer.Option(None, "--arch", help="SAM architecture: vit_b | vit_l | vit_h | vit_tiny [default: vit_b; demo: a tiny test network]."),
+    checkpoint: str | None = typer.Option(
+        None, "--checkpoint", help="Official HQ-SAM checkpoint (file or name, e.g. sam_hq_vit_b) for hqsam, and for sam unless --sam-checkpoint."
+    ),
+    sam_checkpoint: str | None = typer.Option(None, "--sam-checkpoint", help="Official SAM checkpoint for the sam model (e.g. sam_vit_b)."),
+    init: str | None = typer.Option(None, "--init", help="'random': SAM encoders without official weights (demo, ablations)."),
+    encoder: str | None = typer.Option(None, "--encoder", help="Dense models' smp encoder [default: resnet34; demo: mobilenet_v2]."),
+    encoder_weights: str | None = typer.Option(None, "--encoder-weights", help="Dense models: imagenet | none [default: imagenet; demo: none]."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split (raw data), initialisation and sampling."),
+    val_slices: int | None = typer.Option(None, "--val-slices", min=1, help="Per-epoch validation: at most N slices per case."),
+    json_out: bool = typer.Option(False, "--json", help="Also print results.json to stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+) -> None:
+    """Train (or reuse) each model on one split and compare them: 2D Dice as the study, FLARE22 DSC/NSD in 3D, oracle vs automatic boxes."""
+    import json
+
+    from flaresam.compare import ComparePlan, parse_models, render_table, run_compare
+    from flaresam.report import jsonable
+    from flaresam.ui import out as stdout
+
+    plan = ComparePlan(
+        models=parse_models(models),
+        data=str(data) if data else None,
+        out=out,
+        runs=runs,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        arch=arch,
+        checkpoint=checkpoint,
+        sam_checkpoint=sam_checkpoint,
+        init=init,
+        encoder=encoder,
+        encoder_weights=encoder_weights,
+        device=device,
+        seed=seed,
+        val_slices=val_slices,
+        quiet=quiet,
+    )
+    results = run_compare(plan)
+    stdout.print(render_table(results))
+    if json_out:
+        stdout.print_json(json.dumps(jsonable(results)))

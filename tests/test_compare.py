@@ -1,0 +1,133 @@
+"""`flaresam compare`: the embedded demo end to end (at a tiny size), run reuse, results schema, figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flaresam import compare as compare_mod
+from flaresam.organs import ORGANS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_demo(monkeypatch):
+    monkeypatch.setitem(compare_mod.DEMO, "cases", 5)
+    monkeypatch.setitem(compare_mod.DEMO, "size", 32)
+    monkeypatch.setitem(compare_mod.DEMO, "slices", 8)
+    monkeypatch.setitem(compare_mod.DEMO, "epochs", 1)
+
+
+def _png_is_a_picture(path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(path)
+    assert img.shape[0] > 100 and img.shape[1] > 100
+    assert float(np.asarray(img[..., :3]).std()) > 0.05  # not a blank canvas
+
+
+def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("compare", "--models", "unet,hqsam", "-q")
+    assert r.code == 0, r
+    assert "NOT a reproduction" in r.err and "synthetic phantom data" in r.err
+    out = tmp_path / "flaresam-compare"
+    results = json.loads((out / "results.json").read_text())
+    assert results["synthetic_data"] is True and results["random_sam_encoders"] is True
+    assert [row["key"] for row in results["rows"]] == ["unet", "hqsam", "hqsam@auto"]
+    assert results["proposer"] == "unet"
+    split = results["data"]["split"]
+    assert split["val"] and not set(split["train"]) & set(split["val"])
+    for row in results["rows"]:
+        assert 0.0 <= row["slice_dice"]["mean"] <= 1.0
+        assert set(row["flare22"]["per_organ"]) == {o.name for o in ORGANS}
+        assert [c["case"] for c in row["flare22"]["cases"]] == split["val"]
+        for organ in row["flare22"]["per_organ"].values():
+            assert organ["dsc"] is None or 0.0 <= organ["dsc"] <= 1.0
+    assert {ref["model"]: ref["slice_dice"] for ref in results["reference"]} == {
+        "sam": 0.9169, "unet": 0.8420, "deeplab": 0.8994, "hqsam": 0.9359
+    }
+    assert results["versions"]["torch"] and results["runs"]["unet"]["config"]["model"] == "unet"
+    assert "U-Net" in r.out and "HQ-SAM (study)" in r.out
+    md = (out / "results.md").read_text()
+    assert "HQ-SAM (auto boxes)" in md and "published study (reference)" in md
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("model,prompts,slice_dice,dsc_3d,nsd_3d") and len(csv_lines) == 1 + 3 + 4
+    _png_is_a_picture(out / "organ_dice.png")
+    _png_is_a_picture(out / "overlays.png")
+
+    # the 3D numbers are the ones `flaresam score` gives for the same predictions written as files
+    first = {row["key"]: row["flare22"]["mean"] for row in results["rows"]}
+    ckpts = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/checkpoints/best.pt")}
+    assert len(ckpts) == 2
+
+    again = run_cli("compare", "--models", "unet,hqsam", "-q", "--out", tmp_path / "second")
+    assert again.code == 0, again
+    assert again.err.count("reusing finished run") == 2
+    assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts  # nothing retrained
+    second = json.loads((tmp_path / "second" / "results.json").read_text())
+    assert {row["key"]: row["flare22"]["mean"] for row in second["rows"]} == first
+    assert all(run["reused"] for run in second["runs"].values())
+
+
+def test_compare_scores_match_flaresam_score_on_written_files(tiny_demo, tmp_path, monkeypatch):
+    """compare's in-memory FLARE22 numbers equal `score` on the same labels written to disk."""
+    from flaresam.data.phantom import write_demo_dataset
+    from flaresam.data.store import prepare_dataset
+    from flaresam.io.volume import write_label
+    from flaresam.metrics import pair_cases, score_cases
+
+    write_demo_dataset(tmp_path / "raw", cases=3, size=32, slices=8, seed=3, quiet=True)
+    store = prepare_dataset(tmp_path / "raw", tmp_path / "prep", quiet=True, workers=1)
+    rng = np.random.default_rng(0)
+    (tmp_path / "pred").mkdir()
+    for cid in store.case_ids:
+        case = store.load_case(cid)
+        pred = np.asarray(case.label).copy()
+        pred[rng.random(pred.shape) < 0.05] = 0  # some damage
+        pred = np.roll(pred, 1, axis=2)
+        ours = compare_mod._file_order_flare22(pred, np.asarray(case.label), case.geometry)
+        write_label(pred, case.geometry, tmp_path / "pred" / f"{cid}.nii.gz")
+        theirs = score_cases(pair_cases(tmp_path / "pred" / f"{cid}.nii.gz", tmp_path / "raw" / "labels" / f"{cid}.nii.gz").pairs, workers=1)[0]["organs"]
+        for name, v in ours.items():
+            for m in ("dsc", "nsd"):
+                a, b = v[m], theirs[name][m]
+                assert (np.isnan(a) and np.isnan(b)) or a == pytest.approx(b, abs=1e-9), (cid, name, m)
+
+
+def test_compare_usage_errors(run_cli, tmp_path):
+    r = run_cli("compare", "--models", "unet,transunet")
+    assert r.code == 2 and "unknown transunet" in r.err
+    from flaresam.data.phantom import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "raw", cases=3, size=32, slices=8, seed=1, quiet=True)
+    r = run_cli("compare", "--models", "hqsam", "--data", tmp_path / "raw", "-q", "--runs", tmp_path / "runs")
+    assert r.code == 2 and "--checkpoint" in r.err and "Traceback" not in r.err
+    r = run_cli("compare", "--data", tmp_path / "missing", "--models", "unet")
+    assert r.code == 1 and "no such folder" in r.err
+
+
+def test_figure5_picks_slices_with_thin_structures(tmp_path):
+    from flaresam.data.phantom import write_demo_dataset
+    from flaresam.data.store import prepare_dataset
+
+    write_demo_dataset(tmp_path / "raw", cases=2, size=48, slices=16, seed=2, quiet=True)
+    store = prepare_dataset(tmp_path / "raw", tmp_path / "prep", quiet=True, workers=1, val_fraction=0.5)
+    cases = {cid: store.load_case(cid) for cid in store.case_ids}
+    picks = compare_mod._figure5_slices(cases, n=3)
+    assert len(picks) == 3
+    thin = [o.id for o in ORGANS if o.name in compare_mod.THIN]
+    for cid, z in picks:
+        assert np.isin(np.asarray(cases[cid].label[z]), thin).any()
