@@ -465,6 +465,8 @@ def run_prediction(req: PredictRequest) -> list[Path]:
     step, ckpt = load_model(model_spec, device)
 
     proposer_step = None
+    if not step.prompted and (req.prompts_from or req.boxes or req.proposer):
+        warn(f"{model_spec} is a dense model ({step.name}): it needs no prompts; --prompts-from/--boxes/--proposer are ignored")
     if step.prompted and not (req.prompts_from or req.boxes):
         prop = req.proposer
         if prop is None:

@@ -692,6 +692,13 @@ class _Trainer:
         if prior and store.fingerprint != prior["dataset"]["fingerprint"]:
             raise DataError(f"the prepared data changed since the run started (fingerprint {store.fingerprint} != {prior['dataset']['fingerprint']}); cannot resume {resume}")
         train_ids, val_ids = store.train_ids, store.val_ids
+        if prior is not None and prior.get("split"):
+            # a resumed run keeps its own split, even if the store was re-split since (another --seed)
+            recorded = prior["split"]
+            missing = sorted((set(recorded["train"]) | set(recorded["val"])) - set(store.case_ids))
+            if missing:
+                raise DataError(f"--resume: the run's cases {missing[:5]} are no longer in {store.root}")
+            train_ids, val_ids = list(recorded["train"]), list(recorded["val"])
         if not train_ids:
             raise DataError(f"{store.root}: no training cases in the split")
 

@@ -17,24 +17,29 @@ def compare(
     ),
     out: Path = typer.Option(Path("flaresam-compare"), "--out", help="Folder for results.json/.csv/.md and the figures."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where runs are trained, and finished matching runs reused."),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs per model [default: 10; demo: 6]."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Slices per training step [default: 8]."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs per model \\[default: 10; demo: 20]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Slices per training step \\[default: 8]."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch (quick runs)."),
-    arch: str | None = typer.Option(None, "--arch", help="SAM architecture: vit_b | vit_l | vit_h | vit_tiny [default: vit_b; demo: a tiny test network]."),
+    arch: str | None = typer.Option(None, "--arch", help="SAM architecture: vit_b | vit_l | vit_h | vit_tiny \\[default: vit_b; demo: a tiny test network]."),
     checkpoint: str | None = typer.Option(
         None, "--checkpoint", help="Official HQ-SAM checkpoint (file or name, e.g. sam_hq_vit_b) for hqsam, and for sam unless --sam-checkpoint."
     ),
     sam_checkpoint: str | None = typer.Option(None, "--sam-checkpoint", help="Official SAM checkpoint for the sam model (e.g. sam_vit_b)."),
     init: str | None = typer.Option(None, "--init", help="'random': SAM encoders without official weights (demo, ablations)."),
-    encoder: str | None = typer.Option(None, "--encoder", help="Dense models' smp encoder [default: resnet34; demo: mobilenet_v2]."),
-    encoder_weights: str | None = typer.Option(None, "--encoder-weights", help="Dense models: imagenet | none [default: imagenet; demo: none]."),
+    encoder: str | None = typer.Option(None, "--encoder", help="Dense models' smp encoder \\[default: resnet34; demo: mobilenet_v2]."),
+    encoder_weights: str | None = typer.Option(None, "--encoder-weights", help="Dense models: imagenet | none \\[default: imagenet; demo: none]."),
     device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
     seed: int = typer.Option(0, "--seed", help="Seed of the split (raw data), initialisation and sampling."),
     val_slices: int | None = typer.Option(None, "--val-slices", min=1, help="Per-epoch validation: at most N slices per case."),
     json_out: bool = typer.Option(False, "--json", help="Also print results.json to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: checkpoints must already be cached."),
 ) -> None:
     """Train (or reuse) each model on one split and compare them: 2D Dice as the study, FLARE22 DSC/NSD in 3D, oracle vs automatic boxes."""
+    if offline:
+        import os
+
+        os.environ["FLARESAM_OFFLINE"] = "1"  # honoured by every download (flaresam.models.weights)
     import json
 
     from flaresam.compare import ComparePlan, parse_models, render_table, run_compare

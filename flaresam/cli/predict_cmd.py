@@ -32,8 +32,13 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices per batch (bounds memory)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: checkpoints must already be cached."),
 ) -> None:
     """Segment the 13 FLARE22 organs; the output keeps the scan's size, spacing, origin and direction."""
+    if offline:
+        import os
+
+        os.environ["FLARESAM_OFFLINE"] = "1"  # honoured by every download (flaresam.models.weights)
     from flaresam.errors import UsageError
     from flaresam.organs import parse_organs
     from flaresam.predict import PredictRequest, run_prediction
