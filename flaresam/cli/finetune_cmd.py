@@ -46,6 +46,8 @@ def finetune(
     min_pixels: int | None = typer.Option(None, "--min-pixels", help="SAM: skip organ masks smaller than this on a slice."),
     per_component: bool | None = typer.Option(None, "--per-component/--per-organ", help="SAM: one box per connected component instead of per organ."),
     cache_embeddings: bool | None = typer.Option(None, "--cache-embeddings/--no-cache-embeddings", help="SAM: compute the frozen encoder's embeddings once and reuse them."),
+    fast_encoder: bool | None = typer.Option(None, "--fast-encoder/--stock-encoder", help="SAM: the ViT encoder through fused attention (SDPA) in bf16, or the stock module \\[default: fast on CUDA]."),
+    compile_encoder: bool | None = typer.Option(None, "--compile/--no-compile", help="SAM: torch.compile the fast encoder (tens of seconds once) \\[default: on CUDA]."),
     # U-Net / DeepLabV3+
     encoder: str | None = typer.Option(None, "--encoder", help="Dense: smp encoder \\[default: resnet34]."),
     encoder_weights: str | None = typer.Option(None, "--encoder-weights", help="Dense: imagenet | none \\[default: imagenet, downloaded once]."),
@@ -54,8 +56,13 @@ def finetune(
     augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Dense: flip, small rotation and scale \\[default: on]."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the run summary as JSON to this file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: checkpoints and encoder weights must already be cached."),
 ) -> None:
     """Fine-tune a model on prepared slices: validation Dice per epoch, best/last checkpoints, exact resume, DDP."""
+    if offline:
+        import os
+
+        os.environ["FLARESAM_OFFLINE"] = "1"  # honoured by every download (weights registry, ImageNet encoders)
     from flaresam.errors import UsageError
     from flaresam.train import TrainConfig, TrainingInterrupted, is_main_process, train
     from flaresam.ui import info
@@ -63,6 +70,7 @@ def finetune(
     model_options = {
         "loss": loss, "arch": arch, "checkpoint": checkpoint, "init": init, "trainable": trainable, "jitter": jitter,
         "min_pixels": min_pixels, "per_component": per_component, "cache_embeddings": cache_embeddings,
+        "fast_encoder": fast_encoder, "compile_encoder": compile_encoder,
         "encoder": encoder, "encoder_weights": encoder_weights, "size": size, "context": context, "augment": augment,
     }
     training = {
@@ -71,7 +79,9 @@ def finetune(
     }
     if resume is not None:
         fixed = {**{f"--{k.replace('_', '-')}": v for k, v in training.items()}, "--data": data, "--out": out, "--model": model}
-        fixed.update({"--" + k.replace("_", "-"): v for k, v in model_options.items()})
+        from flaresam.models.registry import flag
+
+        fixed.update({flag(k): v for k, v in model_options.items()})
         given = [k for k, v in fixed.items() if v is not None] + (["--no-amp"] if no_amp else [])
         if given:
             raise UsageError(f"{given[0]} cannot change when resuming (only --epochs, --device and --workers can)")

@@ -22,11 +22,13 @@ from typing import Any
 
 from flaresam.errors import UsageError
 
-SAM_OPTIONS = ("arch", "checkpoint", "init", "trainable", "jitter", "min_pixels", "per_component", "cache_embeddings", "loss")
+SAM_OPTIONS = ("arch", "checkpoint", "init", "trainable", "jitter", "min_pixels", "per_component", "cache_embeddings", "loss",
+               "fast_encoder", "compile_encoder")
 DENSE_OPTIONS = ("encoder", "encoder_weights", "size", "context", "augment", "loss")
 
 # how an option is spelled on the command line, where that is not --kebab-case of its key
-OPTION_FLAGS = {"augment": "--augment/--no-augment", "per_component": "--per-component", "cache_embeddings": "--cache-embeddings"}
+OPTION_FLAGS = {"augment": "--augment/--no-augment", "per_component": "--per-component", "cache_embeddings": "--cache-embeddings",
+                "fast_encoder": "--fast-encoder/--stock-encoder", "compile_encoder": "--compile/--no-compile"}
 
 
 @dataclass(frozen=True)

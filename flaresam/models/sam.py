@@ -165,6 +165,10 @@ class SamNet(nn.Module):
         self.image_size = spec.image_size
         self.lowres = spec.lowres
         self.hq = hasattr(mask_decoder, "hf_token")
+        # the encoder's path (flaresam.models.fast_encoder); None = auto: fast on CUDA for the ViT encoders,
+        # compiled on CUDA (SamStep sets compile to auto while training, where compiling pays)
+        self.fast_encoder: bool | None = None
+        self.compile_encoder: bool | None = False
 
     def train(self, mode: bool = True) -> SamNet:
         """Frozen encoders stay in eval mode whatever the trainer asks (TinyViT has BatchNorm)."""
@@ -176,8 +180,10 @@ class SamNet(nn.Module):
     @torch.no_grad()
     def encode(self, frames: torch.Tensor, input_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [B, S, S] frames -> image embeddings [B, C, E, E] and the early ViT feature [B, E, E, V]."""
+        from flaresam.models.fast_encoder import encoder_runner
+
         x = normalise(frames, input_hw, self.pixel_mean, self.pixel_std)
-        emb, interm = self.image_encoder(x)
+        emb, interm = encoder_runner(self, x.device)(x)
         return emb, interm[0]
 
     def forward(
@@ -466,6 +472,8 @@ class SamStep:
         loss: str | None = None,
         init_seed: int = 0,
         encode_batch: int = 4,
+        fast_encoder: bool | None = None,
+        compile_encoder: bool | None = None,
         offline: bool = False,
         quiet: bool = False,
     ) -> None:
@@ -488,6 +496,8 @@ class SamStep:
             arch_spec(arch)
         if init == "random" and checkpoint:
             raise UsageError("--init random and --checkpoint exclude each other")
+        if compile_encoder and fast_encoder is False:
+            raise UsageError("--compile compiles the fast encoder path; drop --stock-encoder (or pass --no-compile)")
         if init == "checkpoint" and not checkpoint:
             example = "sam_hq_vit_b" if name == "hqsam" else "sam_vit_b"
             raise UsageError(NO_CHECKPOINT.format(model="HQ-SAM" if name == "hqsam" else "SAM", example=example))
@@ -524,7 +534,12 @@ class SamStep:
             self.checkpoint = entry.name if is_registry_name else str(path.resolve())
         self.arch = arch or "vit_b"
         self.spec = arch_spec(self.arch)
+        if (fast_encoder or compile_encoder) and self.spec.encoder != "vit":
+            raise UsageError(f"--fast-encoder/--compile apply to the ViT encoders (vit_b, vit_l, vit_h); {self.arch} runs its stock encoder")
         self.net = build_network(name, self.arch, seed=self.init_seed)
+        self.compile_option = compile_encoder
+        self.net.fast_encoder = True if compile_encoder and fast_encoder is None else fast_encoder  # --compile: the fast path
+        self.net.compile_encoder = bool(compile_encoder)
         if state is not None:
             self.load_report = load_into(self.net, state, path)
             del state
@@ -557,7 +572,8 @@ class SamStep:
 
     def config(self) -> dict[str, Any]:
         """What rebuilds this network. ``cache_embeddings`` is left out on purpose: it changes no tensor,
-        and a run loaded for ``predict`` must not fill the cache with the slices of every new volume."""
+        and a run loaded for ``predict`` must not fill the cache with the slices of every new volume.
+        So are ``fast_encoder``/``compile_encoder``: how the frozen encoder runs, chosen per device."""
         return {
             "name": self.name,
             "arch": self.arch,
@@ -574,6 +590,9 @@ class SamStep:
 
     def train_dataset(self, store: Any, case_ids: list[str], seed: int) -> Any:
         from flaresam.data.sam_slices import SamSliceDataset
+
+        if self.compile_option is None:  # training encodes thousands of slices: compiling pays (on CUDA)
+            self.net.compile_encoder = None
 
         return SamSliceDataset(
             store, case_ids, image_size=self.spec.image_size, lowres=self.spec.lowres,
@@ -619,8 +638,10 @@ class SamStep:
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
         try:
             with torch.no_grad(), amp:
-                for start in range(0, len(rows), self.predict_chunk):
-                    part = rows[start : start + self.predict_chunk]
+                # on a CPU the large intermediates of a batch cost more than batching saves
+                chunk = self.predict_chunk if dev.type == "cuda" else 1
+                for start in range(0, len(rows), chunk):
+                    part = rows[start : start + chunk]
                     out[part] = self._predict_chunk(volume, indices[part], boxes[part], present[part], dev)
         finally:
             net.train(was_training)
@@ -650,8 +671,9 @@ class SamStep:
 
     def _encode(self, frames: torch.Tensor, input_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out_e, out_i = [], []
-        for s in range(0, frames.shape[0], self.encode_batch):
-            e, i = self.net.encode(frames[s : s + self.encode_batch], input_hw[s : s + self.encode_batch])
+        batch = self.encode_batch if frames.device.type == "cuda" else 1
+        for s in range(0, frames.shape[0], batch):
+            e, i = self.net.encode(frames[s : s + batch], input_hw[s : s + batch])
             out_e.append(e.float())
             out_i.append(i.float())
         return torch.cat(out_e), torch.cat(out_i)

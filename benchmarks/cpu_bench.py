@@ -1,0 +1,97 @@
+"""Benchmark: `flaresam predict` on 2 CPU cores (HQ-SAM vit_tiny and U-Net) beside the SamPredictor loop.
+
+One JSON line per measurement on stdout (progress on stderr), the same code as
+``gpu_bench.py`` run on the CPU:
+
+* ``encoder``   the ViT encoder, stock vs the fast path (SDPA, and the folded
+  bias), fp32: the test architecture at 128 px and ViT-B at ``--encoder-size``
+  (default 256 px, batch 2)
+* ``parts``     HQ-SAM vit_tiny: seconds per slice in the encoder, per box prompt in the decoder
+* ``predict``   `flaresam predict` file to file on the ``--size`` x ``--size`` x
+  ``--slices`` phantom (default 512 x 512 x 100, 13 organs, prompts from its
+  label): HQ-SAM vit_tiny (TinyViT: the stock encoder) and U-Net (resnet34)
+* ``baseline``  side by side on a ``--baseline-slices`` phantom of the same size:
+  flaresam vit_tiny, SamPredictor with all boxes of a slice in one call, and one
+  call per box (SamPredictor is slow on the CPU, so it runs on fewer slices)
+
+    python benchmarks/cpu_bench.py                      # ~5 minutes on 2 idle cores
+    python benchmarks/cpu_bench.py --slices 20 --size 256 --only predict
+
+Target (docs/speed.md): predict of the 512 x 512 x 100 case with vit_tiny
+<= 2 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench as gb  # noqa: E402 - the shared measurement code
+
+SECTIONS = ("encoder", "parts", "predict", "baseline")
+
+
+def bench_parts(rep: gb.Report, arch: str = "vit_tiny", prompts: int = 13) -> None:
+    """Where a prompted slice's CPU time goes: the frozen encoder per slice, the HQ decoder per box prompt."""
+    import torch
+
+    from flaresam.models.sam import SamStep
+
+    step = SamStep("hqsam", arch=arch, init="random", quiet=True)
+    s = step.spec.image_size
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (2, s, s), generator=g, dtype=torch.uint8)
+    hw = torch.full((2, 2), s, dtype=torch.long)
+    with torch.no_grad():
+        _, enc_s = gb.timed(lambda: step.net.encode(frames, hw), 2, "cpu")
+        emb, interm = step.net.encode(frames[:1], hw[:1])
+        xy = torch.rand(prompts, 2, generator=g) * s * 0.6
+        boxes = torch.cat([xy, xy + s * 0.2], dim=1)
+        index = torch.zeros(prompts, dtype=torch.long)
+        _, dec_s = gb.timed(lambda: step.net(emb, interm, boxes, index), 2, "cpu")
+    rep.emit(bench="parts", arch=arch, model="hqsam", impl="flaresam", encoder_s_per_slice=round(enc_s / 2, 3),
+             decoder_s_per_prompt=round(dec_s / prompts, 4), prompts_per_call=prompts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=512, help="phantom slice size (pixels)")
+    ap.add_argument("--slices", type=int, default=100, help="phantom slices for the predict section")
+    ap.add_argument("--baseline-slices", type=int, default=12, help="phantom slices for the side-by-side section")
+    ap.add_argument("--encoder-size", type=int, default=256, help="ViT-B input size for the encoder section")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is for 2 cores)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    ap.add_argument("--compile", action="store_true", help="also time the encoder compiled with inductor (about a minute to compile)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary folder)")
+    args = ap.parse_args(argv)
+    if args.baseline_slices < 8 or args.slices < 8 or args.size < 32:
+        ap.error("phantoms need --size >= 32 and --slices, --baseline-slices >= 8")
+    sections = [s for s in SECTIONS if s in args.only.split(",")]
+    args.device, args.attention, args.no_compile, args.smoke = "cpu", "sdpa,fold", not args.compile, False
+    sizes = replace(
+        gb.SMOKE, device="cpu", encoder_archs=(f"vit_b@{args.encoder_size}", "test_tiny"), encoder_batch=2, encoder_iters=3,
+        sam_arch="vit_tiny", predict_size=args.size, predict_slices=args.slices, compile_backend="inductor",
+    )
+    sz, work, rep = gb.setup(args, sizes, "cpu_bench")
+    t0 = time.perf_counter()
+    runners = {
+        "encoder": lambda: gb.bench_encoder(rep, sz, args),
+        "parts": lambda: bench_parts(rep),
+        "predict": lambda: gb.bench_predict(rep, sz, args, work, baselines=(), dense=("unet",)),
+        "baseline": lambda: gb.bench_predict(rep, sz, args, work, slices=args.baseline_slices, tag="predict_side_by_side"),
+    }
+    for section in sections:
+        s0 = time.perf_counter()
+        with rep.guard(bench=section):
+            runners[section]()
+        gb.log(f"{section}: {time.perf_counter() - s0:.1f} s")
+    rep.emit(bench="total", seconds=round(time.perf_counter() - t0, 1), sections=sections, errors=rep.errors)
+    return 1 if rep.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""benchmarks/gpu_bench.py --smoke (and cpu_bench.py's encoder section) run end to end on the CPU.
+
+The figures at toy size mean nothing; what is checked is that every section
+runs, prints well-formed JSON lines with stock and flaresam side by side, and
+that the correctness fields the GPU run reports (cosine to the fp32 stock
+encoder, the stock-vs-batched decoder loss, label agreement with SamPredictor)
+hold here too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str, tmp_path: Path, timeout: int = 120) -> tuple[int, list[dict], str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--work", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]  # every line must be JSON
+    return proc.returncode, lines, proc.stderr
+
+
+def pick(lines: list[dict], **match) -> list[dict]:
+    return [ln for ln in lines if all(ln.get(k) == v for k, v in match.items())]
+
+
+def test_gpu_bench_smoke_runs_every_section_on_the_cpu(tmp_path):
+    code, lines, err = run("gpu_bench.py", "--smoke", "--threads", "1", "--attention", "sdpa,fold", tmp_path=tmp_path)
+    assert code == 0, err[-3000:]
+    assert not [ln for ln in lines if "error" in ln]
+    assert lines[0]["bench"] == "env" and lines[0]["smoke"] is True
+    total = lines[-1]
+    assert total["bench"] == "total" and total["errors"] == 0
+    assert total["sections"] == ["encoder", "decoder", "finetune", "cache", "predict", "dense"]
+    assert all(ln["device"].startswith("cpu") for ln in lines)
+
+    enc = pick(lines, bench="encoder")
+    assert {ln["variant"] for ln in enc} == {"fp32", "sdpa fp32", "sdpa fp32 compile (aot_eager)", "fold fp32", "fold fp32 compile (aot_eager)"}
+    assert {ln["impl"] for ln in enc} == {"stock", "flaresam"}
+    for ln in enc:
+        assert ln["images_per_s"] > 0 and ln["peak_mem_gb"] is None  # no GPU memory to report on the CPU
+        assert ln["cosine_vs_fp32_stock"] >= 0.9999 and ln["cosine_interm_vs_fp32_stock"] >= 0.9999
+
+    for trainable in ("hq", "decoder"):
+        dec = pick(lines, bench="decoder_step", trainable=trainable)
+        assert sorted(ln["impl"] for ln in dec) == ["flaresam", "stock"]
+        for ln in dec:
+            assert ln["prompts"] == 2 * 13 and ln["masks_per_s"] > 0
+            assert ln["loss_abs_diff"] < 1e-4  # the stock per-image loop and batched decoding agree
+
+    fin = pick(lines, bench="finetune_step")
+    assert sorted(ln["encoder"] for ln in fin) == ["fast compile", "stock"]
+    assert all(ln["slices_per_s"] > 0 and ln["target_gb"] == 12 for ln in fin)
+
+    cache = {ln["cache"]: ln for ln in pick(lines, bench="cache_epoch")}
+    assert set(cache) == {"cold", "warm", "warm vs cold"}
+    assert cache["cold"]["epoch_s"] > 0 and cache["warm"]["epoch_s"] > 0 and cache["warm vs cold"]["speedup"] > 0
+
+    pred = pick(lines, bench="predict")
+    ours = pick(pred, impl="flaresam")
+    assert len(ours) == 1 and ours[0]["organs"] == 13 and ours[0]["seconds"] > 0 and ours[0]["model_load_s"] > 0
+    theirs = pick(pred, impl="SamPredictor")
+    assert sorted(ln["calls"] for ln in theirs) == ["one per box", "one per slice"]
+    for ln in theirs:
+        assert ln["seconds"] > 0 and ln["agreement_with_flaresam"] >= 0.99  # the same weights give the same labels
+
+    assert sorted(ln["model"] for ln in pick(lines, bench="dense_train")) == ["deeplab", "unet"]
+    assert (tmp_path / "work" / "predict" / "flaresam.nii.gz").is_file()
+
+
+def test_gpu_bench_refuses_to_run_without_cuda_unless_smoke(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, lines, err = run("gpu_bench.py", "--only", "dense", tmp_path=tmp_path)
+    assert code == 2 and "no CUDA device" in err and lines == []
+    code, _, err = run("gpu_bench.py", "--smoke", "--only", "nope", tmp_path=tmp_path)
+    assert code == 2 and "unknown section" in err
+
+
+def test_cpu_bench_encoder_section(tmp_path):
+    code, lines, err = run("cpu_bench.py", "--only", "encoder", "--encoder-size", "32", "--threads", "1", tmp_path=tmp_path)
+    assert code == 0, err[-3000:]
+    enc = pick(lines, bench="encoder")
+    for arch in ("vit_b@32", "test_tiny"):
+        variants = {ln["variant"] for ln in enc if ln["arch"] == arch}
+        assert {"fp32", "sdpa fp32"} <= variants
+    assert all(ln["cosine_vs_fp32_stock"] >= 0.9999 for ln in enc)
