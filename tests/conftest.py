@@ -20,6 +20,27 @@ def _flaresam_home(tmp_path_factory, monkeypatch):
     return home
 
 
+def phantom_store(root: Path, *, cases: int, size: int, slices: int, seed: int, val_fraction: float = 0.2):
+    """A small phantom dataset written under ``root/raw`` and prepared into ``root/prep``."""
+    from flaresam.data.phantom import write_demo_dataset
+    from flaresam.data.store import prepare_dataset
+
+    write_demo_dataset(root / "raw", cases=cases, size=size, slices=slices, seed=seed, quiet=True)
+    return prepare_dataset(root / "raw", root / "prep", val_fraction=val_fraction, quiet=True, workers=1)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Toy-sized tensors: one intra-op thread avoids OpenMP threads spin-waiting against each other
+    on a small shared machine (which made these tests about 10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def ts_example() -> Path:
     """The real abdominal CT sample in ../shared/data (skipped when absent)."""

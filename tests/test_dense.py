@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import phantom_store
 from flaresam.data.slices import MIRROR_LUT, DenseSliceDataset, collate_dense, context_indices, resample, slice_stack, training_slices
 from flaresam.errors import DataError, UsageError
 from flaresam.models import dense
@@ -17,23 +18,13 @@ from flaresam.organs import BY_NAME
 ENC = "mobilenet_v2"  # the cheapest smp encoder that works with both architectures at 32 px
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP threads spinning against each other cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from flaresam.data.phantom import write_demo_dataset
-    from flaresam.data.store import prepare_dataset
-
     root = tmp_path_factory.mktemp("dense_data")
-    write_demo_dataset(root / "raw", cases=2, size=32, slices=10, seed=3, quiet=True)
-    return prepare_dataset(root / "raw", root / "prep", val_fraction=0.5, quiet=True, workers=1)
+    return phantom_store(root, cases=2, size=32, slices=10, seed=3, val_fraction=0.5)
 
 
 @pytest.mark.parametrize("name", ["unet", "deeplab"])

@@ -22,15 +22,12 @@ from flaresam.models import fast_encoder as fe
 from flaresam.models.sam import SamStep, _sam_modeling, build_network
 
 M = _sam_modeling()
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def randomise(encoder: nn.Module, seed: int = 0) -> nn.Module:

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from tests.conftest import phantom_store
 from flaresam.data.window import Window, apply_window
 from flaresam.errors import DataError
 from flaresam.io.volume import Geometry, read_label, read_volume, write_label, write_volume
@@ -27,12 +28,7 @@ from flaresam.predict import (
 ENC = "mobilenet_v2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------
@@ -208,13 +204,10 @@ def test_statistics_volume_and_hu():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A prepared phantom dataset, a tiny U-Net run and a tiny HQ-SAM run under one runs/ folder."""
-    from flaresam.data.phantom import write_demo_dataset
-    from flaresam.data.store import prepare_dataset
     from flaresam.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("predict")
-    write_demo_dataset(root / "raw", cases=3, size=48, slices=10, seed=7, quiet=True)
-    store = prepare_dataset(root / "raw", root / "prep", val_fraction=0.34, quiet=True, workers=1)
+    store = phantom_store(root, cases=3, size=48, slices=10, seed=7, val_fraction=0.34)
     unet = TrainConfig(data=str(store.root), model="unet", model_options={"encoder": ENC, "encoder_weights": "none"},
                        epochs=1, batch_size=2, max_steps=1, device="cpu")
     train(unet, out=root / "runs" / "unet", quiet=True)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import phantom_store
 from flaresam.errors import DataError, UsageError
 from flaresam.models import sam_io
 from flaresam.models.sam import (
@@ -26,23 +27,12 @@ from flaresam.models.sam import (
 M = _sam_modeling()  # segment_anything_hq.modeling, imported quietly
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy-sized tensors: one thread avoids OpenMP spin-waiting on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from flaresam.data.phantom import write_demo_dataset
-    from flaresam.data.store import prepare_dataset
-
-    root = tmp_path_factory.mktemp("sam_data")
-    write_demo_dataset(root / "raw", cases=3, size=64, slices=12, seed=0, quiet=True)
-    return prepare_dataset(root / "raw", root / "prep", quiet=True, workers=1)
+    return phantom_store(tmp_path_factory.mktemp("sam_data"), cases=3, size=64, slices=12, seed=0)
 
 
 def tiny(model: str = "hqsam", **kw) -> SamStep:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import phantom_store
 from flaresam.errors import UsageError
 from flaresam.models.registry import MODELS, ModelSpec, build_step
 from flaresam.train import (
@@ -32,23 +33,12 @@ DENSE = {"encoder": ENC, "encoder_weights": "none"}
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP threads spinning against each other cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from flaresam.data.phantom import write_demo_dataset
-    from flaresam.data.store import prepare_dataset
-
-    root = tmp_path_factory.mktemp("train_data")
-    write_demo_dataset(root / "raw", cases=3, size=32, slices=8, seed=1, quiet=True)
-    return prepare_dataset(root / "raw", root / "prep", val_fraction=0.34, quiet=True, workers=1)
+    return phantom_store(tmp_path_factory.mktemp("train_data"), cases=3, size=32, slices=8, seed=1, val_fraction=0.34)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -278,7 +268,7 @@ def test_a_step_with_only_the_protocol_trains_and_reloads(store, tmp_path, monke
 
 
 def _torchrun(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
