@@ -350,3 +350,16 @@ def test_non_ct_intensities_warn(trained, run_cli, tmp_path):
     scan = write_volume((ph.hu.astype(np.int32) + 1200).astype(np.int16), ph.geometry, tmp_path / "mr_0000.nii.gz")
     r = run_cli("predict", scan, "--model", trained / "runs" / "unet", "--out", tmp_path / "o.nii.gz", "-q")
     assert r.code == 0 and "do not look like CT" in r.err
+
+
+def test_predict_zero_shot_with_an_official_format_checkpoint(trained, run_cli, tmp_path):
+    """A plain SAM/HQ-SAM state dict (official key names) predicts directly, without fine-tuning."""
+    from flaresam.models.sam import build_network
+
+    official = tmp_path / "sam_hq_like.pth"
+    torch.save(build_network("hqsam", "test_tiny").state_dict(), official)
+    scan = trained / "raw" / "images" / "FLARE22_Tr_0001_0000.nii.gz"
+    gt = trained / "raw" / "labels" / "FLARE22_Tr_0001.nii.gz"
+    r = run_cli("predict", scan, "--model", official, "--prompts-from", gt, "--out", tmp_path / "zs.nii.gz", "-q")
+    assert r.code == 0, r
+    _assert_same_grid(tmp_path / "zs.nii.gz", scan)
