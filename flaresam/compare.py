@@ -169,11 +169,9 @@ def _reusable(run_dir: Path, cfg: Any, store: Any) -> str:
 
 def _file_order_flare22(pred: np.ndarray, gt: np.ndarray, geometry: Any) -> dict[str, dict[str, float]]:
     """FLARE22 scores of canonical arrays, computed exactly as `flaresam score` scores the written files."""
-    from flaresam.metrics import flare22_case
+    from flaresam.metrics import flare22_file_order
 
-    p = np.ascontiguousarray(geometry.from_canonical(pred)).T
-    g = np.ascontiguousarray(geometry.from_canonical(gt)).T
-    return flare22_case(p, g, geometry.spacing, ORGANS, True, slice_axis=2)
+    return flare22_file_order(geometry.from_canonical(pred), geometry.from_canonical(gt), geometry)
 
 
 def _predict_case(step: Any, case: Any, device: Any, *, boxes: np.ndarray | None) -> np.ndarray:
@@ -203,12 +201,6 @@ class Row:
     predictions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
-def _summarize_flare22(cases: list[dict[str, Any]]) -> dict[str, Any]:
-    from flaresam.metrics import summarize
-
-    return summarize(cases, "flare22")
-
-
 # ---------------------------------------------------------------------------
 # the plan
 
@@ -216,7 +208,8 @@ def _summarize_flare22(cases: list[dict[str, Any]]) -> dict[str, Any]:
 def run_compare(plan: ComparePlan) -> dict[str, Any]:
     """Train or reuse every model, evaluate them all on the validation cases, write the results."""
     from flaresam.data.store import ensure_prepared
-    from flaresam.train import evaluate, load_run, pick_device, train
+    from flaresam.metrics import SliceDice, summarize
+    from flaresam.train import evaluate, load_run, pick_device, train, validation_slices
     from flaresam.ui import console, info, progress, warn
 
     started = time.time()
@@ -288,12 +281,9 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
                 info(f"[{i}/{len(models)}] {DISPLAY[m]}: reusing finished run {run_dirs[m]}")
             else:
                 bar.update(task, description=f"[{i}/{len(models)}] training {DISPLAY[m]}")
-                done_before = 0
 
                 def on_epoch(record: dict[str, Any], summary: dict[str, Any], _m: str = m) -> None:
-                    nonlocal done_before
                     bar.advance(task, 1)
-                    done_before += 1
                     dice = record.get("val_mean_dice")
                     bar.update(task, description=f"[{i}/{len(models)}] training {DISPLAY[_m]}: epoch {record.get('epoch')}/{cfg.epochs}"
                                + (f", val Dice {dice:.3f}" if isinstance(dice, float) else ""))
@@ -333,29 +323,27 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
                     proposals[cid] = pred
                 scored.append({"case": cid, "organs": _file_order_flare22(pred, np.asarray(case.label), case.geometry)})
                 bar.advance(task, 1)
-            row.flare22 = {"cases": scored, **_summarize_flare22(scored)}
+            row.flare22 = {"cases": scored, **summarize(scored, "flare22")}
             rows.append(row)
         if proposer:
             for m in [m for m in models if m in PROMPTED]:
                 row = Row(f"{m}@auto", m, f"{DISPLAY[m]} (auto boxes)", f"automatic boxes (from {DISPLAY[proposer]})", str(run_dirs[m]))
-                from flaresam.metrics import SliceDice
-
                 acc = SliceDice()
                 scored = []
+                n_slices = 0
                 for cid, case in cases.items():
                     bar.update(task, description=f"evaluating {DISPLAY[m]} with boxes from {DISPLAY[proposer]} ({cid})")
                     pred = _predict_case(steps[m], case, device, boxes=_auto_boxes(proposals[cid]))
                     row.predictions[cid] = pred
-                    from flaresam.train import validation_slices
-
-                    idx = validation_slices(case.pixels)
+                    idx = validation_slices(case.pixels)  # the slices the oracle rows are scored on
                     acc.update(pred[idx], np.asarray(case.label)[idx])
+                    n_slices += len(idx)
                     scored.append({"case": cid, "organs": _file_order_flare22(pred, np.asarray(case.label), case.geometry)})
                     bar.advance(task, 1)
                 res = dict(acc.result())
-                res["slices"] = int(sum(len(validation_slices(c.pixels)) for c in cases.values()))
+                res["slices"] = n_slices
                 row.slice_dice = res
-                row.flare22 = {"cases": scored, **_summarize_flare22(scored)}
+                row.flare22 = {"cases": scored, **summarize(scored, "flare22")}
                 rows.append(row)
         bar.update(task, description="writing results")
 

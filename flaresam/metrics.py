@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from flaresam.errors import DataError, UsageError
+from flaresam.io.dataset import volume_files
 from flaresam.organs import MAX_LABEL, ORGANS, SLICE_RANGE_ORGANS, Organ
 
 PROTOCOLS = ("flare22", "slice")
@@ -551,12 +552,6 @@ class Pairing:
     gt_only: list[str]
 
 
-def _volume_files(folder: Path) -> list[Path]:
-    from flaresam.io.volume import is_volume_file
-
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_volume_file(p))
-
-
 def _by_case(files: list[Path], key: Callable[[Path], str], what: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for f in files:
@@ -571,15 +566,15 @@ def _gt_files(gt: Path) -> list[Path]:
     """Label files of a ground-truth folder: its own, or those of labels/ or labelsTr/ inside it."""
     from flaresam.io.dataset import find_layout_roots
 
-    files = _volume_files(gt)
+    files = volume_files(gt)
     if files:
         return files
     for sub in ("labels", "labelsTr"):
         if (gt / sub).is_dir():
-            return _volume_files(gt / sub)
+            return volume_files(gt / sub)
     for _images, labels in find_layout_roots(gt):
         if labels.is_dir():
-            return _volume_files(labels)
+            return volume_files(labels)
     raise DataError(f"{gt}: no label volumes found (expected NAME.nii.gz files, or a dataset with labels/ or labelsTr/)")
 
 
@@ -601,7 +596,7 @@ def pair_cases(pred: str | os.PathLike[str], gt: str | os.PathLike[str]) -> Pair
             raise DataError(f"{path}: not a volume file (.nii.gz, .nii, .nrrd, .mha)")
     if pred.is_file() and gt.is_file():
         return Pairing([CasePair(case_id_from_label(gt), pred, gt)], [], [])
-    preds = {case_id_from_image(pred): pred} if pred.is_file() else _by_case(_volume_files(pred), case_id_from_image, "prediction")
+    preds = {case_id_from_image(pred): pred} if pred.is_file() else _by_case(volume_files(pred), case_id_from_image, "prediction")
     gts = {case_id_from_label(gt): gt} if gt.is_file() else _by_case(_gt_files(gt), case_id_from_label, "ground-truth")
     if not preds:
         raise DataError(f"{pred}: no prediction volumes found")
@@ -623,29 +618,12 @@ def _grid_text(geometry: Any) -> str:
 class CaseLabels:
     """A case's prediction and ground truth as uint8 arrays in the ground truth's file order [k, j, i].
 
-    The arrays may be views of the images' pixel buffers (no copy): they are
-    valid while this object (which holds the images) is.
+    For uint8 files the arrays are zero-copy views that keep their images alive.
     """
 
     pred: np.ndarray
     gt: np.ndarray
     geometry: Any  # the ground truth's Geometry
-    images: tuple[Any, ...] = ()
-
-
-def _label_pixels(image: Any, path: Path) -> np.ndarray:
-    """The label voxels as uint8 (a view for uint8 files); labels outside 0..13 are an error."""
-    import SimpleITK as sitk
-
-    from flaresam.io.volume import label_array
-
-    if image.GetPixelID() == sitk.sitkUInt8:
-        view = sitk.GetArrayViewFromImage(image)
-        if view.size and int(view.max()) > MAX_LABEL:
-            bad = [int(v) for v in np.unique(view) if v > MAX_LABEL][:8]
-            raise DataError(f"{path}: label values {bad} outside 0..{MAX_LABEL}")
-        return view
-    return label_array(image, path, MAX_LABEL)
 
 
 def read_case_labels(pair: CasePair) -> CaseLabels:
@@ -655,7 +633,7 @@ def read_case_labels(pair: CasePair) -> CaseLabels:
     direction within header rounding). One with the same voxel centres stored
     with its axes permuted or flipped is brought into the ground truth's order.
     """
-    from flaresam.io.volume import Geometry, read_image
+    from flaresam.io.volume import Geometry, label_array, read_image
 
     gt_image = read_image(pair.gt)
     pred_image = read_image(pair.pred)
@@ -665,17 +643,33 @@ def read_case_labels(pair: CasePair) -> CaseLabels:
             f"prediction {pair.pred} does not lie on the grid of its ground truth {pair.gt}: "
             f"prediction {_grid_text(pred_geo)} vs ground truth {_grid_text(gt_geo)}"
         )
-    gt_arr = _label_pixels(gt_image, pair.gt)
-    pred_arr = _label_pixels(pred_image, pair.pred)
+    gt_arr = label_array(gt_image, pair.gt, MAX_LABEL)
+    pred_arr = label_array(pred_image, pair.pred, MAX_LABEL)
     if not pred_geo.same_grid(gt_geo):
         pred_arr = np.ascontiguousarray(gt_geo.from_canonical(pred_geo.to_canonical(pred_arr)))
-    return CaseLabels(pred_arr, gt_arr, gt_geo, (gt_image, pred_image))
+    return CaseLabels(pred_arr, gt_arr, gt_geo)
 
 
 def _axial_file_axis(geometry: Any) -> int:
     """The numpy axis of a file-order [k, j, i] array that runs along the patient's z."""
     world_of, _ = geometry.axis_map
     return 2 - world_of.index(2)
+
+
+def flare22_file_order(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    geometry: Any,
+    organs: tuple[Organ, ...] = ORGANS,
+    crop_top_slice: bool = True,
+    nsd_min_dsc: float = NSD_MIN_DSC,
+) -> dict[str, dict[str, float]]:
+    """FLARE22 scores of label arrays in a file's order ``[k, j, i]`` with that file's ``geometry``.
+
+    Scored in nibabel's ``[i, j, k]`` view with the header's spacing: the official
+    script's own layout, so its slice-range crop falls on the same slices.
+    """
+    return flare22_case(pred.T, gt.T, geometry.spacing, organs, crop_top_slice, slice_axis=2, nsd_min_dsc=nsd_min_dsc)
 
 
 def score_case(
@@ -689,10 +683,7 @@ def score_case(
     labels = read_case_labels(pair)
     pred, gt, geometry = labels.pred, labels.gt, labels.geometry
     if protocol == "flare22":
-        # nibabel's [i, j, k] view with the header's zooms: the official script's own layout
-        organs_out: dict[str, dict[str, Any]] = flare22_case(
-            pred.T, gt.T, geometry.spacing, organs, crop_top_slice, slice_axis=2, nsd_min_dsc=nsd_min_dsc
-        )
+        organs_out: dict[str, dict[str, Any]] = flare22_file_order(pred, gt, geometry, organs, crop_top_slice, nsd_min_dsc)
     elif protocol == "slice":
         pairs = slice_dice_pairs(pred, gt, organs, slice_axis=_axial_file_axis(geometry))
         organs_out = {

@@ -367,15 +367,13 @@ def output_name(scan: Path) -> str:
 
 def _scan_inputs(scan: Path) -> list[Path]:
     """A scan file, a DICOM folder, or a folder of scan files (and DICOM sub-folders)."""
-    from flaresam.io.volume import is_volume_file
+    from flaresam.io.dataset import volume_files
 
     if not scan.exists():
         raise DataError(f"{scan}: no such file or folder")
     if scan.is_file():
         return [scan]
-    files = sorted(
-        p for p in scan.iterdir() if is_volume_file(p) and not p.name.startswith(".") and "_seg." not in p.name
-    )
+    files = [p for p in volume_files(scan) if "_seg." not in p.name]  # not our own earlier outputs
     if files:
         return files
     subdirs = sorted(p for p in scan.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -64,6 +64,7 @@ import torch
 from flaresam import __version__
 from flaresam.errors import DataError, FlaresamError, UsageError
 from flaresam.io.atomic import atomic_path, atomic_write_text
+from flaresam.ui import progress
 
 CHECKPOINT_FORMAT = "flaresam-checkpoint/1"
 RESUME_FORMAT = "flaresam-resume/1"
@@ -258,8 +259,8 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    done = min(1.0, (step - warmup) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def seed_everything(seed: int) -> None:
@@ -592,24 +593,6 @@ class _StopFlag:
 # the loop
 
 
-def _progress(quiet: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from flaresam.ui import console
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} slices/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-    )
-
-
 def _resolve_store(data: str, dist: Dist, quiet: bool) -> Any:
     from flaresam.data.store import PreparedStore, ensure_prepared
 
@@ -862,8 +845,6 @@ class _Trainer:
     # -- one epoch's end: validate, record, save (rank 0) ---------------------
     def _validate(self, ctx: dict[str, Any]) -> dict[str, Any] | None:
         """Validation on every process: each takes its share of the cases, the Dice sums are added up."""
-        from flaresam.ui import progress
-
         cfg, dist = self.cfg, self.dist
         if not ctx["val_ids"]:
             return None
@@ -944,7 +925,7 @@ class _Trainer:
                 )
                 net.train()
                 t0 = time.perf_counter() - s["seconds"]
-                with _progress(self.quiet) as bar:
+                with progress(self.quiet, fields=("loss {task.fields[loss]}", "{task.fields[rate]} slices/s")) as bar:
                     task = bar.add_task(f"Epoch {epoch + 1}/{cfg.epochs}", total=len(batches), completed=start, loss="-", rate="-")
                     for i, batch in enumerate(loader, start=start):
                         with autocast():

@@ -25,11 +25,13 @@ out = Console(highlight=False)  # tables and results go to stdout
 
 
 @contextlib.contextmanager
-def progress(quiet: bool = False, transient: bool = False) -> Iterator[Progress]:
+def progress(quiet: bool = False, transient: bool = False, fields: tuple[str, ...] = ()) -> Iterator[Progress]:
+    """A progress bar on stderr; ``fields`` are extra text columns such as ``"loss {task.fields[loss]}"``."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        *(TextColumn(f) for f in fields),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )

@@ -40,7 +40,8 @@ def case_id_from_label(path: Path) -> str:
     return strip_volume_suffix(path.name)
 
 
-def _volume_files(folder: Path) -> list[Path]:
+def volume_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (hidden files, e.g. temporary ones, left out), sorted."""
     return sorted(p for p in folder.iterdir() if is_volume_file(p) and not p.name.startswith("."))
 
 
@@ -77,8 +78,8 @@ def discover_cases(root: str | os.PathLike[str], require_labels: bool = True) ->
     cases: list[Case] = []
     problems: list[str] = []
     for images_dir, labels_dir in layouts:
-        images = {case_id_from_image(p): p for p in _volume_files(images_dir)}
-        labels = {case_id_from_label(p): p for p in _volume_files(labels_dir)} if labels_dir.is_dir() else {}
+        images = {case_id_from_image(p): p for p in volume_files(images_dir)}
+        labels = {case_id_from_label(p): p for p in volume_files(labels_dir)} if labels_dir.is_dir() else {}
         if not images and not labels:
             continue
         if require_labels:

@@ -278,10 +278,9 @@ def read_image(path: str | os.PathLike[str], pixel_type: Any = None) -> Any:
 def read_volume(path: str | os.PathLike[str], dtype: Any = None) -> Volume:
     """Read an image into a canonical-orientation :class:`Volume` (array dtype kept unless given).
 
-    The array is a read-only, zero-copy view of the image buffer (the Volume keeps
-    the image alive); copy it before writing into it.
+    The array is a read-only, zero-copy view of the image buffer that keeps the
+    image alive (:func:`borrowed_array`); copy it before writing into it.
     """
-    sitk = _sitk()
     image = read_image(path)
     geometry = Geometry.from_image(image)
     array = borrowed_array(image)
@@ -291,18 +290,23 @@ def read_volume(path: str | os.PathLike[str], dtype: Any = None) -> Volume:
 
 
 def label_array(image: Any, path: Path, max_label: int | None) -> np.ndarray:
-    """The label image's voxels as uint8 in the file's layout; checks integer values in 0..max_label."""
+    """The label image's voxels as uint8 in the file's layout; checks integer values in 0..max_label.
+
+    A uint8 file comes back as a read-only, zero-copy view that keeps the image alive.
+    """
     view = borrowed_array(image)
     if not np.issubdtype(view.dtype, np.integer):
         if not np.all(np.isfinite(view)) or not np.array_equal(view, np.round(view)):
             raise DataError(f"{path}: label volume holds non-integer values")
-    lo, hi = (view.min(), view.max()) if view.size else (0, 0)
+    if not view.size:
+        lo, hi = 0, 0
+    else:  # unsigned voxels cannot be negative: one pass is enough
+        lo, hi = (0 if np.issubdtype(view.dtype, np.unsignedinteger) else view.min()), view.max()
     limit = 255 if max_label is None else max_label
     if lo < 0 or hi > limit:
         bad = sorted({int(v) for v in np.unique(view) if v < 0 or v > limit})[:8]
         raise DataError(f"{path}: label values {bad} outside 0..{limit}")
-    # a copy: the view borrows the image's buffer, which is freed with the image
-    return np.array(view, dtype=np.uint8)
+    return view if view.dtype == np.uint8 else np.array(view, dtype=np.uint8)
 
 
 def read_label(

@@ -41,7 +41,9 @@ PAD_MULTIPLE = 32  # five stride-2 stages in every smp encoder
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("FLARESAM_OFFLINE", "HF_HUB_OFFLINE"))
+    from flaresam.models.weights import is_offline
+
+    return is_offline() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _hf_cache_dir() -> Path:
