@@ -355,6 +355,7 @@ class PredictRequest:
     stats: Path | None = None
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH
+    full_frame: bool = False  # SAM: decode masks on the whole slice, not in windows around their boxes
     quiet: bool = False
 
 
@@ -461,6 +462,8 @@ def run_prediction(req: PredictRequest) -> list[Path]:
         model_spec = str(found)
         info(f"Using the most recent finished run: {found}")
     step, ckpt = load_model(model_spec, device)
+    if step.prompted:
+        step.mask_window = not req.full_frame
 
     proposer_step = None
     if not step.prompted and (req.prompts_from or req.boxes or req.proposer):

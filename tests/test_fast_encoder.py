@@ -156,15 +156,43 @@ def test_a_failing_compiler_falls_back_to_eager_once(capsys):
     assert "runs uncompiled" not in capsys.readouterr().err
 
 
-def test_tinyvit_is_not_supported_and_stays_stock():
+def test_tinyvit_runs_folded_and_equals_stock():
+    """vit_tiny: BatchNorm folded into the convolutions, channels-last; the stock result, refolded on new tensors."""
+    from flaresam.models import tinyvit_fold
+
     net = build_network("hqsam", "vit_tiny")
-    assert not fe.supports(net.image_encoder)
-    net.fast_encoder = True
-    assert fe.encoder_runner(net, torch.device("cpu")) is net.image_encoder
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # BatchNorm statistics and attention biases away from their identity init
+        for name, t in [*net.image_encoder.named_parameters(), *net.image_encoder.named_buffers()]:
+            if name.endswith(("running_mean", "bn.bias", "attention_biases")):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+            elif name.endswith(("running_var", "bn.weight")):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+    net.train(False)  # TinyViT caches its attention biases in eval mode
+    assert not fe.supports(net.image_encoder) and tinyvit_fold.supports(net.image_encoder)
+    cpu = torch.device("cpu")
+    runner = fe.encoder_runner(net, cpu)
+    assert isinstance(runner, tinyvit_fold.FoldedTinyViT) and fe.encoder_runner(net, cpu) is runner
+    x = torch.randn(1, 3, 1024, 1024, generator=g)
+    with torch.no_grad():
+        stock = net.image_encoder(x)
+        folded = runner(x)
+        torch.testing.assert_close(folded[0], stock[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(folded[1][0], stock[1][0], atol=1e-4, rtol=1e-4)
+        assert not any(isinstance(m, M.tiny_vit_sam.Conv2d_BN) for m in runner.folded().modules())
+        first = runner.folded()
+        assert runner.folded() is first  # unchanged tensors: no refold
+        net.image_encoder.neck[0].weight.mul_(2.0)  # as a loaded checkpoint would change it
+        again = runner(x)
+        assert runner.folded() is not first
+        torch.testing.assert_close(again[0], net.image_encoder(x)[0], atol=1e-4, rtol=1e-4)
+    net.fast_encoder = False  # --stock-encoder
+    assert fe.encoder_runner(net, cpu) is net.image_encoder
     with pytest.raises(TypeError):
         fe.FastEncoder(net.image_encoder)
-    with pytest.raises(UsageError, match="ViT encoders"):
-        SamStep("hqsam", arch="vit_tiny", init="random", quiet=True, fast_encoder=True)
+    with pytest.raises(UsageError, match="--compile applies to the ViT encoders"):
+        SamStep("hqsam", arch="vit_tiny", init="random", quiet=True, compile_encoder=True)
+    assert SamStep("hqsam", arch="vit_tiny", init="random", quiet=True, fast_encoder=True).net.fast_encoder is True
 
 
 # ---------------------------------------------------------------------------

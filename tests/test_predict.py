@@ -270,6 +270,31 @@ def test_predict_sam_with_label_prompts_preview_and_stats(trained, run_cli, tmp_
         assert entry["voxels"] == int((pred == BY_ID_BY_NAME(name)).sum())
 
 
+def test_full_frame_option_decodes_every_mask_on_the_whole_slice(trained, run_cli, tmp_path, monkeypatch):
+    from flaresam.models import sam as sam_module
+
+    raw = trained / "raw"
+    scan = raw / "images" / "FLARE22_Tr_0001_0000.nii.gz"
+    gt = raw / "labels" / "FLARE22_Tr_0001.nii.gz"
+    seen: list[bool] = []
+    original = sam_module.SamStep._predict_chunk
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.mask_window)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sam_module.SamStep, "_predict_chunk", spy)
+    outs = {}
+    for flag in ((), ("--full-frame",)):
+        out = outs[bool(flag)] = tmp_path / f"pred{len(flag)}.nii.gz"
+        r = run_cli("predict", scan, "--model", trained / "runs" / "hqsam", "--prompts-from", gt, "--out", out, "-q", *flag)
+        assert r.code == 0, r
+    assert True in seen and False in seen and seen.index(False) > seen.index(True)
+    geometry = read_volume(scan).geometry
+    windowed, whole = (read_label(outs[k], geometry).array for k in (False, True))
+    assert (windowed != whole).mean() < 0.01  # differences only where a kept mask's window ends
+
+
 def test_predict_automatic_uses_the_latest_dense_run_as_proposer(trained, run_cli, tmp_path, monkeypatch):
     scan = trained / "raw" / "images" / "FLARE22_Tr_0002_0000.nii.gz"
     r = run_cli("predict", scan, "--model", trained / "runs" / "hqsam", "--runs", trained / "runs", "--out", tmp_path / "a.nii.gz")

@@ -270,6 +270,27 @@ def test_hq_and_sam_files_load_both_ways(tmp_path, capsys):
     sd = d.net.state_dict()
     assert all(torch.equal(sd[k], ref[k]) for k in sd if not is_hq_key(k))
     assert d.config()["checkpoint"] == str(sam_file.resolve())
+    # the ViT encoder is built without values and takes the file's tensors: nothing left unmaterialised
+    assert not any(t.is_meta for t in [*d.net.parameters(), *d.net.buffers()])
+    assert all(not p.requires_grad for p in d.net.image_encoder.parameters())
+
+
+def test_a_checkpoint_builds_the_encoder_without_random_init(tmp_path, monkeypatch):
+    import flaresam.models.sam as sam_module
+
+    hq_file = save_state(tmp_path / "sam_hq_test.pth", build_network("hqsam", "test_tiny", seed=5).state_dict())
+    calls = []
+    original = sam_module.build_network
+    monkeypatch.setattr(sam_module, "build_network", lambda *a, **k: calls.append(k) or original(*a, **k))
+    SamStep("hqsam", checkpoint=str(hq_file), quiet=True)
+    SamStep("hqsam", arch="test_tiny", init="random", quiet=True)
+    assert [k.get("encoder_on_meta") for k in calls] == [True, False]
+    # a file short of an encoder tensor is refused before anything is left on the meta device
+    state = torch.load(hq_file, weights_only=True)
+    del state["image_encoder.neck.0.weight"]
+    short = save_state(tmp_path / "short.pth", state)
+    with pytest.raises(DataError, match="missing"):
+        SamStep("hqsam", checkpoint=str(short), quiet=True)
 
 
 def test_registry_names_resolve_without_arch(tmp_path, monkeypatch):

@@ -31,6 +31,10 @@ def predict(
     stats: Path | None = typer.Option(None, "--stats", help="Write per-organ statistics (volume ml, mean HU, slice range) as JSON."),
     device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Slices per batch (bounds memory)."),
+    full_frame: bool = typer.Option(
+        False, "--full-frame", help="SAM: decode every mask over the whole slice, as SamPredictor does (slower). "
+        "Default: in a window around its box, redone on the whole slice when the mask reaches the window's edge.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network: checkpoints must already be cached."),
 ) -> None:
@@ -63,6 +67,7 @@ def predict(
         stats=stats,
         device=device,
         batch_size=batch_size,
+        full_frame=full_frame,
         quiet=quiet,
     )
     for written in run_prediction(request):

@@ -30,7 +30,8 @@ that take part in attention, as in the stock code), so sizes that are not a
 multiple of the window match too.
 
 TinyViT (``vit_tiny``, MobileSAM) is another architecture (convolutions and
-attention with a learned bias table); it stays on the stock path.
+attention with a learned bias table); its faster path is a BatchNorm-folded,
+channels-last copy (:mod:`flaresam.models.tinyvit_fold`), chosen here too.
 """
 
 from __future__ import annotations
@@ -287,13 +288,20 @@ class FastEncoder:
 
 
 def encoder_runner(net: nn.Module, device: torch.device) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
-    """What :meth:`SamNet.encode` calls on ``device``: the stock encoder module or a :class:`FastEncoder`.
+    """What :meth:`SamNet.encode` calls on ``device``: the stock encoder module or a faster equivalent.
 
     ``net.fast_encoder`` / ``net.compile_encoder``: True, False, or None for
-    auto (on for CUDA). The fast path applies to ``ImageEncoderViT`` only.
+    auto. ViT encoders (``ImageEncoderViT``): a :class:`FastEncoder`, by
+    default on CUDA only. TinyViT: the BatchNorm-folded, channels-last copy
+    (:mod:`flaresam.models.tinyvit_fold`), by default on every device (it is
+    the stock computation, reordered); never compiled.
     """
+    from flaresam.models import tinyvit_fold
+
     cuda = torch.device(device).type == "cuda"
     encoder = net.image_encoder
+    if tinyvit_fold.supports(encoder):
+        return encoder if net.fast_encoder is False else tinyvit_fold.runner(net)
     fast = cuda if net.fast_encoder is None else bool(net.fast_encoder)
     if not fast or not supports(encoder):
         return encoder

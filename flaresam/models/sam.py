@@ -48,7 +48,6 @@ from flaresam.models.sam_io import (
     PREPROCESS_VERSION,
     boxes_to_frame,
     frame_mask,
-    logits_to_slice,
     normalise,
     preprocess_shape,
     resize_slices,
@@ -165,7 +164,8 @@ class SamNet(nn.Module):
         self.image_size = spec.image_size
         self.lowres = spec.lowres
         self.hq = hasattr(mask_decoder, "hf_token")
-        # the encoder's path (flaresam.models.fast_encoder); None = auto: fast on CUDA for the ViT encoders,
+        # the encoder's path (flaresam.models.fast_encoder); None = auto: fast on CUDA for the ViT encoders
+        # and everywhere for TinyViT (BatchNorm folded),
         # compiled on CUDA (SamStep sets compile to auto while training, where compiling pays)
         self.fast_encoder: bool | None = None
         self.compile_encoder: bool | None = False
@@ -219,35 +219,75 @@ def decode(
     The stock decoder's other outputs (IoU head, multimask tokens) are not
     computed: nothing here uses them.
     """
+    hs, src = decode_tokens(decoder, image_embeddings, sparse, dense, slice_index, image_pe)
+    hq = hq_features(decoder, image_embeddings, interm)
+    features = mask_features(decoder, src, None if hq is None else torch.index_select(hq, 0, slice_index))
+    return mask_from_features(mask_hyper(decoder, hs), features)
+
+
+def decode_tokens(
+    decoder: nn.Module,
+    image_embeddings: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    slice_index: torch.Tensor,
+    image_pe: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-way transformer for N prompts: output tokens [N, T', C] and the image embedding [N, C, E, E]."""
     hq = hasattr(decoder, "hf_token")
     n = sparse.shape[0]
     weights = [decoder.iou_token.weight, decoder.mask_tokens.weight] + ([decoder.hf_token.weight] if hq else [])
     out_tokens = torch.cat(weights, dim=0).unsqueeze(0).expand(n, -1, -1)
     tokens = torch.cat((out_tokens, sparse), dim=1)
-
     # gather each prompt's image where the stock code repeats one image; index_select, not x[idx]:
     # its backward (index_add_) is deterministic on CPU, advanced indexing's (index_put_) is not
     src = torch.index_select(image_embeddings, 0, slice_index) + dense
     pos = image_pe.expand(n, -1, -1, -1)
     b, c, h, w = src.shape
     hs, src = decoder.transformer(src, pos, tokens)
-    src = src.transpose(1, 2).reshape(b, c, h, w)
+    return hs, src.transpose(1, 2).reshape(b, c, h, w)
+
+
+def hq_features(decoder: nn.Module, image_embeddings: torch.Tensor, interm: torch.Tensor | None) -> torch.Tensor | None:
+    """HQ-SAM's per-image global-local feature [B, C/8, L, L] (None for SAM's decoder)."""
+    if not hasattr(decoder, "hf_token"):
+        return None
+    if interm is None:
+        raise ValueError("HQ-SAM decoding needs the early ViT feature (interm)")
+    return decoder.embedding_encoder(image_embeddings) + decoder.compress_vit_feat(interm.permute(0, 3, 1, 2))
+
+
+def mask_features(decoder: nn.Module, src: torch.Tensor, hq: torch.Tensor | None) -> torch.Tensor:
+    """Per-prompt mask features [N, C/8, 4e, 4e] from a transformer output (or a crop of it) [N, C, e, e].
+
+    ``hq``: each prompt's HQ feature over the same pixels (HQ-SAM), else None.
+    Every step is per pixel except HQ-SAM's two 3 x 3 convolutions.
+    """
     upscaled = decoder.output_upscaling(src)
-    if hq:
-        if interm is None:
-            raise ValueError("HQ-SAM decoding needs the early ViT feature (interm)")
-        hq_features = decoder.embedding_encoder(image_embeddings) + decoder.compress_vit_feat(interm.permute(0, 3, 1, 2))
-        features = decoder.embedding_maskfeature(upscaled) + torch.index_select(hq_features, 0, slice_index)
-        hyper = decoder.hf_mlp(hs[:, decoder.num_mask_tokens])  # the HQ token follows iou + 4 mask tokens
-    else:
-        features = upscaled
-        hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1])
+    return upscaled if hq is None else decoder.embedding_maskfeature(upscaled) + hq
+
+
+def mask_hyper(decoder: nn.Module, hs: torch.Tensor) -> torch.Tensor:
+    """Each prompt's mask vector [N, C/8]: HQ-SAM's HQ token (after iou + 4 mask tokens), else SAM's mask token 0."""
+    if hasattr(decoder, "hf_token"):
+        return decoder.hf_mlp(hs[:, decoder.num_mask_tokens])
+    return decoder.output_hypernetworks_mlps[0](hs[:, 1])
+
+
+def mask_from_features(hyper: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Logits [N, 1, H, W]: each pixel's feature dotted with its prompt's mask vector."""
     b, c, h, w = features.shape
     return (hyper.unsqueeze(1) @ features.reshape(b, c, h * w)).view(b, 1, h, w)
 
 
-def build_network(model: str, arch: str, seed: int = 0) -> SamNet:
-    """A randomly initialised SAM (``model="sam"``) or HQ-SAM of ``arch``; the same seed gives the same tensors."""
+def build_network(model: str, arch: str, seed: int = 0, encoder_on_meta: bool = False) -> SamNet:
+    """A randomly initialised SAM (``model="sam"``) or HQ-SAM of ``arch``; the same seed gives the same tensors.
+
+    ``encoder_on_meta``: the image encoder gets shapes but no memory or values
+    (for a checkpoint that supplies every encoder tensor: :func:`load_into`
+    assigns them). Initialising ViT-B at random takes about 2 s on a CPU, ViT-H
+    far longer, all of it thrown away when a checkpoint is loaded next.
+    """
     if model not in MODELS:
         raise UsageError(f"unknown SAM model {model!r}; choose one of: {', '.join(MODELS)}")
     spec = arch_spec(arch)
@@ -260,8 +300,10 @@ def build_network(model: str, arch: str, seed: int = 0) -> SamNet:
     e = spec.embedding_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        with torch.device("meta") if encoder_on_meta else contextlib.nullcontext():
+            image_encoder = _encoders()[spec.encoder](**spec.encoder_kwargs)
         net = SamNet(
-            image_encoder=_encoders()[spec.encoder](**spec.encoder_kwargs),
+            image_encoder=image_encoder,
             prompt_encoder=m.PromptEncoder(embed_dim=spec.prompt_dim, image_embedding_size=(e, e),
                                            input_image_size=(spec.image_size, spec.image_size), mask_in_chans=16),
             mask_decoder=decoders[model](transformer=m.TwoWayTransformer(**transformer_kwargs), **decoder_kwargs),
@@ -394,7 +436,11 @@ def load_into(net: SamNet, state: dict[str, torch.Tensor], path: Path) -> LoadRe
     wrong = [f"{k} {tuple(usable[k].shape)} (model {tuple(own[k].shape)})" for k in usable if usable[k].shape != own[k].shape]
     if wrong:
         raise DataError(f"checkpoint {path}: {len(wrong)} tensors have the wrong shape for {net.arch}, e.g. {wrong[0]}")
-    net.load_state_dict(usable, strict=False)
+    # assign: an encoder built on the meta device takes the file's tensors as they are (no copy)
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in usable.items()}, strict=False, assign=True)
+    left = [k for k, v in [*net.named_parameters(), *net.named_buffers()] if v.is_meta]
+    if left:
+        raise DataError(f"checkpoint {path}: {len(left)} tensors of the model were not in it (e.g. {left[0]})")
     net.train(False)  # refreshes TinyViT's cached attention biases from the loaded tensors
     return report
 
@@ -534,9 +580,12 @@ class SamStep:
             self.checkpoint = entry.name if is_registry_name else str(path.resolve())
         self.arch = arch or "vit_b"
         self.spec = arch_spec(self.arch)
-        if (fast_encoder or compile_encoder) and self.spec.encoder != "vit":
-            raise UsageError(f"--fast-encoder/--compile apply to the ViT encoders (vit_b, vit_l, vit_h); {self.arch} runs its stock encoder")
-        self.net = build_network(name, self.arch, seed=self.init_seed)
+        if compile_encoder and self.spec.encoder != "vit":
+            raise UsageError(f"--compile applies to the ViT encoders (vit_b, vit_l, vit_h); {self.arch}'s fast path is not compiled")
+        # a checkpoint supplies every ViT encoder tensor (load_into checks): skip their random init.
+        # TinyViT keeps a normal build: it derives non-saved buffers (attention-bias indices) at construction
+        self.net = build_network(name, self.arch, seed=self.init_seed,
+                                 encoder_on_meta=state is not None and self.spec.encoder == "vit")
         self.compile_option = compile_encoder
         self.net.fast_encoder = True if compile_encoder and fast_encoder is None else fast_encoder  # --compile: the fast path
         self.net.compile_encoder = bool(compile_encoder)
@@ -557,6 +606,12 @@ class SamStep:
             p.requires_grad_(True)
         self._train_net: Any = self.net
         self._cache: Any = None
+        # prediction: each mask decoded in a window around its box (flaresam.models.mask_window), or on
+        # the whole frame as SamPredictor does; how many prompts fell back to the whole frame
+        self.mask_window = True
+        self.window_fallback = True  # False only in benchmarks (see decode_windows)
+        self.window_stats = {"prompts": 0, "fallbacks": 0}
+        self._postprocess: dict[tuple[int, int, torch.device], Any] = {}
 
     # -- the ModelStep contract ---------------------------------------------
     def network(self) -> SamNet:
@@ -707,6 +762,8 @@ class SamStep:
 
     def _predict_chunk(self, volume: np.ndarray, idx: np.ndarray, boxes: np.ndarray, present: np.ndarray,
                        dev: torch.device) -> np.ndarray:
+        from flaresam.models.mask_window import SlicePostprocess, decode_windows
+
         h, w = int(volume.shape[1]), int(volume.shape[2])
         slices = np.ascontiguousarray(volume[idx])
         emb, interm = self._slice_embeddings(slices, dev)
@@ -714,12 +771,21 @@ class SamStep:
         input_hw = preprocess_shape(h, w, self.spec.image_size)
         frame_boxes = torch.from_numpy(boxes_to_frame(boxes[sl, org].astype(np.float32), (h, w), input_hw)).to(dev)
         slice_index = torch.from_numpy(sl).to(dev)
-        logits = self.net(emb, interm, frame_boxes, slice_index).float()
+        net = self.net
+        sparse, dense = net.prompt_encoder(points=None, boxes=frame_boxes, masks=None)
+        lowres_boxes = frame_boxes * (self.spec.lowres / self.spec.image_size) if self.mask_window else None
+        pieces, fallbacks = decode_windows(net.mask_decoder, emb, interm, sparse, dense, slice_index,
+                                           net.prompt_encoder.get_dense_pe(), lowres_boxes, self.window_fallback)
+        self.window_stats["prompts"] += len(sl)
+        self.window_stats["fallbacks"] += fallbacks
+        post = self._postprocess.get((h, w, dev))
+        if post is None:
+            post = self._postprocess[(h, w, dev)] = SlicePostprocess.build((h, w), input_hw, self.spec.image_size,
+                                                                           self.spec.lowres, dev)
         best = torch.full((len(idx), NUM_ORGANS, h, w), float("-inf"), device=dev)
-        step = 16  # prompts upsampled at a time: 16 x 1024 x 1024 floats
-        for s in range(0, logits.shape[0], step):
-            up = logits_to_slice(logits[s : s + step], input_hw, self.spec.image_size, (h, w))
-            best[torch.from_numpy(sl[s : s + step]).to(dev), torch.from_numpy(org[s : s + step]).to(dev)] = up
+        sl_t, org_t = torch.from_numpy(sl).to(dev), torch.from_numpy(org).to(dev)
+        for piece in pieces:
+            best[sl_t[piece.prompts], org_t[piece.prompts]] = post.to_slice(piece)
         value, organ = best.max(dim=1)
         labels = torch.where(value > 0, organ + 1, torch.zeros_like(organ))
         return labels.to(torch.uint8).cpu().numpy()

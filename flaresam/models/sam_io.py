@@ -124,3 +124,26 @@ def logits_to_slice(
     x = x[..., : input_hw[0], : input_hw[1]]
     x = F.interpolate(x, slice_hw, mode="bilinear", align_corners=False)
     return x[:, 0]
+
+
+def resize_matrix(lowres: int, image_size: int, kept: int, out: int) -> torch.Tensor:
+    """[out, lowres]: SAM's postprocess along one axis as a matrix.
+
+    Bilinear resizing is separable, so :func:`logits_to_slice` of an L x L map
+    is ``R_y @ logits @ R_x^T``: up to the S x S frame, keep the first ``kept``
+    rows (the unpadded image), resize to ``out``. Built by running those same
+    interpolations on the identity, so the weights are F.interpolate's own.
+    """
+    eye = torch.eye(lowres, dtype=torch.float64).unsqueeze(1)  # [L, 1, L]: one basis row per input pixel
+    x = F.interpolate(eye, size=image_size, mode="linear", align_corners=False)[..., :kept]
+    x = F.interpolate(x, size=out, mode="linear", align_corners=False)
+    return x[:, 0].T.to(torch.float32).contiguous()
+
+
+def support(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last input pixel (inclusive) each output pixel of a resize matrix reads."""
+    nz = matrix != 0
+    ar = torch.arange(matrix.shape[1], device=matrix.device)
+    lo = torch.where(nz, ar, matrix.shape[1]).amin(dim=1)
+    hi = torch.where(nz, ar, -1).amax(dim=1)
+    return lo, hi
