@@ -6,13 +6,18 @@ One JSON line per measurement on stdout (progress on stderr), the same code as
 * ``encoder``   the ViT encoder, stock vs the fast path (SDPA, and the folded
   bias), fp32: the test architecture at 128 px and ViT-B at ``--encoder-size``
   (default 256 px, batch 2)
-* ``parts``     HQ-SAM vit_tiny: seconds per slice in the encoder, per box prompt in the decoder
+* ``parts``     HQ-SAM vit_tiny: seconds per slice in the encoder (stock, BatchNorm folded), per box
+  prompt in the decoder (whole frame, box windows), with the boxes of a phantom slice
 * ``predict``   `flaresam predict` file to file on the ``--size`` x ``--size`` x
   ``--slices`` phantom (default 512 x 512 x 100, 13 organs, prompts from its
-  label): HQ-SAM vit_tiny (TinyViT: the stock encoder) and U-Net (resnet34)
+  label): HQ-SAM vit_tiny by default, with ``--full-frame`` and with box windows never redone on the
+  whole frame (random weights spread every mask over the frame, so the default redoes them all;
+  the clipped run is the work of a model whose masks stay in their boxes), and U-Net (resnet34)
 * ``baseline``  side by side on a ``--baseline-slices`` phantom of the same size:
   flaresam vit_tiny, SamPredictor with all boxes of a slice in one call, and one
   call per box (SamPredictor is slow on the CPU, so it runs on fewer slices)
+* ``cache``     the trainer (HQ-SAM vit_tiny), two epochs over 3 phantoms of ``--size`` x ``--size`` x
+  ``--cache-slices``: the cold epoch encodes and fills the embedding cache, the warm one reads it
 
     python benchmarks/cpu_bench.py                      # ~5 minutes on 2 idle cores
     python benchmarks/cpu_bench.py --slices 20 --size 256 --only predict
@@ -32,29 +37,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench as gb  # noqa: E402 - the shared measurement code
 
-SECTIONS = ("encoder", "parts", "predict", "baseline")
+SECTIONS = ("encoder", "parts", "predict", "baseline", "cache")
 
 
-def bench_parts(rep: gb.Report, arch: str = "vit_tiny", prompts: int = 13) -> None:
-    """Where a prompted slice's CPU time goes: the frozen encoder per slice, the HQ decoder per box prompt."""
+def bench_parts(rep: gb.Report, arch: str = "vit_tiny", size: int = 512) -> None:
+    """Where a prompted slice's CPU time goes: the encoder per slice (stock, and the folded TinyViT), the
+    decoder per box prompt (whole frame, and in box windows) for the boxes of a phantom's middle slice."""
+    import numpy as np
     import torch
 
+    from flaresam.data.phantom import make_phantom
+    from flaresam.models.mask_window import decode_windows
     from flaresam.models.sam import SamStep
+    from flaresam.models.sam_io import boxes_to_frame
+    from flaresam.predict import LabelPrompts
 
     step = SamStep("hqsam", arch=arch, init="random", quiet=True)
-    s = step.spec.image_size
+    net, s = step.net, step.spec.image_size
     g = torch.Generator().manual_seed(0)
-    frames = torch.randint(0, 256, (2, s, s), generator=g, dtype=torch.uint8)
-    hw = torch.full((2, 2), s, dtype=torch.long)
+    frames = torch.randint(0, 256, (1, s, s), generator=g, dtype=torch.uint8)  # predict encodes one slice at a time
+    hw = torch.full((1, 2), s, dtype=torch.long)
+    ph = make_phantom(size=size, slices=12, seed=0, flip=False)
+    boxes = LabelPrompts(ph.label).slice_boxes()[6]
+    boxes = boxes[boxes[:, 0] >= 0]
+    frame_boxes = torch.from_numpy(boxes_to_frame(boxes.astype(np.float32), (size, size), (s, s)))
     with torch.no_grad():
-        _, enc_s = gb.timed(lambda: step.net.encode(frames, hw), 2, "cpu")
-        emb, interm = step.net.encode(frames[:1], hw[:1])
-        xy = torch.rand(prompts, 2, generator=g) * s * 0.6
-        boxes = torch.cat([xy, xy + s * 0.2], dim=1)
-        index = torch.zeros(prompts, dtype=torch.long)
-        _, dec_s = gb.timed(lambda: step.net(emb, interm, boxes, index), 2, "cpu")
-    rep.emit(bench="parts", arch=arch, model="hqsam", impl="flaresam", encoder_s_per_slice=round(enc_s / 2, 3),
-             decoder_s_per_prompt=round(dec_s / prompts, 4), prompts_per_call=prompts)
+        for encoder, fast in (("stock", False), ("folded", None)):
+            net.fast_encoder = fast
+            _, enc_s = gb.timed(lambda: net.encode(frames, hw), 3, "cpu")
+            rep.emit(bench="parts", arch=arch, part="encoder", impl="flaresam" if fast is None else "stock", encoder=encoder,
+                     seconds_per_slice=round(enc_s, 3))
+        emb, interm = net.encode(frames, hw)
+        sparse, dense = net.prompt_encoder(points=None, boxes=frame_boxes, masks=None)
+        index = torch.zeros(len(boxes), dtype=torch.long)
+        pe = net.prompt_encoder.get_dense_pe()
+        lowres = frame_boxes * (step.spec.lowres / s)
+        for decoding, win in (("whole frame", None), ("box windows, clipped", lowres)):
+            _, dec_s = gb.timed(lambda: decode_windows(net.mask_decoder, emb, interm, sparse, dense, index, pe, win, False), 2, "cpu")
+            rep.emit(bench="parts", arch=arch, part="decoder", impl="flaresam", decoding=decoding, prompts=len(boxes),
+                     seconds_per_prompt=round(dec_s / len(boxes), 4))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512, help="phantom slice size (pixels)")
     ap.add_argument("--slices", type=int, default=100, help="phantom slices for the predict section")
     ap.add_argument("--baseline-slices", type=int, default=12, help="phantom slices for the side-by-side section")
+    ap.add_argument("--cache-slices", type=int, default=6, help="slices per phantom for the cache section")
     ap.add_argument("--encoder-size", type=int, default=256, help="ViT-B input size for the encoder section")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is for 2 cores)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
@@ -75,14 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     sizes = replace(
         gb.SMOKE, device="cpu", encoder_archs=(f"vit_b@{args.encoder_size}", "test_tiny"), encoder_batch=2, encoder_iters=3,
         sam_arch="vit_tiny", predict_size=args.size, predict_slices=args.slices, compile_backend="inductor",
+        cache_cases=3, cache_size=args.size, cache_slices=args.cache_slices,
     )
     sz, work, rep = gb.setup(args, sizes, "cpu_bench")
     t0 = time.perf_counter()
     runners = {
         "encoder": lambda: gb.bench_encoder(rep, sz, args),
-        "parts": lambda: bench_parts(rep),
+        "parts": lambda: bench_parts(rep, size=args.size),
         "predict": lambda: gb.bench_predict(rep, sz, args, work, baselines=(), dense=("unet",)),
-        "baseline": lambda: gb.bench_predict(rep, sz, args, work, slices=args.baseline_slices, tag="predict_side_by_side"),
+        "baseline": lambda: gb.bench_predict(rep, sz, args, work, slices=args.baseline_slices, tag="predict_side_by_side", modes=()),
+        "cache": lambda: gb.bench_cache(rep, sz, args, work),
     }
     for section in sections:
         s0 = time.perf_counter()

@@ -509,14 +509,38 @@ def make_checkpoint(path: Path, model: str, **options: Any) -> Path:
     return path
 
 
-def flaresam_predict(scan: Path, label: Path | None, model: Path, out: Path, device: str) -> float:
-    """Seconds for `flaresam predict --model M --prompts-from LABEL`, file to file."""
+# how flaresam predict decodes SAM masks: its default, --full-frame, and the default without the
+# whole-frame redo (clipped: the work a model whose masks stay in their boxes does; random weights'
+# masks spread over the frame, so under the default every one of them is redone on the whole frame)
+PREDICT_MODES = ("window", "full-frame", "window, clipped")
+
+
+def flaresam_predict(scan: Path, label: Path | None, model: Path, out: Path, device: str,
+                     mode: str = "window") -> tuple[float, dict[str, int] | None]:
+    """Seconds for `flaresam predict --model M --prompts-from LABEL`, file to file; and the window counts."""
+    import flaresam.predict as predict_module
+    from flaresam.models.sam import SamStep
     from flaresam.predict import PredictRequest, run_prediction
 
-    t0 = time.perf_counter()
-    run_prediction(PredictRequest(scan=scan, model=str(model), prompts_from=label, out=out, device=device, quiet=True))
-    sync(device)
-    return time.perf_counter() - t0
+    loaded: list[Any] = []
+    load_model = predict_module.load_model
+
+    def keep(spec: str, dev: Any) -> Any:
+        result = load_model(spec, dev)
+        loaded.append(result[0])
+        return result
+
+    predict_module.load_model, SamStep.window_fallback = keep, mode != "window, clipped"
+    try:
+        t0 = time.perf_counter()
+        run_prediction(PredictRequest(scan=scan, model=str(model), prompts_from=label, out=out, device=device,
+                                      full_frame=mode == "full-frame", quiet=True))
+        sync(device)
+        seconds = time.perf_counter() - t0
+    finally:
+        predict_module.load_model, SamStep.window_fallback = load_model, True
+    stats = getattr(loaded[0], "window_stats", None) if loaded else None
+    return seconds, (dict(stats) if stats else None)
 
 
 def sampredictor_predict(scan: Path, label: Path, model: Path, out: Path, device: str, per_box: bool) -> float:
@@ -574,8 +598,10 @@ def agreement(a: Path, b: Path) -> float:
 
 def bench_predict(rep: Report, sz: Sizes, args: argparse.Namespace, work: Path, *, arch: str | None = None,
                   size: int | None = None, slices: int | None = None, baselines: tuple[str, ...] = ("slice", "box"),
-                  dense: tuple[str, ...] = (), tag: str = "predict") -> None:
-    """flaresam predict file to file (HQ-SAM ``arch``, then each ``dense`` model) beside SamPredictor loops."""
+                  dense: tuple[str, ...] = (), tag: str = "predict",
+                  modes: tuple[str, ...] = PREDICT_MODES[1:]) -> None:
+    """flaresam predict file to file (HQ-SAM ``arch`` by default and in ``modes``, then each ``dense``
+    model) beside SamPredictor loops."""
     import torch
 
     from flaresam.predict import load_model
@@ -590,18 +616,29 @@ def bench_predict(rep: Report, sz: Sizes, args: argparse.Namespace, work: Path, 
     common = dict(bench=tag, arch=arch, model="hqsam", shape=[slices, size, size], organs=organs)
     target = 1.5 if torch.device(dev).type == "cuda" else None
     out = folder / "flaresam.nii.gz"
-    with rep.guard(impl="flaresam", **common):
+    with rep.guard(impl="flaresam", mode="window", **common):
         log(f"{tag}: flaresam {arch}")
         t0 = time.perf_counter()
         load_model(str(model), torch.device(dev))
         load_s = time.perf_counter() - t0
         release()
-        first = flaresam_predict(scan, label, model, out, dev)
+        first, stats = flaresam_predict(scan, label, model, out, dev)
         release()  # the first run's model is garbage now: the peak below is the second run's own
         reset_peak(dev)
-        second = flaresam_predict(scan, label, model, out, dev) if target else None  # GPU: the steady-state run too
-        rep.emit(impl="flaresam", **common, seconds=round(second or first, 3), first_run_s=round(first, 3),
-                 model_load_s=round(load_s, 3), peak_mem_gb=peak_gb(dev), target_s=target)
+        second = None
+        if target:  # GPU: the steady-state run too
+            second, stats = flaresam_predict(scan, label, model, out, dev)
+        rep.emit(impl="flaresam", mode="window", **common, seconds=round(second or first, 3), first_run_s=round(first, 3),
+                 model_load_s=round(load_s, 3), peak_mem_gb=peak_gb(dev), target_s=target, **_window_counts(stats))
+    for mode in modes:
+        with rep.guard(impl="flaresam", mode=mode, **common):
+            log(f"{tag}: flaresam {arch}, {mode}")
+            release()
+            reset_peak(dev)
+            other = folder / f"flaresam-{mode.replace(', ', '-')}.nii.gz"
+            seconds, stats = flaresam_predict(scan, label, model, other, dev, mode)
+            rep.emit(impl="flaresam", mode=mode, **common, seconds=round(seconds, 3), peak_mem_gb=peak_gb(dev),
+                     agreement_with_default=agreement(out, other) if out.is_file() else None, **_window_counts(stats))
     for mode in baselines:
         with rep.guard(impl="SamPredictor", calls=f"one per {mode}", **common):
             log(f"{tag}: SamPredictor, one call per {mode}")
@@ -618,8 +655,13 @@ def bench_predict(rep: Report, sz: Sizes, args: argparse.Namespace, work: Path, 
             log(f"{tag}: flaresam {name}")
             release()
             reset_peak(dev)
-            seconds = flaresam_predict(scan, None, dmodel, folder / f"{name}.nii.gz", dev)
+            seconds, _ = flaresam_predict(scan, None, dmodel, folder / f"{name}.nii.gz", dev)
             rep.emit(**dcommon, seconds=round(seconds, 3), peak_mem_gb=peak_gb(dev))
+
+
+def _window_counts(stats: dict[str, int] | None) -> dict[str, int]:
+    """Prompts decoded and how many of them were redone on the whole frame (mask at its window's edge)."""
+    return {"prompts": stats["prompts"], "whole_frame_redos": stats["fallbacks"]} if stats else {}
 
 
 # ---------------------------------------------------------------------------

@@ -67,8 +67,13 @@ def test_gpu_bench_smoke_runs_every_section_on_the_cpu(tmp_path):
     assert cache["cold"]["epoch_s"] > 0 and cache["warm"]["epoch_s"] > 0 and cache["warm vs cold"]["speedup"] > 0
 
     pred = pick(lines, bench="predict")
-    ours = pick(pred, impl="flaresam")
-    assert len(ours) == 1 and ours[0]["organs"] == 13 and ours[0]["seconds"] > 0 and ours[0]["model_load_s"] > 0
+    ours = {ln["mode"]: ln for ln in pick(pred, impl="flaresam")}
+    assert set(ours) == {"window", "full-frame", "window, clipped"}
+    default = ours["window"]
+    assert default["organs"] == 13 and default["seconds"] > 0 and default["model_load_s"] > 0
+    assert default["prompts"] > 0 and 0 <= default["whole_frame_redos"] <= default["prompts"]
+    assert ours["full-frame"]["whole_frame_redos"] == 0 and ours["window, clipped"]["whole_frame_redos"] == 0
+    assert ours["full-frame"]["agreement_with_default"] >= 0.99
     theirs = pick(pred, impl="SamPredictor")
     assert sorted(ln["calls"] for ln in theirs) == ["one per box", "one per slice"]
     for ln in theirs:

@@ -502,6 +502,7 @@ class SamStep:
     # the decoder's IoU head and its other mask tokens get no gradient from a single-mask loss
     ddp_find_unused_parameters = True
     predict_chunk = 8  # slices decoded together in predict_slices (the encoder runs encode_batch at a time)
+    window_fallback = True  # False only in benchmarks: see mask_window.decode_windows
 
     def __init__(
         self,
@@ -609,7 +610,6 @@ class SamStep:
         # prediction: each mask decoded in a window around its box (flaresam.models.mask_window), or on
         # the whole frame as SamPredictor does; how many prompts fell back to the whole frame
         self.mask_window = True
-        self.window_fallback = True  # False only in benchmarks (see decode_windows)
         self.window_stats = {"prompts": 0, "fallbacks": 0}
         self._postprocess: dict[tuple[int, int, torch.device], Any] = {}
 
