@@ -83,15 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512, help="phantom slice size (pixels)")
     ap.add_argument("--slices", type=int, default=100, help="phantom slices for the predict section")
     ap.add_argument("--baseline-slices", type=int, default=12, help="phantom slices for the side-by-side section")
-    ap.add_argument("--cache-slices", type=int, default=6, help="slices per phantom for the cache section")
+    ap.add_argument("--cache-slices", type=int, default=8, help="slices per phantom for the cache section")
     ap.add_argument("--encoder-size", type=int, default=256, help="ViT-B input size for the encoder section")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is for 2 cores)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     ap.add_argument("--compile", action="store_true", help="also time the encoder compiled with inductor (about a minute to compile)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary folder)")
     args = ap.parse_args(argv)
-    if args.baseline_slices < 8 or args.slices < 8 or args.size < 32:
-        ap.error("phantoms need --size >= 32 and --slices, --baseline-slices >= 8")
+    if min(args.baseline_slices, args.slices, args.cache_slices) < 8 or args.size < 32:
+        ap.error("phantoms need --size >= 32 and --slices, --baseline-slices, --cache-slices >= 8")
     sections = [s for s in SECTIONS if s in args.only.split(",")]
     args.device, args.attention, args.no_compile, args.smoke = "cpu", "sdpa,fold", not args.compile, False
     sizes = replace(

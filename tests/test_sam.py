@@ -434,3 +434,41 @@ def test_predict_with_cache_matches_without(store, tmp_path):
     c = cached.predict_slices(case.image, z, case.boxes[z], "cpu")  # reads it
     assert np.array_equal(b, c)
     assert (a != b).mean() < 0.01  # float16 storage moves only borderline pixels
+
+
+@pytest.mark.parametrize("model", ["hqsam", "sam"])
+def test_channels_last_mask_head_equals_the_stock_stacks(model):
+    from flaresam.models.mask_head import run_stack
+
+    net = build_network(model, "test_tiny", seed=2)
+    d = net.mask_decoder
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LayerNorm2d's affine parameters away from their identity init
+        for m in d.modules():
+            if type(m).__name__ == "LayerNorm2d":
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+    stacks = [d.output_upscaling] + ([d.embedding_maskfeature, d.embedding_encoder, d.compress_vit_feat] if net.hq else [])
+    for stack in stacks:
+        channels = next(m for m in stack if isinstance(m, torch.nn.modules.conv._ConvNd)).in_channels
+        x = torch.randn(3, channels, 9, 7, generator=g) * 3
+        for layout in (torch.contiguous_format, torch.channels_last):
+            a = x.clone().contiguous(memory_format=layout).requires_grad_(True)
+            b = x.clone().requires_grad_(True)
+            ours, stock = run_stack(stack, a), stack(b)
+            torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+            ours.square().sum().backward()
+            stock.square().sum().backward()
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_mask_head_keeps_the_autocast_dtype():
+    """Under bf16 autocast the stack's output stays bf16, as the stock kernels leave it (half the memory)."""
+    from flaresam.models.mask_head import run_stack
+
+    d = build_network("sam", "test_tiny", seed=2).mask_decoder
+    x = torch.randn(2, d.output_upscaling[0].in_channels, 6, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, stock = run_stack(d.output_upscaling, x), d.output_upscaling(x)
+    assert ours.dtype == stock.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), stock.float(), atol=0.05, rtol=0.05)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flaresam.errors import DataError, UsageError
+from flaresam.models.mask_head import run_stack
 from flaresam.models.sam_io import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -242,9 +243,10 @@ def decode_tokens(
     # gather each prompt's image where the stock code repeats one image; index_select, not x[idx]:
     # its backward (index_add_) is deterministic on CPU, advanced indexing's (index_put_) is not
     src = torch.index_select(image_embeddings, 0, slice_index) + dense
-    pos = image_pe.expand(n, -1, -1, -1)
     b, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos, tokens)
+    # the positional encoding stays [1, C, E, E]: the transformer only adds it, so it broadcasts (the stock
+    # code repeats it per prompt, and flattening that repeat copies it N times)
+    hs, src = decoder.transformer(src, image_pe, tokens)
     return hs, src.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -254,17 +256,18 @@ def hq_features(decoder: nn.Module, image_embeddings: torch.Tensor, interm: torc
         return None
     if interm is None:
         raise ValueError("HQ-SAM decoding needs the early ViT feature (interm)")
-    return decoder.embedding_encoder(image_embeddings) + decoder.compress_vit_feat(interm.permute(0, 3, 1, 2))
+    return run_stack(decoder.embedding_encoder, image_embeddings) + run_stack(decoder.compress_vit_feat, interm.permute(0, 3, 1, 2))
 
 
 def mask_features(decoder: nn.Module, src: torch.Tensor, hq: torch.Tensor | None) -> torch.Tensor:
     """Per-prompt mask features [N, C/8, 4e, 4e] from a transformer output (or a crop of it) [N, C, e, e].
 
     ``hq``: each prompt's HQ feature over the same pixels (HQ-SAM), else None.
-    Every step is per pixel except HQ-SAM's two 3 x 3 convolutions.
+    Every step is per pixel except HQ-SAM's two 3 x 3 convolutions. Run
+    channels-last by :func:`flaresam.models.mask_head.run_stack`.
     """
-    upscaled = decoder.output_upscaling(src)
-    return upscaled if hq is None else decoder.embedding_maskfeature(upscaled) + hq
+    upscaled = run_stack(decoder.output_upscaling, src)
+    return upscaled if hq is None else run_stack(decoder.embedding_maskfeature, upscaled) + hq
 
 
 def mask_hyper(decoder: nn.Module, hs: torch.Tensor) -> torch.Tensor:
