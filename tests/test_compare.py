@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from flaresam import compare as compare_mod
 from flaresam.organs import ORGANS

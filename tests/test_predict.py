@@ -11,9 +11,9 @@ import SimpleITK as sitk
 import torch
 
 from tests.conftest import phantom_store
-from flaresam.data.window import Window, apply_window
+from flaresam.data.window import Window
 from flaresam.errors import DataError
-from flaresam.io.volume import Geometry, read_label, read_volume, write_label, write_volume
+from flaresam.io.volume import Geometry, read_label, read_volume, write_volume
 from flaresam.organs import NUM_ORGANS
 from flaresam.predict import (
     BoxPrompts,

@@ -34,10 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flaresam.models.sam import decode_tokens, hq_features, mask_features, mask_from_features, mask_hyper
+from flaresam.models.sam_io import resize_matrix, support
 
 MARGIN_PX = 8  # decoder pixels (4 per embedding cell; 16 px of a 512 x 512 slice)
 MARGIN_FRACTION = 0.1  # of the box's longer side, on each side
@@ -220,8 +220,6 @@ class SlicePostprocess:
     @classmethod
     def build(cls, slice_hw: tuple[int, int], input_hw: tuple[int, int], image_size: int, lowres: int,
               device: torch.device) -> SlicePostprocess:
-        from flaresam.models.sam_io import resize_matrix, support
-
         ry = resize_matrix(lowres, image_size, input_hw[0], slice_hw[0]).to(device)
         rx = resize_matrix(lowres, image_size, input_hw[1], slice_hw[1]).to(device)
         return cls(ry, rx, support(ry), support(rx))
