@@ -15,6 +15,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flaresam.errors import UsageError
@@ -156,6 +157,27 @@ def test_a_failing_compiler_falls_back_to_eager_once(capsys):
     assert "runs uncompiled" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (3, 2, 1), (3, 1, 8), (3, 2, 8)])
+def test_conv_gelu_equals_the_two_ops(kernel, stride, groups):
+    """TinyViT's merged convolution + GELU: oneDNN's fused op on the CPU in fp32, the two ops otherwise."""
+    from flaresam.models import tinyvit_fold
+
+    g = torch.Generator().manual_seed(kernel + stride + groups)
+    conv = torch.nn.Conv2d(8, 16, kernel, stride, kernel // 2, groups=groups)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    merged = tinyvit_fold.ConvGelu(conv)
+    x = torch.randn(2, 8, 13, 11, generator=g)
+    with torch.no_grad():
+        want = F.gelu(conv(x))
+        for layout in (torch.contiguous_format, torch.channels_last):
+            torch.testing.assert_close(merged(x.contiguous(memory_format=layout)), want, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # not the fused op's precision: the two ops
+            assert merged(x).dtype == torch.bfloat16
+    if torch.backends.mkldnn.is_available():  # x86 and ARM builds of PyTorch: the fused path is the one taken
+        assert tinyvit_fold._CONV_POINTWISE is not None
+
+
 def test_tinyvit_runs_folded_and_equals_stock():
     """vit_tiny: BatchNorm folded into the convolutions, channels-last; the stock result, refolded on new tensors."""
     from flaresam.models import tinyvit_fold
@@ -180,6 +202,12 @@ def test_tinyvit_runs_folded_and_equals_stock():
         torch.testing.assert_close(folded[0], stock[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(folded[1][0], stock[1][0], atol=1e-4, rtol=1e-4)
         assert not any(isinstance(m, M.tiny_vit_sam.Conv2d_BN) for m in runner.folded().modules())
+        # every GELU that directly follows a convolution is merged into it (MBConv 2, PatchMerging 2, PatchEmbed 1)
+        tv = M.tiny_vit_sam
+        blocks = [m for m in runner.folded().modules() if isinstance(m, (tv.MBConv, tv.PatchMerging, tv.PatchEmbed))]
+        expected = sum(1 if isinstance(b, tv.PatchEmbed) else 2 for b in blocks)
+        fused = [m for m in runner.folded().modules() if isinstance(m, tinyvit_fold.ConvGelu)]
+        assert len(blocks) > 3 and len(fused) == expected
         first = runner.folded()
         assert runner.folded() is first  # unchanged tensors: no refold
         net.image_encoder.neck[0].weight.mul_(2.0)  # as a loaded checkpoint would change it

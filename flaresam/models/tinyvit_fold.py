@@ -5,9 +5,11 @@ convolution followed by BatchNorm), and its first stage runs MBConv blocks on a
 256 x 256 grid. The encoder is frozen and in eval mode, so each BatchNorm is an
 affine map that can be folded into the convolution before it (the package's own
 ``Conv2d_BN.fuse``), and the convolutions run faster in channels-last memory
-layout. On 2 CPU cores that takes a 1024 x 1024 slice from about 1.1 s to
-0.7 s (``benchmarks/cpu_bench.py``, section ``encoder``); the result equals
-the stock module to float rounding (tested: 1e-5 relative).
+layout. On the CPU in fp32, each GELU that follows a convolution is applied by
+the convolution itself (:class:`ConvGelu`): the GELUs of the 256 x 256 stage
+were a quarter of the encoder's time. The result equals the stock module to
+float rounding (tested: 1e-4); ``benchmarks/cpu_bench.py`` (section
+``parts``) times both.
 
 The folded network is a private copy made on first use and remade whenever a
 tensor of the stock encoder changes (a loaded checkpoint, ``.to(device)``), so
@@ -21,6 +23,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flaresam.models.sam import _sam_modeling  # sam.py imports this module lazily: no cycle
@@ -33,8 +36,51 @@ def supports(encoder: nn.Module) -> bool:
     return isinstance(encoder, _TINY.TinyViT)
 
 
+# oneDNN's convolution with a fused element-wise step (the op inductor uses for the same fusion): the GELU
+# is applied as the convolution writes its output, instead of as another pass over a 256 x 256 x 256 tensor
+_CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+class ConvGelu(nn.Module):
+    """A folded convolution and the exact (erf) GELU after it: one oneDNN call on the CPU in fp32, else two ops."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if (
+            _CONV_POINTWISE is not None and x.device.type == "cpu" and x.dtype == c.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and c.padding_mode == "zeros" and isinstance(c.padding, tuple)
+        ):
+            return _CONV_POINTWISE(x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
+                                   "gelu", [], "none")
+        return F.gelu(c(x))
+
+
+def _is_gelu(m: nn.Module) -> bool:
+    return isinstance(m, nn.GELU) and m.approximate == "none"
+
+
+def _fuse_gelu(module: nn.Module) -> None:
+    """Merge each folded convolution with the GELU that always follows it (the blocks' forwards call both)."""
+    for child in module.children():
+        _fuse_gelu(child)
+    if isinstance(module, _TINY.MBConv) and _is_gelu(module.act1) and _is_gelu(module.act2):
+        # conv1 -> act1 -> conv2 -> act2 -> conv3 (+ shortcut) -> act3
+        module.conv1, module.act1 = ConvGelu(module.conv1), nn.Identity()
+        module.conv2, module.act2 = ConvGelu(module.conv2), nn.Identity()
+    elif isinstance(module, _TINY.PatchMerging) and _is_gelu(module.act):
+        # conv1 -> act -> conv2 -> act -> conv3: act follows only those two
+        module.conv1, module.conv2, module.act = ConvGelu(module.conv1), ConvGelu(module.conv2), nn.Identity()
+    elif isinstance(module, _TINY.PatchEmbed) and _is_gelu(module.seq[1]):  # seq = (conv, act, conv)
+        module.seq[0], module.seq[1] = ConvGelu(module.seq[0]), nn.Identity()
+
+
 def fold_batchnorm(encoder: nn.Module) -> nn.Module:
-    """A copy of ``encoder`` (eval mode) with every ``Conv2d_BN`` replaced by one folded convolution."""
+    """A copy of ``encoder`` (eval mode) with every ``Conv2d_BN`` replaced by one folded convolution,
+    merged with the GELU after it where there is one."""
 
     def fold(module: nn.Module) -> None:
         for name, child in module.named_children():
@@ -45,6 +91,7 @@ def fold_batchnorm(encoder: nn.Module) -> nn.Module:
 
     folded = copy.deepcopy(encoder).train(False)
     fold(folded)
+    _fuse_gelu(folded)
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded.to(memory_format=torch.channels_last)
