@@ -388,3 +388,34 @@ def test_predict_zero_shot_with_an_official_format_checkpoint(trained, run_cli, 
     r = run_cli("predict", scan, "--model", official, "--prompts-from", gt, "--out", tmp_path / "zs.nii.gz", "-q")
     assert r.code == 0, r
     _assert_same_grid(tmp_path / "zs.nii.gz", scan)
+
+
+def test_read_ahead_reads_the_next_scan_while_the_caller_works_and_keeps_order(tmp_path):
+    """The first read starts before the caller asks (it overlaps building the model); then one scan ahead."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flaresam.predict import _read_ahead
+
+    started: list[str] = []
+    first_started = threading.Event()
+
+    def read(scan):
+        started.append(scan.name)
+        if scan.name == "a":
+            first_started.set()
+        if scan.name == "c":
+            raise DataError("c: cannot read")
+        return scan.name.upper()
+
+    scans = [tmp_path / n for n in "abc"]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pairs = _read_ahead(pool, scans, read)
+        assert first_started.wait(5)  # before the first pair is asked for
+        scan, image = next(pairs)
+        assert (scan.name, image) == ("a", "A")
+        pool.submit(lambda: None).result()  # the queue has run: "b" was read while "a" is worked on
+        assert started == ["a", "b"]
+        assert next(pairs) == (scans[1], "B")
+        with pytest.raises(DataError, match="c: cannot read"):  # raised where its volume is asked for
+            next(pairs)
