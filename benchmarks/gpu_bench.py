@@ -729,6 +729,9 @@ def setup(args: argparse.Namespace, sizes: Sizes, name: str) -> tuple[Sizes, Pat
     work = args.work or Path(tempfile.mkdtemp(prefix=f"flaresam-{name}-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ["FLARESAM_HOME"] = str(work / "home")  # prepared data, caches: all inside the scratch folder
+    from flaresam.cpu_memory import keep_freed_memory
+
+    malloc = "kept" if keep_freed_memory() else "system"  # as the flaresam command does; FLARESAM_MALLOC=system: not
     import torch
 
     if args.threads:
@@ -742,7 +745,7 @@ def setup(args: argparse.Namespace, sizes: Sizes, name: str) -> tuple[Sizes, Pat
     rep = Report(device_name)
     from flaresam.train import versions
 
-    rep.emit(bench="env", smoke=bool(getattr(args, "smoke", False)), work=str(work), versions=versions())
+    rep.emit(bench="env", smoke=bool(getattr(args, "smoke", False)), work=str(work), versions=versions(), malloc=malloc)
     return sizes, work, rep
 
 

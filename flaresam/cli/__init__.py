@@ -28,8 +28,10 @@ from flaresam.cli import (  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; ``argv`` is for tests (defaults to ``sys.argv[1:]``)."""
+    from flaresam.cpu_memory import keep_freed_memory
     from flaresam.ui import console
 
+    keep_freed_memory()  # large CPU tensors reuse freed memory instead of faulting in fresh pages
     debug = os.environ.get("FLARESAM_DEBUG") == "1"
     try:
         app(args=argv, prog_name="flaresam")
