@@ -47,7 +47,7 @@ def bench_parts(rep: gb.Report, arch: str = "vit_tiny", size: int = 512) -> None
     import torch
 
     from flaresam.data.phantom import make_phantom
-    from flaresam.models.mask_window import decode_windows
+    from flaresam.models.mask_window import decode_prompts, decode_windows
     from flaresam.models.sam import SamStep
     from flaresam.models.sam_io import boxes_to_frame
     from flaresam.predict import LabelPrompts
@@ -73,7 +73,7 @@ def bench_parts(rep: gb.Report, arch: str = "vit_tiny", size: int = 512) -> None
         pe = net.prompt_encoder.get_dense_pe()
         lowres = frame_boxes * (step.spec.lowres / s)
         for decoding, win in (("whole frame", None), ("box windows, clipped", lowres)):
-            _, dec_s = gb.timed(lambda: decode_windows(net.mask_decoder, emb, interm, sparse, dense, index, pe, win, False), 2, "cpu")
+            _, dec_s = gb.timed(lambda: decode_windows(decode_prompts(net.mask_decoder, emb, interm, sparse, dense, index, pe), win, False), 2, "cpu")
             rep.emit(bench="parts", arch=arch, part="decoder", impl="flaresam", decoding=decoding, prompts=len(boxes),
                      seconds_per_prompt=round(dec_s / len(boxes), 4))
 

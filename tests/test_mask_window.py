@@ -136,7 +136,7 @@ def test_decode_windows_falls_back_to_the_whole_frame(monkeypatch):
     with torch.no_grad():
         args, full, _ = _decoded("hqsam", prompts=6)
         lowres_boxes = torch.tensor([[2.0, 2, 6, 6], [10, 10, 14, 13], [20, 3, 24, 8], [1, 20, 5, 25], [12, 24, 15, 27], [25, 25, 28, 28]])
-        pieces, fallbacks = mw.decode_windows(*args, lowres_boxes)
+        pieces, fallbacks = mw.decode_windows(mw.decode_prompts(*args), lowres_boxes)
         seen = torch.cat([p.prompts for p in pieces]).sort().values
         assert seen.tolist() == list(range(6))  # every prompt once
         escaped = [p for p in pieces if p.logits.shape[-1] == 32]
@@ -145,15 +145,15 @@ def test_decode_windows_falls_back_to_the_whole_frame(monkeypatch):
         for p in pieces:
             if p.logits.shape[-1] < 32:  # kept in its window: nothing positive on a cut edge
                 assert not mw._reaches_edge(p, 32).any()
-        clipped, none = mw.decode_windows(*args, lowres_boxes, fallback=False)
+        clipped, none = mw.decode_windows(mw.decode_prompts(*args), lowres_boxes, fallback=False)
         assert none == 0 and all(p.logits.shape[-1] < 32 for p in clipped if len(p.prompts))
-        whole, zero = mw.decode_windows(*args, None)
+        whole, zero = mw.decode_windows(mw.decode_prompts(*args), None)
         assert zero == 0 and len(whole) == 1
         torch.testing.assert_close(whole[0].logits, full)
         last = args[0].hf_mlp.layers[-1]  # HQ token's mask vector = 0: logits 0, no mask anywhere
         last.weight.zero_()
         last.bias.zero_()
-        kept, none = mw.decode_windows(*args, lowres_boxes)
+        kept, none = mw.decode_windows(mw.decode_prompts(*args), lowres_boxes)
         assert none == 0 and all(p.logits.shape[-1] < 32 for p in kept)
 
 

@@ -148,26 +148,17 @@ def decode_prompts(
 
 
 def decode_windows(
-    decoder: nn.Module,
-    image_embeddings: torch.Tensor,
-    interm: torch.Tensor | None,
-    sparse: torch.Tensor,
-    dense: torch.Tensor,
-    slice_index: torch.Tensor,
-    image_pe: torch.Tensor,
-    boxes_lowres: torch.Tensor | None,
-    fallback: bool = True,
+    d: Decoded, boxes_lowres: torch.Tensor | None, fallback: bool = True
 ) -> tuple[list[WindowLogits], int]:
-    """Single-mask logits of N prompts on windows around their boxes -> (pieces, number of fallbacks).
+    """Single-mask logits of N decoded prompts on windows around their boxes -> (pieces, number of fallbacks).
 
-    Arguments as :func:`flaresam.models.sam.decode`, plus ``boxes_lowres``
-    [N, 4] (x0, y0, x1, y1 on the decoder's low-res grid); None decodes every
-    prompt on the whole frame. A prompt whose mask reaches its window's edge
-    is decoded again on the whole frame (counted in the second value);
-    ``fallback=False`` keeps it clipped to its window (benchmarks: the work a
-    model whose masks stay in their boxes does, whatever a random one predicts).
+    ``d``: :func:`decode_prompts`' output; ``boxes_lowres`` [N, 4] (x0, y0,
+    x1, y1 on the decoder's low-res grid); None decodes every prompt on the
+    whole frame. A prompt whose mask reaches its window's edge is decoded again
+    on the whole frame (counted in the second value); ``fallback=False`` keeps
+    it clipped to its window (benchmarks: the work a model whose masks stay in
+    their boxes does, whatever a random one predicts).
     """
-    d = decode_prompts(decoder, image_embeddings, interm, sparse, dense, slice_index, image_pe)
     n, cells, dev = d.src.shape[0], d.cells, d.src.device
     zero = torch.zeros(n, dtype=torch.long, device=dev)
     if boxes_lowres is None:

@@ -765,7 +765,7 @@ class SamStep:
 
     def _predict_chunk(self, volume: np.ndarray, idx: np.ndarray, boxes: np.ndarray, present: np.ndarray,
                        dev: torch.device) -> np.ndarray:
-        from flaresam.models.mask_window import SlicePostprocess, decode_windows
+        from flaresam.models.mask_window import SlicePostprocess, decode_prompts, decode_windows
 
         h, w = int(volume.shape[1]), int(volume.shape[2])
         slices = np.ascontiguousarray(volume[idx])
@@ -777,8 +777,8 @@ class SamStep:
         net = self.net
         sparse, dense = net.prompt_encoder(points=None, boxes=frame_boxes, masks=None)
         lowres_boxes = frame_boxes * (self.spec.lowres / self.spec.image_size) if self.mask_window else None
-        pieces, fallbacks = decode_windows(net.mask_decoder, emb, interm, sparse, dense, slice_index,
-                                           net.prompt_encoder.get_dense_pe(), lowres_boxes, self.window_fallback)
+        decoded = decode_prompts(net.mask_decoder, emb, interm, sparse, dense, slice_index, net.prompt_encoder.get_dense_pe())
+        pieces, fallbacks = decode_windows(decoded, lowres_boxes, self.window_fallback)
         self.window_stats["prompts"] += len(sl)
         self.window_stats["fallbacks"] += fallbacks
         post = self._postprocess.get((h, w, dev))
