@@ -21,7 +21,6 @@ leaves glibc's defaults, and so does any allocator setting of the user's own
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import sys
@@ -34,19 +33,15 @@ _TRIM_AT = 2**31 - 1  # free bytes at the heap's top before glibc gives them bac
 _applied: bool | None = None
 
 
-def _user_choice() -> str | None:
-    """Why to leave malloc alone, if the user said how they want it."""
-    if os.environ.get("FLARESAM_MALLOC", "").lower() == "system":
-        return "FLARESAM_MALLOC=system"
-    if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
-        return "GLIBC_TUNABLES"
-    own = [k for k in os.environ if k.startswith("MALLOC_")]
-    if own:
-        return own[0]
+def _user_chose_allocator() -> bool:
+    """True if the user said how they want malloc: flaresam's switch, glibc's own variables, a preloaded allocator."""
     preload = os.environ.get("LD_PRELOAD", "")
-    if "jemalloc" in preload or "tcmalloc" in preload or "mimalloc" in preload:
-        return "LD_PRELOAD"
-    return None
+    return (
+        os.environ.get("FLARESAM_MALLOC", "").lower() == "system"
+        or "malloc" in os.environ.get("GLIBC_TUNABLES", "")
+        or any(k.startswith("MALLOC_") for k in os.environ)
+        or any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc"))
+    )
 
 
 def keep_freed_memory() -> bool:
@@ -55,8 +50,8 @@ def keep_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or _user_choice():
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or _user_chose_allocator():
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None)  # the running process's symbols: the glibc it allocates with
     _applied = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_AT))
     return _applied
