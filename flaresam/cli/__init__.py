@@ -29,7 +29,7 @@ from flaresam.cli import (  # noqa: E402,F401
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; ``argv`` is for tests (defaults to ``sys.argv[1:]``)."""
     from flaresam.cpu_memory import keep_freed_memory
-    from flaresam.ui import console
+    from flaresam.ui import console, error_line
 
     keep_freed_memory()  # large CPU tensors reuse freed memory instead of faulting in fresh pages
     debug = os.environ.get("FLARESAM_DEBUG") == "1"
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     except FlaresamError as exc:
         if debug:
             raise
-        console.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
+        # error_line prints the text literally: paths and file contents hold brackets ("[1]", "[/]")
+        console.print(error_line(_one_line(str(exc))), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("Interrupted.")
@@ -46,11 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug or an environment problem: still one line, still non-zero
         if debug:
             raise
-        console.print(
-            f"[red]Error:[/red] {type(exc).__name__}: {exc} (set FLARESAM_DEBUG=1 for the traceback)",
-            soft_wrap=True,
-        )
+        if isinstance(exc, OSError) and exc.filename is not None:  # an I/O error: name the file it concerns
+            text = f"{exc.filename}: {exc.strerror or exc}"
+        else:
+            text = f"{type(exc).__name__}: {_one_line(str(exc))} (set FLARESAM_DEBUG=1 for the traceback)"
+        console.print(error_line(text), soft_wrap=True)
         sys.exit(1)
+
+
+def _one_line(text: str) -> str:
+    """Messages from libraries may span lines; the user gets one."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or text
 
 
 __all__ = ["app", "main"]

@@ -27,13 +27,13 @@ def demo_data(
     Writes OUT_DIR/images/FLARE22_Tr_0001_0000.nii.gz with OUT_DIR/labels/FLARE22_Tr_0001.nii.gz, and so on. Every case holds all 13 organs with realistic HU, a body wall of fat, muscle and bone, gas in the bowel, and noise; about a third have thick slices and a third a flipped direction matrix, as real scans do. A 512x512x100 case takes a few seconds. Phantoms are for trying the pipeline out, not for judging models.
     """
     from flaresam.data.phantom import write_demo_dataset
-    from flaresam.ui import out
+    from flaresam.ui import literal, out
 
     t0 = time.perf_counter()
     written = write_demo_dataset(out_dir, cases=cases, size=size, slices=slices, seed=seed)
     seconds = time.perf_counter() - t0
     out.print(
         f"Wrote {len(written)} phantom case{'s' if len(written) != 1 else ''} "
-        f"({size}x{size}x{slices}, seed {seed}) to {out_dir} (images/, labels/) in {seconds:.1f} s",
+        f"({size}x{size}x{slices}, seed {seed}) to {literal(str(out_dir))} (images/, labels/) in {seconds:.1f} s",
         soft_wrap=True,
     )

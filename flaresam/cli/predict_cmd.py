@@ -45,7 +45,9 @@ def predict(
         os.environ["FLARESAM_OFFLINE"] = "1"  # honoured by every download (flaresam.models.weights)
     from flaresam.errors import UsageError
     from flaresam.organs import parse_organs
-    from flaresam.predict import PredictRequest, run_prediction
+    from rich.text import Text
+
+    from flaresam.predict import PartialPrediction, PredictRequest, run_prediction
     from flaresam.ui import out as stdout
 
     if prompts_from and boxes:
@@ -70,5 +72,11 @@ def predict(
         full_frame=full_frame,
         quiet=quiet,
     )
-    for written in run_prediction(request):
-        stdout.print(f"Wrote {written}")
+    try:
+        files = run_prediction(request)
+    except PartialPrediction as exc:  # a folder with some bad scans: say what was written, then fail
+        for written in exc.written:
+            stdout.print(Text(f"Wrote {written}"))
+        raise
+    for written in files:
+        stdout.print(Text(f"Wrote {written}"))  # Text: a path is printed as is, never read as markup

@@ -39,7 +39,7 @@ def score(
     from flaresam.metrics import NSD_MIN_DSC, PROTOCOLS, iter_scores, pair_cases, summarize
     from flaresam.organs import ORGANS
     from flaresam.report import write_csv, write_json
-    from flaresam.ui import info, out, progress, warn
+    from flaresam.ui import info, literal, out, progress, warn
 
     protocol = protocol.strip().lower()
     if protocol not in PROTOCOLS:
@@ -59,6 +59,7 @@ def score(
     if not pairing.pairs:
         raise DataError(f"no prediction in {pred} pairs with a ground truth in {gt} (cases pair by file name)")
 
+    _check_outputs(pred, gt, pairing, json_out, csv_out)  # before the scoring work, never onto an input
     results = iter_scores(pairing.pairs, protocol, ORGANS, not keep_top_slice, min_dsc, workers or None)
     cases: list[dict[str, Any]] = []
     with progress(quiet=quiet, transient=True) as bar:
@@ -74,11 +75,34 @@ def score(
     document = _document(protocol, cases, summary, pairing, not keep_top_slice, min_dsc)
     if json_out:
         write_json(json_out, document)
-        info(f"Scores written to {json_out}")
+        info(f"Scores written to {literal(str(json_out))}")
     if csv_out:
         columns, rows = _csv_rows(protocol, document["cases"])
         write_csv(csv_out, rows, columns)
-        info(f"Per-case scores written to {csv_out}")
+        info(f"Per-case scores written to {literal(str(csv_out))}")
+
+
+def _check_outputs(pred: Path, gt: Path, pairing: Any, json_out: Path | None, csv_out: Path | None) -> None:
+    import os
+
+    from flaresam.errors import UsageError
+    from flaresam.io.atomic import check_writable
+
+    def same(a: Path, b: Path) -> bool:
+        try:
+            return os.path.samefile(a, b) if a.exists() and b.exists() else a.resolve() == b.resolve()
+        except OSError:
+            return False
+
+    inputs = [pred, gt, *(p.pred for p in pairing.pairs), *(p.gt for p in pairing.pairs)]
+    outputs = [(flag, o) for flag, o in (("--json", json_out), ("--csv", csv_out)) if o is not None]
+    for flag, o in outputs:
+        for inp in inputs:
+            if same(o, Path(inp)):
+                raise UsageError(f"{flag} {o} is the input {inp}: refusing to overwrite an input; choose another file")
+        check_writable(o)
+    if len(outputs) == 2 and same(outputs[0][1], outputs[1][1]):
+        raise UsageError(f"--json and --csv name the same file {json_out}")
 
 
 def _listing(names: list[str], limit: int = 10) -> str:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from flaresam.errors import DataError
 
 
 def _suffixes(path: Path) -> str:
@@ -24,23 +26,96 @@ def _suffixes(path: Path) -> str:
     return path.suffix
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto ``path`` on success."""
+class WriteError(DataError, OSError):
+    """An output could not be written; names the file the user asked for.
+
+    Also an ``OSError``, so callers that treat a failed write as an OSError
+    (caches that may fail) keep working.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:  # some filesystems cannot sync a folder; a file must sync
+            raise
+    finally:
+        os.close(fd)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """DataError unless a file could be created at ``path`` (checked before long work, not after).
+
+    ``path`` must not be an existing folder, and its nearest existing ancestor
+    must be a folder we may write into.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp" + _suffixes(target), dir=target.parent
-    )
+    if target.is_dir():
+        raise DataError(f"{target} is a folder; give a file name")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(f"cannot write {target}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write {target}: no permission to write in {parent}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it onto ``path`` on success.
+
+    Before the rename ``verify(tmp)`` (if given) checks what was written, and
+    the file is fsync'ed, so a full disk surfaces here as an error, not later
+    as a truncated file under the final name. OSErrors become a
+    :class:`WriteError` naming ``path``.
+    """
+    target = Path(path)
+    try:
+        if target.is_dir():
+            raise WriteError(f"cannot write {target}: it is a folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp" + _suffixes(target), dir=target.parent
+        )
+    except FileExistsError:  # a file where a folder of the path should be
+        raise WriteError(f"cannot write {target}: a file lies on its folder path") from None
+    except NotADirectoryError:
+        raise WriteError(f"cannot write {target}: a file lies on its folder path") from None
+    except OSError as exc:
+        raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates 0600; outputs should get the usual permissions (0666 less the umask)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        # mkstemp creates 0600; outputs should get the usual permissions (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        try:
+            yield tmp
+        except WriteError:
+            raise
+        except OSError as exc:  # ENOSPC and the like carry no file name: give the user's
+            raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
+        try:
+            if verify is not None:
+                verify(tmp)
+            _fsync(tmp)
+            os.replace(tmp, target)
+            _fsync(target.parent, directory=True)
+        except WriteError:
+            raise
+        except OSError as exc:
+            raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -16,8 +16,15 @@ it points along most closely.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import itertools
 import os
+import struct
+import sys
+import threading
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -25,10 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from flaresam.errors import DataError
+from flaresam.errors import DataError, UsageError
 from flaresam.io.atomic import atomic_path
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# outputs are single files: a .mhd/.nhdr header would point at a temporary data file
+WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 # Tolerances for "the same grid": headers written by different tools round
 # origins and directions differently in the last digits.
@@ -40,7 +49,52 @@ DIRECTION_ATOL = 1e-4
 def _sitk() -> Any:
     import SimpleITK as sitk
 
+    # ITK's warnings ("WARNING: ... No Series were found") would print before our
+    # one-line error; every problem they describe is reported by flaresam itself.
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     return sitk
+
+
+_stderr_lock = threading.Lock()
+_stderr_depth = 0
+_stderr_saved: int | None = None
+
+
+@contextlib.contextmanager
+def _c_stderr_silenced() -> Iterator[None]:
+    """Drop what C libraries print straight to file descriptor 2 while SimpleITK runs.
+
+    The NIfTI and MetaImage libraries print lines such as ``** ERROR: NWAD: wrote
+    only 0 of ... bytes`` themselves; flaresam reports every such problem in its
+    own one line. Used around writes only (main thread): while it lasts, every
+    thread's output to descriptor 2 is dropped. Nested uses share one
+    redirection, restored by the last to leave.
+    """
+    global _stderr_depth, _stderr_saved
+    with _stderr_lock:
+        if _stderr_depth == 0:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            try:
+                saved = os.dup(2)
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 2)
+                os.close(devnull)
+                _stderr_saved = saved
+            except OSError:
+                _stderr_saved = None
+        _stderr_depth += 1
+    try:
+        yield
+    finally:
+        with _stderr_lock:
+            _stderr_depth -= 1
+            if _stderr_depth == 0 and _stderr_saved is not None:
+                os.dup2(_stderr_saved, 2)
+                os.close(_stderr_saved)
+                _stderr_saved = None
 
 
 def is_volume_file(path: Path) -> bool:
@@ -226,6 +280,181 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+# ---------------------------------------------------------------------------
+# completeness: a cut-short file must fail, not read as zeros
+
+# ITK reads a truncated .nii/.nii.gz without a word (the missing voxels come
+# back as zeros) and MetaImage only prints to stderr; so every file is checked
+# against its own header before SimpleITK reads it, and after SimpleITK wrote it.
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_MET_TYPE_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}
+
+
+def _truncated(path: Path, have: int, want: int, what: str = "voxel data") -> DataError:
+    return DataError(f"{path}: truncated: holds {max(have, 0)} of the {want} bytes of {what} its header announces")
+
+
+def _nifti_extent(header: bytes) -> tuple[int, int] | None:
+    """(voxel data offset, voxel data bytes) from a NIfTI-1/2 header; None if it is no single-file NIfTI."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            if header[344:347] != b"n+1":
+                return None  # a .hdr/.img pair or no NIfTI at all: left to ITK
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), 352)
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            if header[4:7] != b"n+2":
+                return None
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            offset = max(int(struct.unpack(endian + "q", header[168:176])[0]), 544)
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(d <= 0 for d in dims[1 : ndim + 1]) or bitpix <= 0 or bitpix % 8:
+        return None
+    return offset, int(np.prod([int(d) for d in dims[1 : ndim + 1]], dtype=np.int64)) * (bitpix // 8)
+
+
+def _gzip_stream_length(path: Path) -> int:
+    """Decompressed length of every gzip member of ``path``; DataError if the stream is cut short or damaged.
+
+    zlib checks each member's CRC-32 and length trailer. Runs at zlib's speed
+    without keeping the data; used only when the cheap trailer check disagrees.
+    """
+    total = 0
+    with open(path, "rb") as f:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            while chunk:
+                try:
+                    total += len(d.decompress(chunk))
+                except zlib.error as exc:
+                    raise DataError(f"{path}: damaged compressed data ({exc})") from None
+                if not d.eof:
+                    break
+                chunk = d.unused_data
+                if chunk[:2] != _GZIP_MAGIC:
+                    return total  # trailing bytes after the last member: ignored, as gzip does
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if not d.eof:
+            raise DataError(f"{path}: truncated: the compressed stream ends early (file cut short?)")
+    return total
+
+
+def _check_nifti(path: Path) -> None:
+    with open(path, "rb") as f:
+        compressed = f.read(2) == _GZIP_MAGIC
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as g:
+                header = g.read(540)
+        else:
+            with open(path, "rb") as f:
+                header = f.read(540)
+    except (EOFError, gzip.BadGzipFile, zlib.error):
+        raise DataError(f"{path}: truncated or damaged: the compressed stream ends inside the header") from None
+    extent = _nifti_extent(header)
+    if extent is None:
+        return
+    offset, nbytes = extent
+    if not compressed:
+        size = path.stat().st_size
+        if size < offset + nbytes:
+            raise _truncated(path, size - offset, nbytes)
+        return
+    # Fast path: the gzip trailer's ISIZE (length mod 2**32) equals header + voxels,
+    # which a cut-short stream (its last bytes are compressed data) all but never
+    # matches. Otherwise (cut short, several members, extra bytes) decompress to know.
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", f.read(4))[0]
+    if isize == (offset + nbytes) % (1 << 32):
+        return
+    length = _gzip_stream_length(path)
+    if length < offset + nbytes:
+        raise _truncated(path, length - offset, nbytes)
+
+
+def _check_metaimage(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    fields: dict[str, str] = {}
+    end = None
+    pos = 0
+    for raw in head.split(b"\n"):
+        line = raw.decode("latin-1").strip()
+        pos += len(raw) + 1
+        if "=" in line:
+            key, value = (t.strip() for t in line.split("=", 1))
+            fields[key] = value
+            if key == "ElementDataFile":
+                end = pos
+                break
+    if end is None and ("NDims" in fields or "DimSize" in fields or "ObjectType" in fields):
+        # MetaIO would print its complaints to stderr before failing: say it here instead
+        raise DataError(f"{path}: incomplete MetaImage header (no ElementDataFile line; file cut short?)")
+    if end is None or "DimSize" not in fields:
+        return  # not a header ITK would read either; its own error follows
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+    except ValueError:
+        return
+    compressed = fields.get("CompressedData", "False").lower() == "true"
+    if compressed:
+        if "CompressedDataSize" not in fields:
+            return
+        want, what = int(fields["CompressedDataSize"]), "compressed voxel data"
+    else:
+        if fields.get("ElementType") not in _MET_TYPE_BYTES:
+            return
+        want, what = int(np.prod(dims, dtype=np.int64)) * channels * _MET_TYPE_BYTES[fields["ElementType"]], "voxel data"
+    source = fields["ElementDataFile"]
+    if source == "LOCAL":
+        have = path.stat().st_size - end
+        data_path = path
+    else:
+        if source.startswith("LIST") or "%" in source or " " in source:
+            return  # one file per slice: left to ITK
+        data_path = path.parent / source
+        if not data_path.is_file():
+            raise DataError(f"{path}: its voxel data file {data_path} does not exist")
+        skip = int(fields.get("HeaderSize", "0") or 0)
+        have = data_path.stat().st_size - max(skip, 0)
+    if have < want:
+        raise _truncated(path, have, want, what if data_path == path else f"{what} in {data_path}")
+
+
+def check_complete(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`DataError` naming ``path`` unless it holds all the voxels its header announces.
+
+    NIfTI (.nii, .nii.gz): file size against the header, or the gzip stream's
+    trailer; MetaImage (.mha, .mhd + raw): data bytes against DimSize/ElementType.
+    NRRD needs nothing: ITK's NRRD reader already refuses short data. Costs a few
+    small reads for a whole file.
+    """
+    p = Path(path)
+    name = p.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            _check_nifti(p)
+        elif name.endswith((".mha", ".mhd")):
+            _check_metaimage(p)
+    except OSError as exc:
+        raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
+
+
 class _BorrowedArray(np.ndarray):
     """An ndarray viewing a SimpleITK image's buffer that holds a reference to the image.
 
@@ -250,11 +479,16 @@ def read_image(path: str | os.PathLike[str], pixel_type: Any = None) -> Any:
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
+    if p.is_file():
+        check_complete(p)
     try:
         if p.is_dir():
+            # (reads are not wrapped in _c_stderr_silenced: they run in predict's read-ahead thread,
+            # and the main thread's own stderr lines must not vanish meanwhile; with ITK's warnings
+            # off and check_complete first, reads print nothing of their own)
             series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
             if not series:
-                raise DataError(f"{p}: folder holds no DICOM series")
+                raise DataError(f"{p}: folder holds no DICOM series (nor a scan file ITK reads)")
             # several series in one folder: take the one with the most slices
             files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), s) for s in series), key=len)
             reader = sitk.ImageSeriesReader()
@@ -268,6 +502,8 @@ def read_image(path: str | os.PathLike[str], pixel_type: Any = None) -> Any:
         raise
     except RuntimeError as exc:
         raise DataError(f"{p}: cannot read as an image ({_first_line(exc)})") from None
+    except OSError as exc:  # permission denied and the like: name the file
+        raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
     if image.GetDimension() != 3:
         raise DataError(f"{p}: expected a 3D volume, got a {image.GetDimension()}D image")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -347,8 +583,7 @@ def write_label(array: np.ndarray, geometry: Geometry, path: str | os.PathLike[s
     file_array = np.ascontiguousarray(geometry.from_canonical(np.asarray(array, dtype=np.uint8)))
     image = geometry.apply_to(sitk.GetImageFromArray(file_array))
     target = Path(path)
-    with atomic_path(target) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=target.name.lower().endswith(".gz"))
+    _write_image(image, target, compress=target.name.lower().endswith(".gz"))
     return target
 
 
@@ -358,6 +593,47 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike[
     file_array = np.ascontiguousarray(geometry.from_canonical(array))
     image = geometry.apply_to(sitk.GetImageFromArray(file_array))
     target = Path(path)
-    with atomic_path(target) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
+    _write_image(image, target, compress=compress)
     return target
+
+
+def check_writable_volume(path: str | os.PathLike[str]) -> None:
+    """UsageError unless ``path`` names a volume format flaresam writes; DataError if it cannot be created there.
+
+    Called before the work (before a model is built) so that a bad ``-o`` fails
+    at once, not after the whole prediction.
+    """
+    from flaresam.io.atomic import check_writable
+
+    target = Path(path)
+    check_writable(target)  # first: "is a folder" says more than "not a volume file name"
+    if not any(target.name.lower().endswith(s) for s in WRITABLE_SUFFIXES) or target.name.startswith("."):
+        raise UsageError(f"{target}: not a volume file name; use .nii.gz, .nii, .nrrd or .mha")
+
+
+def _write_image(image: Any, target: Path, compress: bool) -> None:
+    """SimpleITK write into a temporary file, checked complete, then renamed onto ``target``.
+
+    SimpleITK reports neither a full disk nor a short write (the NIfTI library
+    only prints to stderr): re-checking the written file against its header is
+    what keeps a truncated volume from being renamed into place.
+    """
+    sitk = _sitk()
+    if not any(target.name.lower().endswith(s) for s in WRITABLE_SUFFIXES):
+        raise UsageError(f"{target}: not a volume file name; use .nii.gz, .nii, .nrrd or .mha")
+
+    def verify(tmp: Path) -> None:
+        try:
+            check_complete(tmp)
+            if tmp.name.lower().endswith((".nrrd", ".nhdr")):  # no cheap header check: read it back
+                with _c_stderr_silenced():
+                    sitk.ReadImage(str(tmp))
+        except (DataError, RuntimeError):
+            raise DataError(f"cannot write {target}: the written file came out incomplete (is the disk full?)") from None
+
+    with atomic_path(target, verify=verify) as tmp:
+        try:
+            with _c_stderr_silenced():
+                sitk.WriteImage(image, str(tmp), useCompression=compress)
+        except RuntimeError as exc:
+            raise DataError(f"cannot write {target}: {_first_line(exc).replace(str(tmp), str(target))}") from None

@@ -104,12 +104,21 @@ def build_step(name: str, restore: bool = False, **options: Any) -> Any:
     return step
 
 
-def rebuild_step(config: dict[str, Any]) -> Any:
-    """Rebuild a step from a checkpoint's ``config`` (its tensors are loaded by the caller)."""
+def rebuild_step(config: dict[str, Any], quiet: bool = False) -> Any:
+    """Rebuild a step from a checkpoint's ``config`` (its tensors are loaded by the caller).
+
+    ``quiet``: no notes about the base weights (for a step whose builder takes ``quiet``); a trained
+    run replaces the tensors those notes are about, so they would only mislead.
+    """
+    import inspect
+
     cfg = dict(config)
     name = cfg.pop("name", None)
     if not name:
         raise UsageError("checkpoint has no model name in its config")
     s = spec(name)
     cfg.update(s.restore)
-    return s.builder()(name=name, **cfg)
+    builder = s.builder()
+    if quiet and "quiet" in inspect.signature(builder).parameters:
+        cfg["quiet"] = True
+    return builder(name=name, **cfg)

@@ -168,7 +168,7 @@ def download(
         return final
     if is_offline(offline):
         raise DataError(_manual_message(entry.name, src, final, "offline mode (--offline or FLARESAM_OFFLINE=1) is on",
-                                        mirror_hint=False))
+                                        mirror_hint=False) + _in_place_note(final, expected_size, expected_sha, quiet))
 
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -178,15 +178,51 @@ def download(
         # another process may have finished it (verified) while we waited for the lock
         if not existed and _existing_ok(final, expected_size, None, quiet=True):
             return final
-        if final.exists():
+        # never delete a file flaresam did not write (the user may have put it there): move it aside
+        # for the download, and back into place if the download fails, so a failure changes nothing
+        aside, note, facts = None, "", ""
+        if final.is_file():
+            facts = _mismatch_facts(final, expected_size, expected_sha, quiet)
+            note = _in_place_note(final, expected_size, expected_sha, quiet)
+            aside = _aside_path(final, file_sha256(final, quiet=quiet))
+            os.replace(final, aside)
+        try:
+            _fetch(entry.name, src, final, expected_size, expected_sha, quiet, timeout)
+        except BaseException as exc:
+            if aside is not None and not final.exists():
+                os.replace(aside, final)
+            if note and isinstance(exc, DataError):
+                raise DataError(f"{exc}{note}") from None
+            raise
+        if aside is not None:
             from flaresam.ui import warn
 
-            wrong_size = expected_size is not None and final.stat().st_size != expected_size
-            what = "has the wrong size" if wrong_size else "fails its SHA-256 check"
-            warn(f"{final} {what}: downloading it again")
-            final.unlink()
-        _fetch(entry.name, src, final, expected_size, expected_sha, quiet, timeout)
+            warn(f"{final} was not the official {entry.name} ({facts}): moved it to {aside} "
+                 "and put the verified download in its place")
     return final
+
+
+def _in_place_note(final: Path, size: int | None, sha: str, quiet: bool) -> str:
+    """What is wrong with the file at ``final`` (both hashes), and how to use it anyway; "" when none is there."""
+    if not final.is_file():
+        return ""
+    return (f"; the file now at {final} ({_mismatch_facts(final, size, sha, quiet)}) was left as it is: "
+            f"to use it anyway, pass --checkpoint {final}")
+
+
+def _mismatch_facts(final: Path, size: int | None, sha: str, quiet: bool) -> str:
+    have = f"SHA-256 {file_sha256(final, quiet=quiet)}, {final.stat().st_size} bytes"
+    return f"{have}; expected SHA-256 {sha}" + (f", {size} bytes" if size is not None else "")
+
+
+def _aside_path(final: Path, sha: str) -> Path:
+    """``NAME.pth.mismatch-<sha8>`` beside the file (``-2``, ``-3``... if taken): where a non-matching file is kept."""
+    base = final.with_name(f"{final.name}.mismatch-{sha[:8]}")
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
 
 
 def _existing_ok(final: Path, size: int | None, sha: str | None, quiet: bool) -> bool:
@@ -219,6 +255,7 @@ def _fetch(name: str, url: str, final: Path, size: int | None, sha: str, quiet: 
         raise DataError(f"{name}: SHA-256 check failed after download from {url} ({exc}); nothing was kept") from exc
     finally:
         logger.setLevel(level)
+    remember_sha256(final, sha)  # verified while it streamed in: the next --checkpoint need not re-hash it
     if not quiet:
         console.print(f"{name}: {final} (SHA-256 verified)", soft_wrap=True)
 
@@ -378,6 +415,11 @@ def _download_lock(final: Path, name: str, quiet: bool) -> Iterator[None]:
     try:
         yield
     finally:
+        # remove the lock file (issue 15: no zero-byte leftovers), while still holding it so that
+        # no other process's new lock file is removed; at worst a waiter and a newcomer both
+        # download, each into its own temporary file
+        with contextlib.suppress(OSError):
+            os.unlink(lock.lock_file)
         lock.release()
 
 
@@ -412,10 +454,80 @@ def _hash_into(hasher: Any, path: Path, label: str, quiet: bool) -> None:
 
 
 def sha256_file(path: str | os.PathLike[str], quiet: bool = False) -> str:
+    """The SHA-256 of the whole file, read now (``verify`` uses this: it must catch silent damage)."""
     path = Path(path)
+    before = _stat_key(path)
     hasher = hashlib.sha256()
     _hash_into(hasher, path, f"SHA-256 {path.name}", quiet)
-    return hasher.hexdigest()
+    digest = hasher.hexdigest()
+    if _stat_key(path) == before:  # the file did not change while it was read
+        _store_hash(path, before, digest)
+    return digest
+
+
+# Hashing a 375 MB ViT-B file takes 0.3 s (2.5 GB ViT-H: 2 s, more from a cold disk) on every predict or
+# resume; the hash is remembered per file, keyed by size, mtime, ctime and inode. Any write to the file
+# changes its ctime (which no tool can set back), so a changed file is always hashed again.
+HASH_CACHE_FILE = "sha256-cache.json"
+HASH_CACHE_ENTRIES = 256
+HASH_BAR_BYTES = 1 << 30
+
+
+def _hash_cache_path() -> Path:
+    from flaresam.paths import home
+
+    return home() / HASH_CACHE_FILE
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_hash_cache() -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(_hash_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_hash(path: Path, key: list[int], digest: str) -> None:
+    import json
+
+    from flaresam.io.atomic import atomic_write_text
+
+    cache = _read_hash_cache()
+    name = str(Path(path).resolve())
+    cache.pop(name, None)
+    cache[name] = {"stat": key, "sha256": digest}
+    while len(cache) > HASH_CACHE_ENTRIES:
+        cache.pop(next(iter(cache)))
+    try:
+        atomic_write_text(_hash_cache_path(), json.dumps(cache, indent=0))
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+
+
+def file_sha256(path: str | os.PathLike[str], quiet: bool = True) -> str:
+    """The SHA-256 of a file, hashed once and then remembered until the file changes (see HASH_CACHE_FILE).
+
+    A progress bar (unless ``quiet``) only for files of HASH_BAR_BYTES or more, where hashing takes seconds.
+    """
+    path = Path(path)
+    hit = _read_hash_cache().get(str(path.resolve()))
+    if isinstance(hit, dict) and hit.get("stat") == _stat_key(path) and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    return sha256_file(path, quiet=quiet or path.stat().st_size < HASH_BAR_BYTES)
+
+
+def remember_sha256(path: str | os.PathLike[str], digest: str) -> None:
+    """Record the hash of a file that was just verified (e.g. while it downloaded)."""
+    path = Path(path)
+    if path.is_file():
+        _store_hash(path, _stat_key(path), digest)
 
 
 @dataclass(frozen=True)
@@ -449,8 +561,8 @@ def verify(
             results.append(VerifyResult(entry, path, "missing", None, None))
             continue
         size = path.stat().st_size
-        if size != entry.bytes:
-            results.append(VerifyResult(entry, path, "wrong size", size, None))
+        if size != entry.bytes:  # hashed too, so the report can show both hashes
+            results.append(VerifyResult(entry, path, "wrong size", size, sha256_file(path, quiet=quiet)))
             continue
         got = sha256_file(path, quiet=quiet)
         results.append(VerifyResult(entry, path, "ok" if got == entry.sha256 else "mismatch", size, got))
@@ -466,8 +578,9 @@ def resolve_checkpoint(
     """A ``--checkpoint`` value: an existing file, or a registry name fetched into the cache on demand.
 
     Returns the file and the registry entry it is a copy of (None for other
-    files, e.g. fine-tuned checkpoints). A cached file is trusted by its size;
-    ``flaresam weights verify`` re-hashes it.
+    files, e.g. fine-tuned checkpoints). A name's cached file must match the
+    registry's SHA-256 (hashed once, then remembered until the file changes);
+    ``flaresam weights verify`` re-hashes it from scratch.
     """
     path = Path(spec).expanduser()
     if path.is_file():
@@ -482,10 +595,19 @@ def resolve_checkpoint(
     final = cached_path(entry)
     if is_offline(offline) and final.is_file() and final.stat().st_size != entry.bytes:
         raise DataError(
-            f"{final} has {final.stat().st_size} bytes, {entry.name} has {entry.bytes}; "
-            f"replace it (offline mode is on, so flaresam will not download it)"
+            f"{final} is not the official {entry.name} ({_mismatch_facts(final, entry.bytes, entry.sha256, quiet)}) "
+            f"and offline mode is on, so flaresam will not download it; to use this file anyway, pass --checkpoint {final}"
         )
-    return download(entry, offline=offline, quiet=quiet), entry
+    path = download(entry, offline=offline, quiet=quiet)
+    # a name promises the official file: check the hash, not only the size (remembered, so this is cheap after once)
+    got = file_sha256(path, quiet=quiet)
+    if got != entry.sha256:
+        raise DataError(
+            f"{path} is not the official {entry.name} ({_mismatch_facts(path, entry.bytes, entry.sha256, quiet)}); "
+            f"to use this file anyway, pass --checkpoint {path}; `flaresam weights download {entry.name}` moves it "
+            f"aside and fetches the official file"
+        )
+    return path, entry
 
 
 def _as_entry(entry: WeightsEntry | str) -> WeightsEntry:
@@ -500,6 +622,7 @@ __all__ = [
     "cached_path",
     "download",
     "entry_for_file",
+    "file_sha256",
     "get_entry",
     "names",
     "resolve_checkpoint",
