@@ -43,7 +43,7 @@ def run_example(work: Path, args: argparse.Namespace) -> None:
     import torch
 
     from flaresam.data.phantom import write_demo_dataset
-    from flaresam.data.store import prepare_dataset
+    from flaresam.data.store import SplitSpec, prepare_dataset
     from flaresam.io.volume import read_label, read_volume, write_label
     from flaresam.metrics import SliceDice, flare22_case, slice_dice_pairs
     from flaresam.organs import ORGANS
@@ -58,7 +58,7 @@ def run_example(work: Path, args: argparse.Namespace) -> None:
     write_demo_dataset(raw, cases=args.cases, size=args.size, slices=args.slices, seed=0, quiet=True)
 
     # 2. The prepared store: windowed uint8 slices, labels and per-slice organ boxes, split by case.
-    store = prepare_dataset(raw, work / "prepared", val_fraction=0.34, seed=0, workers=1, quiet=True)
+    store = prepare_dataset(raw, work / "prepared", split=SplitSpec(val_fraction=0.34, test_fraction=0.0, seed=0), workers=1, quiet=True)
     print(f"prepared {len(store.case_ids)} cases: train {store.train_ids}, validation {store.val_ids}")
 
     # 3. Train a small U-Net with the shared trainer (the same loop `flaresam finetune` runs).

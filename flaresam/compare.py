@@ -1,33 +1,39 @@
-"""Train (or reuse) several models on one split and evaluate them side by side.
+"""Train (or reuse) several models on one split and report them side by side on held-out test cases.
 
 This is the study's Table 1 and Figure 5 from one command, and a fairer
 version of it:
 
-* the study's protocol: mean 2D Dice over the validation slices, the SAM models
-  prompted with ground-truth ("oracle") boxes;
-* the FLARE22 protocol on whole validation volumes: per organ DSC and NSD;
-* the SAM models a second time with *automatic* boxes, proposed by the best
-  dense model, so the table shows how much of SAM's lead the oracle boxes buy;
+* three disjoint sets of cases: the models train on ``train``; ``val`` picks
+  each run's best epoch and the box proposer of the automatic rows; every
+  reported number is measured on ``test``, on which nothing was chosen;
+* baselines that every SAM number is read against: the ground-truth box filled
+  (no model at all), and zero-shot SAM and HQ-SAM (the checkpoint before
+  fine-tuning) with the same boxes;
+* the study's 2D Dice and the FLARE22 DSC/NSD on whole test volumes, one
+  definition each (:data:`flaresam.metrics.METRICS`, docs/protocols.md);
+* SAM a second time with *automatic* boxes from the dense model that did best
+  on the validation cases, so the table shows what the oracle boxes buy;
 * the study's published figures as labelled reference rows.
 
-Every model trains on the same training cases and is scored on the same
-validation cases (the prepared store's split). A finished run under ``runs``
-whose dataset fingerprint, split and settings match is reused, so a re-run
+SAM models are decoded on the whole frame, as ``SamPredictor`` computes them
+(box-window decoding is a speed option of ``predict`` only). A finished run
+under ``runs`` whose dataset, split and settings match is reused, so a re-run
 re-evaluates without retraining.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flaresam.errors import UsageError
+from flaresam.errors import DataError, UsageError
 from flaresam.organs import BY_NAME, ORGANS
 
 STUDY_REFERENCE: tuple[tuple[str, float], ...] = (
@@ -36,31 +42,46 @@ STUDY_REFERENCE: tuple[tuple[str, float], ...] = (
     ("deeplab", 0.8994),
     ("hqsam", 0.9359),
 )
-STUDY_SOURCE = "published study: HQ-SAM fine-tuned on FLARE22 (2D Dice, ground-truth boxes for SAM models)"
+STUDY_SOURCE = (
+    "published study (a Korean-language conference paper fine-tuning HQ-SAM on FLARE22): "
+    "2D Dice, ground-truth boxes for the SAM models"
+)
 DISPLAY = {"hqsam": "HQ-SAM", "sam": "SAM", "unet": "U-Net", "deeplab": "DeepLabV3+"}
-PROMPTED = {"hqsam", "sam"}
-DENSE = {"unet", "deeplab"}
+PROMPTED = ("hqsam", "sam")
+DENSE = ("unet", "deeplab")
+SELECT = ("best", "last")
 
-# Small settings that finish on a 2-core CPU: the built-in demo.
-DEMO = {
-    "cases": 8,
-    "size": 64,
-    "slices": 16,
-    "epochs": 20,
-    "batch_size": 8,
-    # from-scratch networks on tiny data learn faster than the fine-tuning defaults allow
-    "lr": {"hqsam": 1e-3, "sam": 1e-3, "unet": 2e-3, "deeplab": 2e-3},
-    "sam_arch": "test_tiny",
-    "encoder": "mobilenet_v2",
-    "val_slices": None,
-}
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The built-in demo: phantoms small enough for a 2-core CPU, and the stand-in SAM (flaresam.models.standin)."""
+
+    cases: int = 10
+    size: int = 64
+    slices: int = 16
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    # fine-tuning a pretrained decoder needs few epochs; the dense networks start from scratch
+    epochs: tuple[tuple[str, int], ...] = (("hqsam", 6), ("sam", 6), ("unet", 12), ("deeplab", 12))
+    batch_size: int = 8
+    # the SAM models keep the study's rate; from-scratch dense networks on tiny data learn faster with more
+    lr: tuple[tuple[str, float], ...] = (("unet", 2e-3), ("deeplab", 2e-3))
+    encoder: str = "mobilenet_v2"
+    # CPU threads while each model trains: the SAM decoders' batched matrices gain from both cores of a laptop;
+    # the demo's small dense networks lose more to OpenMP threads spinning against each other than they gain
+    threads: tuple[tuple[str, int], ...] = (("hqsam", 2), ("sam", 2), ("unet", 1), ("deeplab", 1))
+
+
+DEMO = DemoSettings()
 # Thin structures the Figure-5 grid makes sure to show (where HQ-SAM should differ).
 THIN = ("right_adrenal_gland", "left_adrenal_gland", "esophagus")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ComparePlan:
-    models: list[str]
+    """What the user asked for (None: the default, or the demo's setting when no --data is given)."""
+
+    models: tuple[str, ...]
     data: str | None = None
     out: Path = Path("flaresam-compare")
     runs: Path = Path("runs")
@@ -71,56 +92,144 @@ class ComparePlan:
     checkpoint: str | None = None
     sam_checkpoint: str | None = None
     init: str | None = None
+    trainable: str | None = None
+    loss: str | None = None
+    jitter: int | None = None
     encoder: str | None = None
     encoder_weights: str | None = None
     device: str = "auto"
     seed: int = 0
+    val_fraction: float | None = None
+    test_fraction: float | None = None
     val_slices: int | None = None
+    select: str = "best"
     quiet: bool = False
-    demo: bool = field(default=False, init=False)
-    lr: dict[str, float] = field(default_factory=dict, init=False)
+    command: tuple[str, ...] = ()
 
 
-def parse_models(text: str) -> list[str]:
+@dataclass(frozen=True)
+class Resolved:
+    """The plan with every default filled in: what actually runs (recorded in results.json)."""
+
+    plan: ComparePlan
+    demo: bool
+    epochs: dict[str, int]
+    batch_size: int
+    arch: str | None
+    checkpoints: dict[str, str | None]  # SAM model -> its base checkpoint (None: random encoders)
+    init: str | None
+    encoder: str | None
+    encoder_weights: str | None
+    lr: dict[str, float]
+    standin: bool  # the SAM checkpoints are flaresam's synthetic stand-in, not official weights
+
+
+def parse_models(text: str) -> tuple[str, ...]:
     models = [m.strip().lower() for m in text.split(",") if m.strip()]
     aliases = {"deeplabv3+": "deeplab", "deeplabv3plus": "deeplab", "hq-sam": "hqsam", "u-net": "unet"}
     models = [aliases.get(m, m) for m in models]
     unknown = [m for m in models if m not in DISPLAY]
     if unknown or not models:
         raise UsageError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(DISPLAY)}")
-    return list(dict.fromkeys(models))
+    return tuple(dict.fromkeys(models))
+
+
+# ---------------------------------------------------------------------------
+# resolving the plan
+
+
+def _resolve(plan: ComparePlan) -> Resolved:
+    if plan.select not in SELECT:
+        raise UsageError(f"--select {plan.select!r}: choose best or last")
+    demo = plan.data is None
+    if not demo and not Path(str(plan.data)).exists():
+        raise DataError(f"--data {plan.data}: no such folder")
+    prompted = [m for m in plan.models if m in PROMPTED]
+    init = plan.init
+    if init not in (None, "random"):
+        raise UsageError(f"--init {init!r}: the only choice is 'random' (or give --checkpoint)")
+    if init == "random" and (plan.checkpoint or plan.sam_checkpoint):
+        raise UsageError("--init random and --checkpoint exclude each other")
+    checkpoints: dict[str, str | None] = {m: None for m in prompted}
+    standin = False
+    arch = plan.arch
+    if prompted and init != "random":
+        if plan.checkpoint or plan.sam_checkpoint:
+            for m in prompted:
+                checkpoints[m] = plan.sam_checkpoint if (m == "sam" and plan.sam_checkpoint) else plan.checkpoint
+            missing = [m for m in prompted if not checkpoints[m]]
+            if missing:
+                raise UsageError(f"--checkpoint is needed for {', '.join(DISPLAY[m] for m in missing)} "
+                                 "(--sam-checkpoint only covers SAM)")
+        elif demo:
+            from flaresam.models.standin import STANDIN_ARCH
+
+            if arch not in (None, STANDIN_ARCH):
+                raise UsageError(f"the demo's SAM models start from the stand-in checkpoint ({STANDIN_ARCH}); "
+                                 f"--arch {arch} needs --checkpoint or --init random")
+            standin, arch = True, STANDIN_ARCH
+        else:
+            raise UsageError(
+                "the SAM models need the official weights: give --checkpoint (e.g. sam_hq_vit_b; see `flaresam weights list`), "
+                "or --init random for an untrained encoder (not a reproduction of the study)"
+            )
+    if prompted and init == "random" and arch is None:
+        from flaresam.models.standin import STANDIN_ARCH
+
+        arch = STANDIN_ARCH if demo else None  # the demo's slices need the demo-sized network
+    return Resolved(
+        plan=plan,
+        demo=demo,
+        epochs={m: plan.epochs or (dict(DEMO.epochs)[m] if demo else 10) for m in plan.models},
+        batch_size=plan.batch_size or (DEMO.batch_size if demo else 8),
+        arch=arch,
+        checkpoints=checkpoints,
+        init=init,
+        encoder=plan.encoder or (DEMO.encoder if demo else None),
+        encoder_weights=plan.encoder_weights or ("none" if demo else None),
+        lr=dict(DEMO.lr) if demo else {},
+        standin=standin,
+    )
+
+
+def _split_spec(r: Resolved) -> Any:
+    from flaresam.data.store import SplitSpec
+
+    base = SplitSpec(val_fraction=DEMO.val_fraction, test_fraction=DEMO.test_fraction) if r.demo else SplitSpec()
+    return SplitSpec(
+        val_fraction=base.val_fraction if r.plan.val_fraction is None else r.plan.val_fraction,
+        test_fraction=base.test_fraction if r.plan.test_fraction is None else r.plan.test_fraction,
+        seed=r.plan.seed,
+    )
 
 
 # ---------------------------------------------------------------------------
 # configs and run reuse
 
 
-def _train_config(plan: ComparePlan, model: str, store: Any) -> Any:
+def _train_config(r: Resolved, model: str, store: Any) -> Any:
     from flaresam.train import TrainConfig
 
     options: dict[str, Any]
     if model in PROMPTED:
-        options = {"arch": plan.arch}
-        ckpt = plan.sam_checkpoint if (model == "sam" and plan.sam_checkpoint) else plan.checkpoint
-        if ckpt:
-            options["checkpoint"] = ckpt
-        if plan.init:
-            options["init"] = plan.init
-        options["cache_embeddings"] = True
+        options = {"arch": r.arch, "checkpoint": r.checkpoints[model], "init": r.init, "trainable": r.plan.trainable,
+                   "loss": r.plan.loss, "jitter": r.plan.jitter, "cache_embeddings": True}
+        if model == "sam" and r.plan.trainable == "hq":
+            options["trainable"] = None  # SAM has no HQ parts: its whole decoder trains, as the study's SAM row
     else:
-        options = {"encoder": plan.encoder, "encoder_weights": plan.encoder_weights}
+        options = {"encoder": r.encoder, "encoder_weights": r.encoder_weights}
     options = {k: v for k, v in options.items() if v is not None}
     return TrainConfig(
         data=str(store.root),
         model=model,
         model_options=options,
-        epochs=plan.epochs or 10,
-        batch_size=plan.batch_size or 8,
-        max_steps=plan.max_steps,
-        seed=plan.seed,
-        device=plan.device,
-        val_slices=plan.val_slices,
-        lr=plan.lr.get(model),
+        epochs=r.epochs[model],
+        batch_size=r.batch_size,
+        max_steps=r.plan.max_steps,
+        seed=r.plan.seed,
+        device=r.plan.device,
+        val_slices=r.plan.val_slices,
+        lr=r.lr.get(model),
     )
 
 
@@ -132,6 +241,8 @@ def _config_key(cfg: Any, store: Any) -> str:
         "batch_size": cfg.batch_size,
         "max_steps": cfg.max_steps,
         "seed": cfg.seed,
+        "lr": cfg.lr,
+        "val_slices": cfg.val_slices,
         "fingerprint": store.fingerprint,
         "split": store.split,
     }
@@ -173,15 +284,6 @@ def _file_order_flare22(pred: np.ndarray, gt: np.ndarray, geometry: Any) -> dict
     return flare22_file_order(geometry.from_canonical(pred), geometry.from_canonical(gt), geometry)
 
 
-def _predict_case(step: Any, case: Any, device: Any, *, boxes: np.ndarray | None) -> np.ndarray:
-    from flaresam.predict import predict_dense, predict_with_boxes
-
-    image = np.asarray(case.image)
-    if not step.prompted:
-        return predict_dense(step, image, device, 8)
-    return predict_with_boxes(step, image, boxes, device, 8)
-
-
 def _auto_boxes(proposal: np.ndarray) -> np.ndarray:
     from flaresam.predict import LabelPrompts, largest_components
 
@@ -190,215 +292,361 @@ def _auto_boxes(proposal: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Row:
-    key: str  # "hqsam", "hqsam@auto", ...
-    model: str
+    key: str  # "boxfill", "hqsam@zeroshot", "hqsam", "unet", "hqsam@auto", ...
+    model: str  # the model family ("boxfill" for the baseline without a model)
     label: str
+    kind: str  # "baseline", "fine-tuned", "trained", "automatic boxes"
     prompts: str  # "oracle boxes", "automatic boxes (from U-Net)", "none (dense)"
     run: str | None
+    checkpoint: str | None = None  # "best" / "last" epoch of the run, or the base checkpoint of a zero-shot row
     slice_dice: dict[str, Any] | None = None
     flare22: dict[str, Any] | None = None
     predictions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
-# ---------------------------------------------------------------------------
-# the plan
+def _score_row(row: Row, cases: dict[str, Any], predict: Any, on_case: Any) -> Row:
+    """Predict every test case with ``predict(case)`` and score it: 2D Dice and FLARE22, one definition each."""
+    from flaresam.metrics import SliceDice, summarize
+
+    acc = SliceDice()
+    scored = []
+    slices = 0
+    for cid, case in cases.items():
+        on_case(row, cid)
+        pred = predict(case)
+        label = np.asarray(case.label)
+        row.predictions[cid] = pred
+        acc.update(pred, label)  # every slice of the volume (docs/protocols.md, "2D Dice")
+        slices += int(label.shape[0])
+        scored.append({"case": cid, "organs": _file_order_flare22(pred, label, case.geometry)})
+    row.slice_dice = {**acc.result(), "slices": slices}
+    row.flare22 = {"cases": scored, **summarize(scored, "flare22")}
+    return row
+
+
+def _check_outputs(r: Resolved) -> None:
+    """Before any training: the results folder can be written, dense encoder weights can be had."""
+    from flaresam.io.atomic import check_writable
+
+    check_writable(r.plan.out / "results.json")
+    if any(m in DENSE for m in r.plan.models):
+        from flaresam.models.dense import DEFAULT_ENCODER, check_encoder_weights_available
+
+        weights = r.encoder_weights if r.encoder_weights is not None else "imagenet"
+        check_encoder_weights_available(r.encoder or DEFAULT_ENCODER, weights)
+
+
+def _store(r: Resolved) -> Any:
+    from flaresam.data.store import ensure_prepared
+
+    split = _split_spec(r)
+    if r.demo:
+        from flaresam.data.phantom import demo_dataset
+
+        raw = demo_dataset(cases=DEMO.cases, size=DEMO.size, slices=DEMO.slices, seed=0, quiet=r.plan.quiet)
+        return ensure_prepared(raw, split=split, quiet=True)
+    return ensure_prepared(str(r.plan.data), split=split, quiet=r.plan.quiet)
 
 
 def run_compare(plan: ComparePlan) -> dict[str, Any]:
-    """Train or reuse every model, evaluate them all on the validation cases, write the results."""
-    from flaresam.data.store import ensure_prepared
-    from flaresam.metrics import SliceDice, summarize
-    from flaresam.train import evaluate, load_run, pick_device, train, validation_slices
-    from flaresam.ui import console, info, progress, warn
+    """Train or reuse every model, evaluate them all on the test cases, write the results."""
+    from flaresam.train import load_run, pick_device, train
+    from flaresam.ui import console, info, literal, progress, warn
 
     started = time.time()
-    models = plan.models
-    # -- data
-    if plan.data is None:
-        from flaresam.data.phantom import demo_dataset
-
-        plan.demo = True
-        raw = demo_dataset(cases=DEMO["cases"], size=DEMO["size"], slices=DEMO["slices"], seed=0, quiet=plan.quiet)
-        store = ensure_prepared(raw, seed=plan.seed, quiet=True)
-        plan.epochs = plan.epochs or DEMO["epochs"]
-        plan.batch_size = plan.batch_size or DEMO["batch_size"]
-        plan.arch = plan.arch or DEMO["sam_arch"]
-        plan.encoder = plan.encoder or DEMO["encoder"]
-        plan.encoder_weights = plan.encoder_weights or "none"
-        plan.lr = dict(DEMO["lr"])
-        if not plan.checkpoint:
-            plan.init = plan.init or "random"
-    else:
-        if not Path(plan.data).exists():
-            from flaresam.errors import DataError
-
-            raise DataError(f"--data {plan.data}: no such folder")
-        store = ensure_prepared(plan.data, seed=plan.seed, quiet=plan.quiet)
+    r = _resolve(plan)
+    models = list(plan.models)
+    _check_outputs(r)
+    store = _store(r)
+    if not store.test_ids:
+        raise UsageError(f"{store.root}: the split has no test cases; prepare it with --test-fraction > 0 "
+                         "(reported numbers are measured on held-out test cases only)")
     if not store.val_ids:
-        raise UsageError(f"{store.root}: the split has no validation cases; prepare it with --val-fraction > 0")
-    if any(m in PROMPTED for m in models) and not plan.checkpoint and plan.init != "random":
-        raise UsageError(
-            "the SAM models need the official weights: give --checkpoint (e.g. sam_hq_vit_b; see `flaresam weights list`), "
-            "or --init random for an untrained encoder (not a reproduction of the study)"
-        )
-    synthetic = plan.demo
-    random_encoders = any(m in PROMPTED for m in models) and not plan.checkpoint
-    if synthetic or random_encoders:
-        notes = []
-        if synthetic:
-            notes.append(f"synthetic phantom data ({len(store.case_ids)} cases, {DEMO['size']}x{DEMO['size']}x{DEMO['slices']})")
-        if random_encoders:
-            notes.append(f"randomly initialised SAM encoders ({plan.arch}, no --checkpoint)")
-        warn("this run uses " + " and ".join(notes) + ": it demonstrates the pipeline and is NOT a reproduction of the study.")
-    device = pick_device(plan.device)
-    if plan.demo and device.type == "cpu":
-        import torch
+        warn(f"{store.root}: the split has no validation cases: each run's last epoch is reported, and the proposer is "
+             "chosen by training loss")
+    if r.standin:
+        from flaresam.models.standin import standin_checkpoints
 
-        # tiny networks on a small CPU: one intra-op thread avoids OpenMP threads spinning against
-        # each other (and against anything else running), which costs far more than it gains here
-        torch.set_num_threads(1)
+        files = standin_checkpoints(quiet=plan.quiet)
+        r = dataclasses.replace(r, checkpoints={m: str(files[m]) for m in r.checkpoints})
+    caption = _caption(r, store, models)
+    if caption["warning"]:
+        warn(caption["warning"])
+    device = pick_device(plan.device)
     plan.runs.mkdir(parents=True, exist_ok=True)
 
-    # -- phases: train each model (epochs), then evaluate it on every validation case
-    n_val = len(store.val_ids)
-    configs = {m: _train_config(plan, m, store) for m in models}
-    run_dirs: dict[str, Path] = {}
-    status: dict[str, str] = {}
-    for m in models:
-        cfg = configs[m]
-        run_dirs[m] = plan.runs / f"{m}-{_config_key(cfg, store)}"
-        status[m] = _reusable(run_dirs[m], cfg, store)
+    configs = {m: _train_config(r, m, store) for m in models}
+    run_dirs = {m: plan.runs / f"{m}-{_config_key(configs[m], store)}" for m in models}
+    status = {m: _reusable(run_dirs[m], configs[m], store) for m in models}
+    test_cases = {cid: store.load_case(cid) for cid in store.test_ids}
+    prompted = [m for m in models if m in PROMPTED]
+    dense = [m for m in models if m in DENSE]
+    zero_shot = [m for m in prompted if r.checkpoints.get(m)]
+    n_rows = (1 if prompted else 0) + len(zero_shot) + len(models) + (len(prompted) if dense else 0)
     train_units = sum(configs[m].epochs for m in models if status[m] != "finished")
-    eval_units = sum(n_val * (2 if m in PROMPTED and any(d in DENSE for d in models) else 1) for m in models)
     rows: list[Row] = []
-    steps: dict[str, Any] = {}
+    selected: dict[str, dict[str, Any]] = {}
     with progress(quiet=plan.quiet) as bar:
-        task = bar.add_task("Compare", total=train_units + eval_units)
+        task = bar.add_task("Compare", total=train_units + n_rows * len(test_cases))
+
+        def on_case(row: Row, cid: str) -> None:
+            bar.update(task, description=f"testing {row.label} ({cid})")
+            bar.advance(task, 1)
+
+        # -- baselines: the filled box (no model), then each SAM checkpoint before fine-tuning
+        if prompted:
+            from flaresam.data.prompts import box_fill, oracle_boxes
+
+            min_pixels = _min_pixels(configs[prompted[0]])
+            rows.append(_score_row(
+                Row("boxfill", "boxfill", "Box fill (no model)", "baseline", "oracle boxes", None),
+                test_cases, lambda c: box_fill(oracle_boxes(c.boxes, c.pixels, min_pixels), c.label.shape), on_case,
+            ))
+        for m in zero_shot:
+            from flaresam.models.registry import rebuild_step
+
+            step = rebuild_step({"name": m, **{k: v for k, v in configs[m].model_options.items() if k != "cache_embeddings"}}, quiet=True)
+            step.network().to(device).eval()
+            row = Row(f"{m}@zeroshot", m, f"{DISPLAY[m]} (zero-shot)", "baseline", "oracle boxes", None,
+                      checkpoint=r.checkpoints[m])
+            rows.append(_score_row(row, test_cases, lambda c, s=step: _predict_oracle(s, c, device), on_case))
+
+        # -- train (or reuse) each model, then test the epoch chosen on the validation cases
         for i, m in enumerate(models, 1):
             cfg = configs[m]
             if status[m] == "finished":
-                info(f"[{i}/{len(models)}] {DISPLAY[m]}: reusing finished run {run_dirs[m]}")
+                info(f"[{i}/{len(models)}] {DISPLAY[m]}: reusing finished run {literal(str(run_dirs[m]))}")
             else:
                 bar.update(task, description=f"[{i}/{len(models)}] training {DISPLAY[m]}")
+                _demo_threads(r, m, device)
 
-                def on_epoch(record: dict[str, Any], summary: dict[str, Any], _m: str = m) -> None:
+                def on_epoch(record: dict[str, Any], summary: dict[str, Any], _m: str = m, _i: int = i) -> None:
                     bar.advance(task, 1)
                     dice = record.get("val_mean_dice")
-                    bar.update(task, description=f"[{i}/{len(models)}] training {DISPLAY[_m]}: epoch {record.get('epoch')}/{cfg.epochs}"
-                               + (f", val Dice {dice:.3f}" if isinstance(dice, float) else ""))
+                    bar.update(task, description=f"[{_i}/{len(models)}] training {DISPLAY[_m]}: epoch {record.get('epoch')}/{configs[_m].epochs}"
+                               + (f", val 2D Dice {dice:.3f}" if isinstance(dice, float) else ""))
 
+                command = list(plan.command) or ["flaresam", "compare"]
                 if status[m] == "resume":
-                    info(f"[{i}/{len(models)}] {DISPLAY[m]}: resuming interrupted run {run_dirs[m]}")
-                    train(resume=run_dirs[m], quiet=True, on_epoch=on_epoch, command=["flaresam", "compare"])
+                    info(f"[{i}/{len(models)}] {DISPLAY[m]}: resuming interrupted run {literal(str(run_dirs[m]))}")
+                    train(resume=run_dirs[m], quiet=True, on_epoch=on_epoch, command=command)
                 else:
                     if run_dirs[m].exists():
                         import shutil
 
                         shutil.rmtree(run_dirs[m])  # an unusable leftover of this very plan (no resume state)
-                    train(cfg, out=run_dirs[m], quiet=True, on_epoch=on_epoch, command=["flaresam", "compare"])
-            step, _ = load_run(run_dirs[m], device)
-            steps[m] = step
+                    train(cfg, out=run_dirs[m], quiet=True, on_epoch=on_epoch, command=command)
+            step, ckpt = load_run(run_dirs[m], device, which=plan.select)
+            metrics = ckpt.get("metrics") or {}
+            selected[m] = {"epoch": ckpt.get("epoch"), "which": plan.select, "val_2d_dice": metrics.get("val_mean_dice"),
+                           "train_loss": metrics.get("train_loss"), "model_config": ckpt.get("model")}
+            kind = "fine-tuned" if m in PROMPTED else "trained"
+            label = f"{DISPLAY[m]} (fine-tuned)" if m in PROMPTED and r.checkpoints.get(m) else DISPLAY[m]
+            row = Row(m, m, label, kind, "oracle boxes" if m in PROMPTED else "none (dense)", str(run_dirs[m]),
+                      checkpoint=f"{plan.select} epoch ({ckpt.get('epoch')})")
+            if m in PROMPTED:
+                rows.append(_score_row(row, test_cases, lambda c, s=step: _predict_oracle(s, c, device), on_case))
+            else:
+                from flaresam.predict import predict_dense
 
-        # the box proposer for the automatic rows: the best dense model on the study protocol
-        study: dict[str, dict[str, Any]] = {}
-        for m in models:
-            bar.update(task, description=f"evaluating {DISPLAY[m]} (2D slices)")
-            study[m] = evaluate(steps[m], store, store.val_ids, device)
-        dense = [m for m in models if m in DENSE]
-        proposer = max(dense, key=lambda m: study[m]["mean"]) if dense else None
+                rows.append(_score_row(row, test_cases, lambda c, s=step: predict_dense(s, np.asarray(c.image), device, 8), on_case))
+                selected[m]["step"] = step
 
-        cases = {cid: store.load_case(cid) for cid in store.val_ids}
-        proposals: dict[str, np.ndarray] = {}
-        for m in models:
-            row = Row(m, m, DISPLAY[m], "oracle boxes" if m in PROMPTED else "none (dense)", str(run_dirs[m]))
-            row.slice_dice = study[m]
-            scored = []
-            for cid, case in cases.items():
-                bar.update(task, description=f"evaluating {DISPLAY[m]} (3D, {cid})")
-                boxes = np.asarray(case.boxes) if m in PROMPTED else None
-                pred = _predict_case(steps[m], case, device, boxes=boxes)
-                row.predictions[cid] = pred
-                if m == proposer:
-                    proposals[cid] = pred
-                scored.append({"case": cid, "organs": _file_order_flare22(pred, np.asarray(case.label), case.geometry)})
-                bar.advance(task, 1)
-            row.flare22 = {"cases": scored, **summarize(scored, "flare22")}
-            rows.append(row)
+        # -- SAM with boxes from the dense model that did best on the *validation* cases
+        proposer = _choose_proposer(dense, selected)
         if proposer:
-            for m in [m for m in models if m in PROMPTED]:
-                row = Row(f"{m}@auto", m, f"{DISPLAY[m]} (auto boxes)", f"automatic boxes (from {DISPLAY[proposer]})", str(run_dirs[m]))
-                acc = SliceDice()
-                scored = []
-                n_slices = 0
-                for cid, case in cases.items():
-                    bar.update(task, description=f"evaluating {DISPLAY[m]} with boxes from {DISPLAY[proposer]} ({cid})")
-                    pred = _predict_case(steps[m], case, device, boxes=_auto_boxes(proposals[cid]))
-                    row.predictions[cid] = pred
-                    idx = validation_slices(case.pixels)  # the slices the oracle rows are scored on
-                    acc.update(pred[idx], np.asarray(case.label)[idx])
-                    n_slices += len(idx)
-                    scored.append({"case": cid, "organs": _file_order_flare22(pred, np.asarray(case.label), case.geometry)})
-                    bar.advance(task, 1)
-                res = dict(acc.result())
-                res["slices"] = n_slices
-                row.slice_dice = res
-                row.flare22 = {"cases": scored, **summarize(scored, "flare22")}
-                rows.append(row)
+            from flaresam.predict import predict_dense, predict_with_boxes
+
+            proposals = {cid: predict_dense(selected[proposer]["step"], np.asarray(c.image), device, 8) for cid, c in test_cases.items()}
+            for m in prompted:
+                step, _ = load_run(run_dirs[m], device, which=plan.select)
+                row = Row(f"{m}@auto", m, f"{DISPLAY[m]} (auto boxes)", "automatic boxes",
+                          f"automatic boxes (from {DISPLAY[proposer]})", str(run_dirs[m]), checkpoint=f"{plan.select} epoch")
+                rows.append(_score_row(
+                    row, test_cases,
+                    lambda c, s=step: predict_with_boxes(s, np.asarray(c.image), _auto_boxes(proposals[c.case_id]), device, 8),
+                    on_case,
+                ))
         bar.update(task, description="writing results")
 
-    results = _results(plan, store, rows, configs, run_dirs, status, proposer, synthetic, random_encoders, time.time() - started)
-    write_results(results, rows, cases, plan.out)
-    console.print(f"Results in [bold]{plan.out}[/bold] ({time.time() - started:.0f} s)")
+    results = _results(r, store, rows, configs, run_dirs, status, selected, proposer, caption, device, time.time() - started)
+    if prompted:
+        results["small_organ_pairs"] = _small_organ_pairs(test_cases, _min_pixels(configs[prompted[0]]))
+    write_results(results, rows, test_cases, plan.out)
+    console.print(f"Results in {literal(str(plan.out))} ({time.time() - started:.0f} s)")
     return results
 
 
-def _results(plan, store, rows, configs, run_dirs, status, proposer, synthetic, random_encoders, seconds) -> dict[str, Any]:
+def _demo_threads(r: Resolved, model: str, device: Any) -> None:
+    if r.demo and device.type == "cpu":
+        import os
+
+        import torch
+
+        torch.set_num_threads(max(1, min(dict(DEMO.threads)[model], os.cpu_count() or 1)))
+
+
+def _min_pixels(cfg: Any) -> int:
+    from flaresam.data.prompts import DEFAULT_MIN_PIXELS
+
+    return int(cfg.model_options.get("min_pixels") or DEFAULT_MIN_PIXELS)
+
+
+def _small_organ_pairs(cases: dict[str, Any], min_pixels: int) -> dict[str, Any]:
+    """Ground-truth (slice, organ) pairs too small for a box prompt: they score 0 in every prompted row and box fill."""
+    pixels = np.concatenate([np.asarray(c.pixels) for c in cases.values()])
+    present = pixels > 0
+    small = present & (pixels < min_pixels)
+    return {"min_pixels": min_pixels, "pairs_without_box": int(small.sum()), "ground_truth_pairs": int(present.sum()),
+            "per_organ": {o.name: int(small[:, k].sum()) for k, o in enumerate(ORGANS)}}
+
+
+def _predict_oracle(step: Any, case: Any, device: Any) -> np.ndarray:
+    from flaresam.data.prompts import oracle_boxes
+    from flaresam.predict import predict_with_boxes
+    from flaresam.train import prompt_min_pixels
+
+    boxes = oracle_boxes(case.boxes, case.pixels, prompt_min_pixels(step))
+    return predict_with_boxes(step, np.asarray(case.image), boxes, device, 8)
+
+
+def _choose_proposer(dense: list[str], selected: dict[str, dict[str, Any]]) -> str | None:
+    """The dense model with the best validation 2D Dice (lowest training loss where there is no validation)."""
+    if not dense:
+        return None
+
+    def score(m: str) -> tuple[int, float]:
+        v = selected[m].get("val_2d_dice")
+        if isinstance(v, (int, float)) and np.isfinite(v):
+            return (1, float(v))
+        loss = selected[m].get("train_loss")
+        return (0, -float(loss) if isinstance(loss, (int, float)) else float("-inf"))
+
+    return max(dense, key=score)
+
+
+# ---------------------------------------------------------------------------
+# provenance
+
+
+def _caption(r: Resolved, store: Any, models: list[str]) -> dict[str, Any]:
+    """What the numbers are made of, in words: synthetic data, stand-in or random SAM encoders, untrained dense encoders."""
+    synthetic = bool(store.synthetic)
+    prompted = [m for m in models if m in PROMPTED]
+    dense = [m for m in models if m in DENSE]
+    random_encoders = bool(prompted) and r.init == "random"
+    issues = []
+    if synthetic:
+        what = f"{len(store.case_ids)} cases" + (f", {DEMO.size}x{DEMO.size}x{DEMO.slices}" if r.demo else "")
+        issues.append(f"synthetic phantom data ({what})")
+    if r.standin:
+        issues.append("flaresam's synthetic stand-in SAM/HQ-SAM checkpoints (pretrained on other phantoms, not the official weights)")
+    if random_encoders:
+        issues.append(f"randomly initialised SAM encoders ({r.arch or 'vit_b'}, --init random)")
+    dense_untrained = bool(dense) and r.encoder_weights == "none"
+    if dense_untrained:
+        issues.append("dense models with untrained encoders (--encoder-weights none; the study's use ImageNet weights)")
+    parts = []
+    if prompted:
+        parts.append("pretrained SAM encoders" if not (r.standin or random_encoders) else "")
+    if dense:
+        parts.append("ImageNet-pretrained dense encoders" if not dense_untrained else "")
+    if issues:
+        note = ("This run uses " + "; ".join(issues) + ". It demonstrates the pipeline and the protocol; it is NOT a "
+                "reproduction of the study.")
+        warning = "this run uses " + "; ".join(issues) + ": it is NOT a reproduction of the study."
+    else:
+        note = "FLARE22-style data with " + " and ".join(p for p in parts if p) + "."
+        warning = ""
+    return {"note": note, "warning": warning, "synthetic_data": synthetic, "standin_sam": r.standin,
+            "random_sam_encoders": random_encoders, "untrained_dense_encoders": dense_untrained}
+
+
+def _results(r: Resolved, store: Any, rows: list[Row], configs: dict[str, Any], run_dirs: dict[str, Path],
+             status: dict[str, str], selected: dict[str, dict[str, Any]], proposer: str | None,
+             caption: dict[str, Any], device: Any, seconds: float) -> dict[str, Any]:
+    from flaresam.metrics import METRICS
     from flaresam.train import versions
 
     def clean(d: dict[str, Any] | None) -> dict[str, Any] | None:
-        if d is None:
-            return None
-        return {k: v for k, v in d.items() if k != "pairs"}
+        return None if d is None else {k: v for k, v in d.items() if k != "pairs"}
 
+    plan = r.plan
+    amp = device.type == "cuda"
     return {
-        "format": "flaresam-compare/1",
+        "format": "flaresam-compare/2",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 1),
-        "synthetic_data": synthetic,
-        "random_sam_encoders": random_encoders,
-        "note": (
-            "Synthetic phantom data and/or randomly initialised SAM encoders: a demonstration of the pipeline, "
-            "not a reproduction of the study."
-            if (synthetic or random_encoders)
-            else "FLARE22-style data with pretrained SAM encoders."
-        ),
+        "command": list(plan.command),
+        **{k: caption[k] for k in ("synthetic_data", "standin_sam", "random_sam_encoders", "untrained_dense_encoders")},
+        "note": caption["note"],
+        "metrics": METRICS,
+        "evaluated_on": "test",
         "versions": versions(),
+        "device": {"used": str(device), "precision": "bf16 autocast" if amp else "fp32", "asked": plan.device},
         "data": {
             "store": str(store.root),
             "source": store.manifest.get("source"),
             "fingerprint": store.fingerprint,
             "window": store.manifest.get("window"),
-            "split": store.split,
+            "split": {**store.split, "test": store.test_ids, **store.split_spec},
         },
-        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
-        "runs": {m: {"dir": str(run_dirs[m]), "reused": status[m] == "finished", "config": configs[m].to_dict()} for m in configs},
+        "resolved": {
+            "demo": r.demo,
+            "epochs": r.epochs,
+            "batch_size": r.batch_size,
+            "max_steps": plan.max_steps,
+            "sam_arch": r.arch,
+            "sam_checkpoints": r.checkpoints,
+            "sam_init": r.init or ("checkpoint" if any(r.checkpoints.values()) else None),
+            "trainable": plan.trainable,
+            "loss": plan.loss,
+            "jitter_1024px": plan.jitter,
+            "dense_encoder": r.encoder,
+            "dense_encoder_weights": r.encoder_weights,
+            "select": plan.select,
+            "seed": plan.seed,
+            "lr": r.lr,
+        },
+        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(plan).items()},
+        "runs": {
+            m: {
+                "dir": str(run_dirs[m]),
+                "reused": status[m] == "finished",
+                "config": configs[m].to_dict(),
+                "selected": {k: v for k, v in selected[m].items() if k != "step"},
+            }
+            for m in configs
+        },
         "proposer": proposer,
+        "proposer_chosen_on": "validation 2D Dice" if proposer else None,
         "rows": [
             {
-                "key": r.key,
-                "model": r.model,
-                "label": r.label,
-                "prompts": r.prompts,
-                "run": r.run,
-                "slice_dice": clean(r.slice_dice),
-                "flare22": {"mean": r.flare22["mean"], "per_organ": r.flare22["per_organ"], "cases": r.flare22["cases"]} if r.flare22 else None,
+                "key": row.key,
+                "model": row.model,
+                "label": row.label,
+                "kind": row.kind,
+                "prompts": row.prompts,
+                "run": row.run,
+                "checkpoint": row.checkpoint,
+                "slice_dice": clean(row.slice_dice),
+                "flare22": {"mean": row.flare22["mean"], "per_organ": row.flare22["per_organ"], "cases": row.flare22["cases"]} if row.flare22 else None,
             }
-            for r in rows
+            for row in rows
         ],
         "reference": [
             {"model": m, "label": f"{DISPLAY[m]} (study)", "slice_dice": v, "source": STUDY_SOURCE} for m, v in STUDY_REFERENCE
         ],
+        "citations": CITATIONS,
     }
+
+
+CITATIONS = (
+    "Kirillov et al., Segment Anything, ICCV 2023 (SAM).",
+    "Ke et al., Segment Anything in High Quality, NeurIPS 2023 (HQ-SAM).",
+    "MICCAI FLARE22 challenge: Fast and Low-resource semi-supervised Abdominal oRgan sEgmentation (data and DSC/NSD evaluation).",
+    "flaresam: see CITATION.cff in the repository.",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -411,11 +659,12 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     for r in results["rows"]:
         row = {
             "model": r["label"],
+            "kind": r["kind"],
             "prompts": r["prompts"],
             "slice_dice": r["slice_dice"]["mean"] if r["slice_dice"] else None,
             "dsc_3d": r["flare22"]["mean"]["dsc"],
             "nsd_3d": r["flare22"]["mean"]["nsd"],
-            "source": "this run",
+            "source": "this run (test cases)",
         }
         for o in ORGANS:
             row[f"dsc_{o.name}"] = r["flare22"]["per_organ"][o.name]["dsc"]
@@ -423,33 +672,59 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             row[f"nsd_{o.name}"] = r["flare22"]["per_organ"][o.name]["nsd"]
         out.append(row)
     for ref in results["reference"]:
-        out.append({"model": ref["label"], "prompts": "oracle boxes" if ref["model"] in PROMPTED else "none (dense)",
+        out.append({"model": ref["label"], "kind": "reference", "prompts": "oracle boxes" if ref["model"] in PROMPTED else "none (dense)",
                     "slice_dice": ref["slice_dice"], "dsc_3d": None, "nsd_3d": None, "source": "published study (reference)"})
     return out
+
+
+def _small_line(results: dict[str, Any]) -> str:
+    small = results.get("small_organ_pairs")
+    if not small or not small["pairs_without_box"]:
+        return ""
+    share = small["pairs_without_box"] / max(1, small["ground_truth_pairs"])
+    return (f"{small['pairs_without_box']} of the {small['ground_truth_pairs']} ground-truth (slice, organ) pairs ({share:.0%}) are "
+            f"organs under {small['min_pixels']} pixels: they get no box, in training as in testing, and score 0 in every "
+            "prompted row and in Box fill.")
+
+
+def _selection_line(results: dict[str, Any]) -> str:
+    select = results["resolved"]["select"]
+    if select == "last":
+        return ("Each run's LAST epoch is reported (--select last), as asked; no epoch was chosen on any case. "
+                "The proposer of the automatic boxes was chosen on the validation cases.")
+    return ("Each run's epoch was chosen by its validation 2D Dice, the proposer of the automatic boxes too; "
+            "every number is measured on the test cases, on which nothing was chosen.")
 
 
 def markdown(results: dict[str, Any]) -> str:
     from flaresam.report import fmt
 
+    split = results["data"]["split"]
     lines = ["# flaresam compare", "", f"> {results['note']}", ""]
-    lines += ["| model | prompts | 2D slice Dice (study protocol) | FLARE22 DSC | FLARE22 NSD | source |", "|---|---|---:|---:|---:|---|"]
+    lines += [f"Test cases ({len(split['test'])}): {', '.join(split['test'])}. {_selection_line(results)} {_small_line(results)}".rstrip(), ""]
+    lines += ["| model | kind | prompts | 2D Dice | FLARE22 DSC | FLARE22 NSD | source |", "|---|---|---|---:|---:|---:|---|"]
     for r in summary_rows(results):
-        lines.append(f"| {r['model']} | {r['prompts']} | {fmt(r['slice_dice'])} | {fmt(r['dsc_3d'])} | {fmt(r['nsd_3d'])} | {r['source']} |")
-    lines += ["", "## FLARE22 DSC per organ (validation volumes)", ""]
+        lines.append(f"| {r['model']} | {r['kind']} | {r['prompts']} | {fmt(r['slice_dice'])} | {fmt(r['dsc_3d'])} | {fmt(r['nsd_3d'])} | {r['source']} |")
+    lines += ["", "## FLARE22 DSC per organ (test volumes)", ""]
     rows = results["rows"]
     lines.append("| organ | " + " | ".join(r["label"] for r in rows) + " |")
     lines.append("|---|" + "---:|" * len(rows))
     for o in ORGANS:
         lines.append(f"| {o.display} | " + " | ".join(fmt(r["flare22"]["per_organ"][o.name]["dsc"]) for r in rows) + " |")
-    split = results["data"]["split"]
-    lines += ["", f"Split: {len(split['train'])} training cases, {len(split['val'])} validation cases "
-              f"({', '.join(split['val'])}); dataset fingerprint `{results['data']['fingerprint']}`.", ""]
-    lines.append("Protocols: see docs/protocols.md. Study reference rows are the published figures, not re-measured.")
+    lines += ["", f"Split by case (seed {split.get('seed')}): {len(split['train'])} training, {len(split['val'])} validation "
+              f"({', '.join(split['val']) or 'none'}), {len(split['test'])} test; dataset fingerprint `{results['data']['fingerprint']}`.", ""]
+    lines.append("## Metrics")
+    lines.append("")
+    for m in results["metrics"].values():
+        lines.append(f"- **{m['name']}**: {m['definition']}")
+    lines += ["", "Read every SAM row against the box-fill and zero-shot rows above it. Study reference rows are the "
+              "published figures, not re-measured. Protocols: docs/protocols.md.", "", "## Cite", ""]
+    lines += [f"- {c}" for c in results["citations"]]
     return "\n".join(lines) + "\n"
 
 
 def _figure5_slices(cases: dict[str, Any], n: int = 4) -> list[tuple[str, int]]:
-    """Validation slices for the overlay grid: those showing the most thin structures, then the most organs."""
+    """Test slices for the overlay grid: those showing the most thin structures, then the most organs."""
     thin_ids = [BY_NAME[t].id - 1 for t in THIN]
     scored = []
     for cid, case in cases.items():
@@ -478,11 +753,12 @@ def write_results(results: dict[str, Any], rows: list[Row], cases: dict[str, Any
     write_json(out / "results.json", results)
     write_csv(out / "results.csv", summary_rows(results))
     atomic_write_text(out / "results.md", markdown(results))
+    suffix = " (synthetic demo)" if results["synthetic_data"] else ""
     organ_bar_chart(
         {r.label: {o.name: r.flare22["per_organ"][o.name]["dsc"] for o in ORGANS} for r in rows},
         out / "organ_dice.png",
         metric="FLARE22 DSC",
-        title="Per-organ Dice on the validation volumes" + (" (synthetic demo)" if results["synthetic_data"] else ""),
+        title="Per-organ Dice on the test volumes" + suffix,
     )
     picks = _figure5_slices(cases)
     if picks:
@@ -503,9 +779,11 @@ def render_table(results: dict[str, Any]) -> Any:
     for r in summary_rows(results):
         cells = [r["model"], r["prompts"], fmt(r["slice_dice"]), fmt(r["dsc_3d"]), fmt(r["nsd_3d"])]
         (refs if r["source"].startswith("published") else body).append(cells)
+    split = results["data"]["split"]
     return table(
-        "flaresam compare: validation cases",
-        ["model", "prompts", "2D Dice (study)", "FLARE22 DSC", "FLARE22 NSD"],
+        f"flaresam compare: {len(split['test'])} test cases (never used for training or choosing)",
+        ["model", "prompts", "2D Dice", "FLARE22 DSC", "FLARE22 NSD"],
         body + refs,
-        caption=results["note"] + " Rows marked (study) are the published figures, not measured here.",
+        caption=results["note"] + " " + _selection_line(results) + (" " + _small_line(results) if _small_line(results) else "")
+        + " Read each SAM row against Box fill and its zero-shot row. Rows marked (study) are the published figures, not measured here.",
     )

@@ -51,6 +51,32 @@ from flaresam.io.dataset import volume_files
 from flaresam.organs import MAX_LABEL, ORGANS, SLICE_RANGE_ORGANS, Organ
 
 PROTOCOLS = ("flare22", "slice")
+# One definition under one name for every number flaresam reports (training validation, `score`,
+# `compare`); docs/protocols.md gives the edge cases. results.json carries this table.
+METRICS: dict[str, dict[str, str]] = {
+    "slice_dice": {
+        "name": "2D Dice",
+        "definition": (
+            "the study's metric: over every axial slice of every scored volume, the Dice 2|P∩G|/(|P|+|G|) of each "
+            "(slice, organ) pair in which the organ is in the ground truth or the prediction; the mean weighs every "
+            "pair alike. Pairs where the organ is in neither are not counted; an organ with no pair is n/a."
+        ),
+        "function": "flaresam.metrics.SliceDice (slice_dice_pairs)",
+        "doc": "docs/protocols.md#2d-dice-the-studys-table-1",
+    },
+    "flare22_dsc": {
+        "name": "FLARE22 DSC",
+        "definition": "volumetric Dice per case and organ, exactly as the FLARE22 evaluation script; mean over cases, then organs",
+        "function": "flaresam.metrics.flare22_case",
+        "doc": "docs/protocols.md#flare22-the-challenges-dsc-and-nsd",
+    },
+    "flare22_nsd": {
+        "name": "FLARE22 NSD",
+        "definition": "normalised surface Dice at the organ's tolerance (mm), as the FLARE22 evaluation script; NSD 0 where DSC < 0.2",
+        "function": "flaresam.metrics.flare22_case",
+        "doc": "docs/protocols.md#flare22-the-challenges-dsc-and-nsd",
+    },
+}
 # The official evaluation sets NSD to 0 when the organ's DSC is below this
 # (FLARE24's script; FLARE23 used 0.1; the FLARE22 script as published has no such rule).
 NSD_MIN_DSC = 0.2

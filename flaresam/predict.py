@@ -150,14 +150,12 @@ def load_boxes_json(path: str | os.PathLike[str], geometry: Geometry) -> BoxProm
         raise DataError(f"{p}: no boxes")
     shape = np.asarray(geometry.canonical_shape)
     out: list[Box3D] = []
+    seen: dict[str, int] = {}
     for n, entry in enumerate(spec["boxes"]):
-        try:
-            org = lookup_organ(entry["organ"])
-            lo = np.asarray(entry["min"], dtype=float)
-            hi = np.asarray(entry["max"], dtype=float)
-            assert lo.shape == (3,) and hi.shape == (3,)
-        except (KeyError, TypeError, ValueError, AssertionError) as exc:
-            raise DataError(f"{p}: box {n} needs 'organ', 'min' [x,y,z] and 'max' [x,y,z] ({exc})") from None
+        org, lo, hi = _box_entry(p, n, entry)
+        if org.name in seen:  # docs/prompts.md: at most one box per organ
+            raise DataError(f"{p}: box {n} is a second box for {org.name} (box {seen[org.name]} is the first); give one box per organ")
+        seen[org.name] = n
         if np.any(hi < lo):
             raise DataError(f"{p}: box {n} ({org.name}) is empty: max < min")
         corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
@@ -171,6 +169,34 @@ def load_boxes_json(path: str | os.PathLike[str], geometry: Geometry) -> BoxProm
         hi_i = np.clip(hi_i, 0, shape - 1)
         out.append(Box3D(org, int(lo_i[0]), int(hi_i[0]), int(lo_i[1]), int(hi_i[1]), int(lo_i[2]), int(hi_i[2])))
     return BoxPrompts(out)
+
+
+def _box_entry(p: Path, n: int, entry: Any) -> tuple[Organ, np.ndarray, np.ndarray]:
+    """One boxes.json entry, strictly typed: an organ name and two lists of three finite numbers."""
+    need = f"{p}: box {n} needs 'organ' (a name), 'min' [x, y, z] and 'max' [x, y, z]"
+    if not isinstance(entry, dict) or not all(k in entry for k in ("organ", "min", "max")):
+        raise DataError(need)
+    name = entry["organ"]
+    if isinstance(name, bool) or not isinstance(name, (str, int)):  # json true == 1 would be organ 1 (liver)
+        raise DataError(f"{need}; 'organ' is {json.dumps(name)}")
+    try:
+        org = lookup_organ(name)
+    except (KeyError, ValueError) as exc:
+        raise DataError(f"{need} ({exc})") from None
+    corners = []
+    for key in ("min", "max"):
+        value = entry[key]
+        if not isinstance(value, list) or len(value) != 3:
+            raise DataError(f"{need}; '{key}' is {json.dumps(value)}")
+        for v in value:
+            # bool is an int in Python: true/false are no coordinates
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise DataError(f"{need}; '{key}' holds {json.dumps(v)}, not a number")
+            if not np.isfinite(v):
+                word = "NaN" if np.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+                raise DataError(f"{p}: box {n} ({org.name}): '{key}' holds {word}, not a finite number")
+        corners.append(np.asarray(value, dtype=float))
+    return org, corners[0], corners[1]
 
 
 # ---------------------------------------------------------------------------
@@ -438,6 +464,23 @@ def load_model(spec: str, device: Any) -> tuple[Any, dict[str, Any]]:
     return step, {"model": step.config(), "pretrained_only": True}
 
 
+def provenance_note(ckpt: dict[str, Any]) -> str | None:
+    """One line when a model is no segmenter of real CT: trained on the synthetic demo, or on stand-in/random encoders."""
+    from flaresam.models.standin import is_standin_arch
+
+    model = ckpt.get("model") or {}
+    parts = []
+    if ckpt.get("synthetic_data"):
+        parts.append("was trained on flaresam's synthetic phantoms")
+    if is_standin_arch(model.get("arch")):
+        parts.append("starts from the synthetic stand-in SAM (pretrained on phantoms), not the official weights")
+    elif model.get("init") == "random":
+        parts.append("has randomly initialised, untrained SAM encoders")
+    if not parts:
+        return None
+    return "this model " + " and ".join(parts) + ": its labels on a real CT are a demonstration, not a segmentation"
+
+
 def _read_ahead(pool: ThreadPoolExecutor, scans: list[Path], read: Callable[[Path], Volume]) -> Iterator[tuple[Path, Volume]]:
     """(scan, volume) pairs; each scan is read in ``pool`` while the caller works on the one before.
 
@@ -465,10 +508,9 @@ def run_prediction(req: PredictRequest) -> list[Path]:
 
 
 def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]:
-    from flaresam.io.atomic import atomic_write_text
-    from flaresam.io.volume import read_label, read_volume, write_label
+    from flaresam.io.volume import read_volume
     from flaresam.train import find_latest_run, pick_device
-    from flaresam.ui import info, warn
+    from flaresam.ui import info, literal, warn
 
     scans = _scan_inputs(Path(req.scan))
     many = len(scans) > 1 or (Path(req.scan).is_dir() and scans[0] != Path(req.scan))
@@ -477,8 +519,17 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]
     if many and (req.prompts_from or req.boxes) and Path(req.prompts_from or req.boxes).is_file():
         raise DataError("--prompts-from/--boxes name one file: predict scans one at a time, or use a dense --proposer")
 
+    _check_outputs(req, scans, many)  # a bad -o fails now, not after the whole prediction
+
+    def read_or_error(path: Path) -> Volume | DataError:
+        # in a folder run one bad scan must not stop the others: its error is kept and reported
+        try:
+            return read_volume(path)
+        except DataError as exc:
+            return exc
+
     device = pick_device(req.device)
-    reads = _read_ahead(pool, scans, read_volume)
+    reads = _read_ahead(pool, scans, read_or_error)
     model_spec = req.model
     if model_spec is None:
         found = find_latest_run(req.runs)
@@ -488,8 +539,11 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]
                 "`flaresam finetune --data DATA --model unet`, or pass --model RUN_DIR"
             )
         model_spec = str(found)
-        info(f"Using the most recent finished run: {found}")
+        info(f"Using the most recent finished run: {literal(str(found))}")
     step, ckpt = load_model(model_spec, device)
+    note = provenance_note(ckpt)
+    if note:
+        warn(f"{literal(str(model_spec))}: {note}")
     if step.prompted:
         step.mask_window = not req.full_frame
 
@@ -506,7 +560,7 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]
                     f"or train a dense proposer first (`flaresam finetune --model unet`); none found under {req.runs}/"
                 )
             prop = str(found)
-            info(f"Automatic boxes from the most recent dense run: {found}")
+            info(f"Automatic boxes from the most recent dense run: {literal(str(found))}")
         proposer_step, _ = load_model(prop, device)
         if proposer_step.prompted:
             raise DataError(f"--proposer {prop} is a prompted model; it must be a dense run (unet/deeplab)")
@@ -514,44 +568,121 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]
     window = checkpoint_window(ckpt)
 
     written: list[Path] = []
+    failed: list[tuple[Path, str]] = []
     for scan, image in reads:
-        problem = _check_ct(image)
-        if problem:
-            warn(f"{scan}: {problem}")
-        prompts: LabelPrompts | BoxPrompts | ProposerPrompts | None = None
-        if step.prompted:
-            if req.prompts_from:
-                prompts = LabelPrompts(read_label(req.prompts_from, image.geometry, reference_path=scan).array)
-            elif req.boxes:
-                prompts = load_boxes_json(req.boxes, image.geometry)
-            else:
-                prompts = ProposerPrompts(proposer_step)
-        label = predict_volume(
-            step,
-            image,
-            window,
-            prompts=prompts,
-            organs=req.organs,
-            device=device,
-            batch_size=req.batch_size,
-            quiet=req.quiet,
-        )
-        if many:
-            target = req.out / output_name(scan) if req.out else scan.parent / f"{_stem(scan)}_seg.nii.gz"
-        else:
-            target = req.out or scan.parent / f"{_stem(scan)}_seg.nii.gz"
-        write_label(label, image.geometry, target)
-        written.append(target)
-        if req.stats:
-            stats_path = req.stats if not many else req.stats.parent / f"{_stem(scan)}_{req.stats.name}"
-            atomic_write_text(stats_path, json.dumps({"scan": str(scan), "organs": organ_statistics(label, image)}, indent=2))
-            written.append(stats_path)
-        if req.preview:
-            from flaresam.figures import preview
+        if isinstance(image, DataError):
+            if not many:
+                raise image
+            failed.append((scan, str(image)))
+            continue
+        try:
+            written.extend(_predict_one(req, scan, image, step, proposer_step, window, device, many))
+        except DataError as exc:
+            if not many:
+                raise
+            failed.append((scan, str(exc)))
+    if failed:
+        raise PartialPrediction(written, failed, len(scans))
+    return written
 
-            png = req.preview if not many else req.preview.parent / f"{_stem(scan)}_{req.preview.name}"
-            preview(image.array, label, image.spacing, png, title=scan.name)
-            written.append(png)
+
+class PartialPrediction(DataError):
+    """Some scans of a folder failed; ``written`` lists what the others produced (exit 1)."""
+
+    def __init__(self, written: list[Path], failed: list[tuple[Path, str]], total: int) -> None:
+        self.written, self.failed = written, failed
+        first = failed[0][1]
+        more = f" (and {len(failed) - 1} more: {', '.join(p.name for p, _ in failed[1:4])}{', ...' if len(failed) > 4 else ''})" if len(failed) > 1 else ""
+        ok = total - len(failed)
+        super().__init__(f"{len(failed)} of {total} scans failed, {ok} written: {first}{more}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _outputs_of(req: PredictRequest, scan: Path, many: bool) -> tuple[Path, Path | None, Path | None]:
+    """(label file, stats file or None, preview file or None) for ``scan``."""
+    if many:
+        target = req.out / output_name(scan) if req.out else scan.parent / f"{_stem(scan)}_seg.nii.gz"
+    else:
+        target = req.out or scan.parent / f"{_stem(scan)}_seg.nii.gz"
+    stats = None if not req.stats else (req.stats if not many else req.stats.parent / f"{_stem(scan)}_{req.stats.name}")
+    png = None if not req.preview else (req.preview if not many else req.preview.parent / f"{_stem(scan)}_{req.preview.name}")
+    return target, stats, png
+
+
+def _check_outputs(req: PredictRequest, scans: list[Path], many: bool) -> None:
+    """Refuse, before any work, outputs that cannot be written or that would overwrite an input."""
+    from flaresam.errors import UsageError
+    from flaresam.io.atomic import check_writable
+    from flaresam.io.volume import check_writable_volume
+
+    if many and req.out is not None and req.out.exists() and not req.out.is_dir():
+        raise UsageError(f"{req.scan} holds {len(scans)} scans: --out must be a folder, and {req.out} is a file")
+    inputs = [*scans, *(Path(p) for p in (req.prompts_from, req.boxes) if p)]
+    if req.model and Path(req.model).is_file():
+        inputs.append(Path(req.model))
+    for scan in scans:
+        target, stats, png = _outputs_of(req, scan, many)
+        check_writable_volume(target)
+        for extra in (stats, png):
+            if extra is not None:
+                check_writable(extra)
+        for out in (target, stats, png):
+            if out is None:
+                continue
+            for inp in inputs:
+                if _same_file(out, inp):
+                    raise UsageError(f"output {out} is the input {inp}: refusing to overwrite an input; choose another output")
+
+
+def _predict_one(
+    req: PredictRequest, scan: Path, image: Volume, step: Any, proposer_step: Any, window: Window, device: Any, many: bool
+) -> list[Path]:
+    """Predict one scan and write its outputs; returns the files written."""
+    from flaresam.io.atomic import atomic_write_text
+    from flaresam.io.volume import read_label, write_label
+    from flaresam.ui import warn
+
+    written: list[Path] = []
+    problem = _check_ct(image)
+    if problem:
+        warn(f"{scan}: {problem}")
+    prompts: LabelPrompts | BoxPrompts | ProposerPrompts | None = None
+    if step.prompted:
+        if req.prompts_from:
+            prompts = LabelPrompts(read_label(req.prompts_from, image.geometry, reference_path=scan).array)
+        elif req.boxes:
+            prompts = load_boxes_json(req.boxes, image.geometry)
+        else:
+            prompts = ProposerPrompts(proposer_step)
+    label = predict_volume(
+        step,
+        image,
+        window,
+        prompts=prompts,
+        organs=req.organs,
+        device=device,
+        batch_size=req.batch_size,
+        quiet=req.quiet,
+    )
+    target, stats_path, png = _outputs_of(req, scan, many)
+    write_label(label, image.geometry, target)
+    written.append(target)
+    if stats_path:
+        atomic_write_text(stats_path, json.dumps({"scan": str(scan), "organs": organ_statistics(label, image)}, indent=2))
+        written.append(stats_path)
+    if png:
+        from flaresam.figures import preview
+
+        preview(image.array, label, image.spacing, png, title=scan.name)
+        written.append(png)
     return written
 
 

@@ -36,7 +36,10 @@ Optional :class:`ModelStep` hooks (a step without them gets the default):
   *training* forwards through it (``predict_slices`` keeps using the plain
   network). A step without the hook trains under DDP too: the trainer then
   averages the gradients across processes itself after each backward;
-* ``dataset.set_epoch(epoch)`` on the training dataset: called before each epoch.
+* ``dataset.set_epoch(epoch)`` on the training dataset: called before each epoch;
+* ``prompt_min_pixels`` (prompted steps): organs with fewer pixels on a slice
+  get no ground-truth box in validation, the rule the step trains with
+  (default: :data:`flaresam.data.prompts.DEFAULT_MIN_PIXELS`).
 """
 
 from __future__ import annotations
@@ -317,31 +320,62 @@ def optimizer_groups(step: Any, lr: float, weight_decay: float) -> list[dict[str
     return groups
 
 
+def prompt_min_pixels(step: Any) -> int:
+    """The small-organ rule of a prompted step's training, which its evaluation boxes follow (default: flaresam's)."""
+    from flaresam.data.prompts import DEFAULT_MIN_PIXELS
+
+    return int(getattr(step, "prompt_min_pixels", DEFAULT_MIN_PIXELS))
+
+
 def trainable_state(step: Any) -> dict[str, torch.Tensor]:
     hook = getattr(step, "trainable_state_dict", None)
     sd = hook() if callable(hook) else step.trainable_module().state_dict()
     return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
 
 
-def load_trainable_state(step: Any, sd: dict[str, torch.Tensor]) -> None:
+def load_trainable_state(step: Any, sd: dict[str, torch.Tensor], path: Path | None = None) -> None:
     hook = getattr(step, "load_trainable_state_dict", None)
     if callable(hook):
         hook(sd)
         return
+    where = f"checkpoint {path}: its" if path is not None else "checkpoint"
+    module = step.trainable_module()
+    # name the first differing tensors; torch's own message starts with a generic header line
+    differs = _state_differences(module.state_dict(), sd)
+    if differs:
+        raise DataError(f"{where} tensors do not fit model {step.name!r}: {differs}")
     try:
-        step.trainable_module().load_state_dict(sd, strict=True)
+        module.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise DataError(f"checkpoint tensors do not fit model {step.name!r}: {first}") from None
+        first = " ".join(str(exc).split())[:300]
+        raise DataError(f"{where} tensors do not fit model {step.name!r}: {first}") from None
+
+
+def _state_differences(own: dict[str, Any], sd: dict[str, Any], show: int = 3) -> str:
+    """The first missing, unexpected and wrongly shaped tensors of ``sd`` against ``own`` ("" when they match)."""
+    parts = []
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} (model {tuple(own[k].shape)})" for k in own
+             if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            parts.append(f"{len(names)} {label} (e.g. {', '.join(names[:show])})")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------
 # validation (shared with compare)
 
 
-def validation_slices(pixels: np.ndarray, cap: int | None = None) -> np.ndarray:
-    """Slices with any organ; with ``cap``, at most ``cap`` of them, evenly spaced (deterministic)."""
-    idx = np.nonzero(np.asarray(pixels).sum(axis=1) > 0)[0]
+def validation_slices(num_slices: int, cap: int | None = None) -> np.ndarray:
+    """The slices that 2D Dice scores: every slice of the case; with ``cap``, at most ``cap`` of them, evenly spaced.
+
+    Every slice, not only those where the ground truth has an organ: a model
+    that paints an organ on a slice without one loses a pair there, as
+    ``flaresam score --protocol slice`` counts it (docs/protocols.md).
+    """
+    idx = np.arange(int(num_slices))
     if cap is not None and len(idx) > cap:
         idx = idx[np.unique(np.round(np.linspace(0, len(idx) - 1, cap)).astype(np.int64))]
     return idx
@@ -358,16 +392,17 @@ def accumulate_dice(
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[Any, int]:
     """Predict the validation slices of ``case_ids`` and add them to a :class:`SliceDice`; returns (dice, slices)."""
+    from flaresam.data.prompts import oracle_boxes
     from flaresam.metrics import SliceDice
 
     dice = SliceDice()
     n = 0
     for cid in case_ids:
         case = store.load_case(cid)
-        idx = validation_slices(case.pixels, max_slices)
+        idx = validation_slices(case.num_slices, max_slices)
         for start in range(0, len(idx), batch_size):
             part = idx[start : start + batch_size]
-            boxes = np.asarray(case.boxes[part]) if step.prompted else None
+            boxes = oracle_boxes(case.boxes[part], case.pixels[part], prompt_min_pixels(step)) if step.prompted else None
             pred = step.predict_slices(case.image, part, boxes, device)
             dice.update(np.asarray(pred, dtype=np.uint8), np.asarray(case.label[part], dtype=np.uint8))
             n += len(part)
@@ -422,12 +457,10 @@ def _save_torch(obj: Any, path: Path) -> None:
 
 
 def _load_torch(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such checkpoint") from None
-    except Exception as exc:
-        raise DataError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    from flaresam.models.safe_load import load_checkpoint_file
+
+    # weights_only=True; corrupt, truncated, zero-filled or object-holding files: one line naming the file
+    return load_checkpoint_file(path)
 
 
 def write_curves(records: list[dict[str, Any]], path: Path) -> None:
@@ -545,18 +578,48 @@ def load_run(run_or_checkpoint: str | os.PathLike[str], device: Any = "cpu", whi
     then the saved trainable tensors are loaded. Returns ``(step, checkpoint)``
     with the network on ``device`` in eval mode.
     """
-    from flaresam.models.registry import rebuild_step
+    from flaresam.models.registry import MODELS, rebuild_step
+    from flaresam.models.safe_load import check_finite
 
     path = checkpoint_path(run_or_checkpoint, which)
     ckpt = _load_torch(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not a flaresam checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r})")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(ckpt.get("seed", 0)))
-        step = rebuild_step(ckpt["model"])
-    load_trainable_state(step, ckpt["state_dict"])
+    model, state = ckpt.get("model"), ckpt.get("state_dict")
+    if not isinstance(model, dict) or not isinstance(state, dict):
+        raise DataError(f"checkpoint {path}: damaged flaresam checkpoint (no model config or no tensors)")
+    # the user gave a file, not a --model option: an unknown name in it is a data error (exit 1) naming the file
+    if model.get("name") not in MODELS:
+        raise DataError(f"checkpoint {path}: made by model {model.get('name')!r}, which this flaresam does not know "
+                        f"(it knows {', '.join(MODELS)}; the file was written by flaresam {ckpt.get('flaresam_version', '?')})")
+    check_finite(state, path)  # NaN/Inf trained weights (a diverged run, a damaged file) predict garbage
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(ckpt.get("seed", 0)))
+            step = rebuild_step(model, quiet=True)
+    except UsageError as exc:  # an option in the file that this version rejects: the file's problem, not the command's
+        raise DataError(f"checkpoint {path}: its model config does not fit this flaresam ({exc})") from None
+    except TypeError as exc:
+        raise DataError(f"checkpoint {path}: its model config does not fit this flaresam ({exc})") from None
+    load_trainable_state(step, state, path)
     step.network().to(torch.device(device)).eval()
     return step, ckpt
+
+
+def _check_base_unchanged(prior: dict[str, Any], options: dict[str, Any], resume: Any, quiet: bool = True) -> None:
+    """Refuse to resume on a base checkpoint whose bytes changed: the frozen encoder would no longer be the one trained with."""
+    recorded = (prior.get("model_config") or {}).get("checkpoint_sha256")
+    spec = options.get("checkpoint")
+    if not recorded or not spec:  # runs written before the hash was recorded have nothing to compare
+        return
+    from flaresam.models.sam import resolve
+    from flaresam.models.weights import file_sha256
+
+    path, _ = resolve(str(spec), quiet=quiet)
+    now = file_sha256(path, quiet=quiet)
+    if now != recorded:
+        raise DataError(f"cannot resume {resume}: its base checkpoint {path} changed since the run started "
+                        f"(SHA-256 now {now}, recorded {recorded}); put the original file back at that path")
 
 
 # ---------------------------------------------------------------------------
@@ -687,6 +750,8 @@ class _Trainer:
 
         seed_everything(cfg.seed)
         # resuming loads the trained tensors: skip fetching weights they replace (ImageNet encoders)
+        if prior is not None:
+            _check_base_unchanged(prior, cfg.model_options, resume, self.quiet)  # before the (possibly GB-sized) base is loaded
         step = build_step(cfg.model, restore=resume is not None, **cfg.model_options)
         net = step.network().to(device)
         dataset = step.train_dataset(store, train_ids, cfg.seed)
@@ -707,7 +772,7 @@ class _Trainer:
             r = _load_torch(resume / "checkpoints" / "resume.pt")
             if r.get("format") != RESUME_FORMAT:
                 raise DataError(f"{resume}: unknown resume state format {r.get('format')!r}")
-            load_trainable_state(step, r["state_dict"])
+            load_trainable_state(step, r["state_dict"], resume / "checkpoints" / "resume.pt")
             net.to(device)
             optimizer.load_state_dict(r["optimizer"])
             scheduler.load_state_dict(r["scheduler"])
@@ -754,6 +819,8 @@ class _Trainer:
                 "fingerprint": store.fingerprint,
                 "window": store.manifest.get("window"),
                 "source": store.manifest.get("source"),
+                "synthetic": bool(store.synthetic),
+                "split_spec": store.split_spec,
             },
             "split": {"train": train_ids, "val": val_ids},
         }
@@ -813,6 +880,7 @@ class _Trainer:
             "seed": self.cfg.seed,
             "data_fingerprint": ctx["store"].fingerprint,
             "window": ctx["store"].manifest.get("window"),  # predict windows new scans the same way
+            "synthetic_data": bool(ctx["store"].synthetic),  # predict says so: a phantom-trained model is no segmenter
             "created": _now(),
             "flaresam_version": __version__,
         }
@@ -851,7 +919,7 @@ class _Trainer:
         mine = ctx["val_ids"][dist.rank :: dist.world]
         ctx["net"].eval()
         with progress(quiet=self.quiet, transient=True) as bar:
-            total = sum(len(validation_slices(ctx["store"].load_case(c).pixels, cfg.val_slices)) for c in mine)
+            total = sum(len(validation_slices(ctx["store"].load_case(c).num_slices, cfg.val_slices)) for c in mine)
             task = bar.add_task(f"Validating epoch {ctx['state']['epoch']}", total=total)
             dice, n = accumulate_dice(ctx["step"], ctx["store"], mine, self.device, max_slices=cfg.val_slices,
                                       batch_size=max(1, cfg.batch_size), on_batch=lambda k: bar.advance(task, k))

@@ -20,13 +20,15 @@ def _flaresam_home(tmp_path_factory, monkeypatch):
     return home
 
 
-def phantom_store(root: Path, *, cases: int, size: int, slices: int, seed: int, val_fraction: float = 0.2):
-    """A small phantom dataset written under ``root/raw`` and prepared into ``root/prep``."""
+def phantom_store(root: Path, *, cases: int, size: int, slices: int, seed: int, val_fraction: float = 0.2,
+                  test_fraction: float = 0.0):
+    """A small phantom dataset written under ``root/raw`` and prepared into ``root/prep`` (no test cases unless asked)."""
     from flaresam.data.phantom import write_demo_dataset
-    from flaresam.data.store import prepare_dataset
+    from flaresam.data.store import SplitSpec, prepare_dataset
 
     write_demo_dataset(root / "raw", cases=cases, size=size, slices=slices, seed=seed, quiet=True)
-    return prepare_dataset(root / "raw", root / "prep", val_fraction=val_fraction, quiet=True, workers=1)
+    split = SplitSpec(val_fraction=val_fraction, test_fraction=test_fraction)
+    return prepare_dataset(root / "raw", root / "prep", split=split, quiet=True, workers=1)
 
 
 @pytest.fixture(scope="module")

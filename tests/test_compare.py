@@ -17,10 +17,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture
 def tiny_demo(monkeypatch):
-    monkeypatch.setitem(compare_mod.DEMO, "cases", 5)
-    monkeypatch.setitem(compare_mod.DEMO, "size", 32)
-    monkeypatch.setitem(compare_mod.DEMO, "slices", 8)
-    monkeypatch.setitem(compare_mod.DEMO, "epochs", 1)
+    import dataclasses
+
+    from flaresam.models import standin
+
+    monkeypatch.setattr(compare_mod, "DEMO", dataclasses.replace(compare_mod.DEMO, cases=5, size=32, slices=8, epochs=tuple((m, 1) for m in compare_mod.DISPLAY)))
+    monkeypatch.setattr(standin, "DEFAULT_RECIPE", dataclasses.replace(standin.DEFAULT_RECIPE, cases=2, size=32, slices=8,
+                                                                      sam_steps=2, hq_steps=2, batch=2))
 
 
 def _png_is_a_picture(path: Path) -> None:
@@ -36,31 +39,57 @@ def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = run_cli("compare", "--models", "unet,hqsam", "-q")
     assert r.code == 0, r
-    assert "NOT a reproduction" in r.err and "synthetic phantom data" in r.err
+    assert "NOT a reproduction" in r.err and "synthetic phantom data" in r.err and "stand-in" in r.err
     out = tmp_path / "flaresam-compare"
     results = json.loads((out / "results.json").read_text())
-    assert results["synthetic_data"] is True and results["random_sam_encoders"] is True
-    assert [row["key"] for row in results["rows"]] == ["unet", "hqsam", "hqsam@auto"]
-    assert results["proposer"] == "unet"
+    assert results["synthetic_data"] is True and results["standin_sam"] is True and results["random_sam_encoders"] is False
+    assert results["untrained_dense_encoders"] is True
+    # baselines first: the filled box and the checkpoint before fine-tuning, then the trained rows
+    assert [row["key"] for row in results["rows"]] == ["boxfill", "hqsam@zeroshot", "unet", "hqsam", "hqsam@auto"]
+    assert [row["kind"] for row in results["rows"]] == ["baseline", "baseline", "trained", "fine-tuned", "automatic boxes"]
+    assert results["proposer"] == "unet" and results["proposer_chosen_on"] == "validation 2D Dice"
     split = results["data"]["split"]
-    assert split["val"] and not set(split["train"]) & set(split["val"])
+    train, val, test = set(split["train"]), set(split["val"]), set(split["test"])
+    assert train and val and test and not (train & val) and not (train & test) and not (val & test)
+    assert split["seed"] == 0 and split["test_fraction"] == 0.2
+    assert set(results["metrics"]) == {"slice_dice", "flare22_dsc", "flare22_nsd"}
     for row in results["rows"]:
         assert 0.0 <= row["slice_dice"]["mean"] <= 1.0
         assert set(row["flare22"]["per_organ"]) == {o.name for o in ORGANS}
-        assert [c["case"] for c in row["flare22"]["cases"]] == split["val"]
+        assert [c["case"] for c in row["flare22"]["cases"]] == split["test"]  # reported on the test cases only
         for organ in row["flare22"]["per_organ"].values():
             assert organ["dsc"] is None or 0.0 <= organ["dsc"] <= 1.0
     assert {ref["model"]: ref["slice_dice"] for ref in results["reference"]} == {
         "sam": 0.9169, "unet": 0.8420, "deeplab": 0.8994, "hqsam": 0.9359
     }
+    assert results["device"] == {"used": "cpu", "precision": "fp32", "asked": "auto"}
+    assert results["resolved"]["sam_arch"] == "demo" and results["resolved"]["dense_encoder"] == "mobilenet_v2"
+    assert results["resolved"]["sam_checkpoints"]["hqsam"].endswith("sam_hq_demo_standin.pth")
+    sel = results["runs"]["hqsam"]["selected"]
+    assert sel["which"] == "best" and sel["model_config"]["checkpoint_sha256"]
     assert results["versions"]["torch"] and results["runs"]["unet"]["config"]["model"] == "unet"
-    assert "U-Net" in r.out and "HQ-SAM (study)" in r.out
+    assert "U-Net" in r.out and "HQ-SAM (study)" in r.out and "Box fill" in r.out and "zero-shot" in r.out
     md = (out / "results.md").read_text()
-    assert "HQ-SAM (auto boxes)" in md and "published study (reference)" in md
+    assert "HQ-SAM (auto boxes)" in md and "published study (reference)" in md and "Kirillov" in md and "Ke et al." in md
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("model,prompts,slice_dice,dsc_3d,nsd_3d") and len(csv_lines) == 1 + 3 + 4
+    assert csv_lines[0].startswith("model,kind,prompts,slice_dice,dsc_3d,nsd_3d") and len(csv_lines) == 1 + 5 + 4
     _png_is_a_picture(out / "organ_dice.png")
     _png_is_a_picture(out / "overlays.png")
+
+    # the box-fill row is exactly the filled ground-truth boxes (organs under 10 pixels get none, as in training),
+    # scored as every other row
+    from flaresam.data.prompts import box_fill, oracle_boxes
+    from flaresam.data.store import PreparedStore
+    from flaresam.metrics import SliceDice
+
+    store = PreparedStore(results["data"]["store"])
+    acc = SliceDice()
+    for cid in split["test"]:
+        case = store.load_case(cid)
+        acc.update(box_fill(oracle_boxes(case.boxes, case.pixels, 10), case.label.shape), np.asarray(case.label))
+    assert results["rows"][0]["slice_dice"]["mean"] == pytest.approx(acc.result()["mean"], abs=1e-12)
+    small = results["small_organ_pairs"]
+    assert small["min_pixels"] == 10 and 0 < small["pairs_without_box"] <= small["ground_truth_pairs"]
 
     # the 3D numbers are the ones `flaresam score` gives for the same predictions written as files
     first = {row["key"]: row["flare22"]["mean"] for row in results["rows"]}
@@ -75,11 +104,15 @@ def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch):
     assert {row["key"]: row["flare22"]["mean"] for row in second["rows"]} == first
     assert all(run["reused"] for run in second["runs"].values())
 
+    last = run_cli("compare", "--models", "unet", "-q", "--out", tmp_path / "last", "--select", "last")
+    assert last.code == 0, last
+    assert "LAST epoch" in (tmp_path / "last" / "results.md").read_text()
+
 
 def test_compare_scores_match_flaresam_score_on_written_files(tiny_demo, tmp_path, monkeypatch):
     """compare's in-memory FLARE22 numbers equal `score` on the same labels written to disk."""
     from flaresam.data.phantom import write_demo_dataset
-    from flaresam.data.store import prepare_dataset
+    from flaresam.data.store import SplitSpec, prepare_dataset
     from flaresam.io.volume import write_label
     from flaresam.metrics import pair_cases, score_cases
 
@@ -109,16 +142,22 @@ def test_compare_usage_errors(run_cli, tmp_path):
     write_demo_dataset(tmp_path / "raw", cases=3, size=32, slices=8, seed=1, quiet=True)
     r = run_cli("compare", "--models", "hqsam", "--data", tmp_path / "raw", "-q", "--runs", tmp_path / "runs")
     assert r.code == 2 and "--checkpoint" in r.err and "Traceback" not in r.err
-    r = run_cli("compare", "--data", tmp_path / "missing", "--models", "unet")
+    r = run_cli("compare", "--data", tmp_path / "missing", "--models", "unet", "--encoder-weights", "none")
     assert r.code == 1 and "no such folder" in r.err
+    (tmp_path / "afile").write_text("x")
+    r = run_cli("compare", "--models", "unet", "--out", tmp_path / "afile" / "out", "--encoder-weights", "none",
+                "--runs", tmp_path / "runs2")
+    assert r.code == 1 and "afile" in r.err and not (tmp_path / "runs2").exists()  # refused before any training
+    r = run_cli("compare", "--models", "unet", "--select", "first")
+    assert r.code == 2 and "--select" in r.err
 
 
 def test_figure5_picks_slices_with_thin_structures(tmp_path):
     from flaresam.data.phantom import write_demo_dataset
-    from flaresam.data.store import prepare_dataset
+    from flaresam.data.store import SplitSpec, prepare_dataset
 
     write_demo_dataset(tmp_path / "raw", cases=2, size=48, slices=16, seed=2, quiet=True)
-    store = prepare_dataset(tmp_path / "raw", tmp_path / "prep", quiet=True, workers=1, val_fraction=0.5)
+    store = prepare_dataset(tmp_path / "raw", tmp_path / "prep", quiet=True, workers=1, split=SplitSpec(val_fraction=0.5, test_fraction=0.0))
     cases = {cid: store.load_case(cid) for cid in store.case_ids}
     picks = compare_mod._figure5_slices(cases, n=3)
     assert len(picks) == 3

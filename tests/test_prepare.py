@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from flaresam.data import store as store_mod
-from flaresam.data.store import PreparedStore, prepare_dataset, slice_boxes, split_cases
+from flaresam.data.store import PreparedStore, SplitSpec, prepare_dataset, slice_boxes, split_cases
 from flaresam.data.window import Window, apply_window, parse_window
 from flaresam.errors import DataError, UsageError
 from flaresam.io.dataset import discover_cases
@@ -128,16 +128,46 @@ def test_slice_boxes_match_brute_force():
 
 def test_split_is_by_case_deterministic_and_disjoint():
     ids = [f"c{i:02d}" for i in range(50)]
-    a = split_cases(ids, 0.2, seed=0)
-    b = split_cases(list(reversed(ids)), 0.2, seed=0)
-    c = split_cases(ids, 0.2, seed=1)
+    a = split_cases(ids, SplitSpec(val_fraction=0.1, test_fraction=0.2, seed=0))
+    b = split_cases(list(reversed(ids)), SplitSpec(val_fraction=0.1, test_fraction=0.2, seed=0))
+    c = split_cases(ids, SplitSpec(val_fraction=0.1, test_fraction=0.2, seed=1))
     assert a == b
     assert a != c
-    assert len(a["val"]) == 10 and len(a["train"]) == 40
-    assert not set(a["train"]) & set(a["val"])
-    assert set(a["train"]) | set(a["val"]) == set(ids)
-    with pytest.raises(UsageError):
-        split_cases(ids, 1.5)
+    # the study's 80/20 as (train + val) / test, validation carved from the 80 %
+    assert len(a["test"]) == 10 and len(a["val"]) == 5 and len(a["train"]) == 35
+    assert not set(a["train"]) & set(a["val"]) and not set(a["train"]) & set(a["test"]) and not set(a["val"]) & set(a["test"])
+    assert set(a["train"]) | set(a["val"]) | set(a["test"]) == set(ids)
+    for bad in (dict(val_fraction=1.5), dict(test_fraction=-0.1), dict(val_fraction=0.5, test_fraction=0.5)):
+        with pytest.raises(UsageError):
+            SplitSpec(**bad)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 10])
+def test_split_keeps_a_training_case_and_fills_small_sets(n):
+    split = split_cases([f"c{i}" for i in range(n)], SplitSpec(val_fraction=0.1, test_fraction=0.2))
+    assert len(split["train"]) >= 1
+    assert len(split["val"]) == (1 if n >= 2 else 0)
+    assert len(split["test"]) == (0 if n < 3 else max(1, round(0.2 * n)))
+
+
+def test_a_store_is_never_resplit(tmp_path):
+    from flaresam.data.phantom import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "raw", cases=4, size=32, slices=8, seed=1, quiet=True)
+    first = prepare_dataset(tmp_path / "raw", tmp_path / "prep", split=SplitSpec(seed=0), workers=1, quiet=True)
+    again = prepare_dataset(tmp_path / "raw", tmp_path / "prep", split=SplitSpec(seed=0), workers=1, quiet=True)
+    assert again.split == first.split and first.test_ids and first.val_ids
+    assert first.split_spec == {"seed": 0, "val_fraction": 0.1, "test_fraction": 0.2}
+    with pytest.raises(UsageError, match="not re-split"):
+        prepare_dataset(tmp_path / "raw", tmp_path / "prep", split=SplitSpec(seed=1), workers=1, quiet=True)
+    assert PreparedStore(tmp_path / "prep").split == first.split
+    # the cache of a raw dataset has one folder per split: another --seed never touches the one in use
+    from flaresam.data.store import ensure_prepared
+
+    a = ensure_prepared(tmp_path / "raw", split=SplitSpec(seed=0), quiet=True)
+    b = ensure_prepared(tmp_path / "raw", split=SplitSpec(seed=5), quiet=True)
+    assert a.root != b.root and PreparedStore(a.root).split_spec["seed"] == 0
+    assert a.synthetic and b.synthetic  # demo-data's marker file travels into the manifest
 
 
 # ---------------------------------------------------------------- prepare
@@ -147,7 +177,7 @@ def test_prepare_store_contents_and_alignment(tmp_path: Path):
     data = make_dataset(tmp_path / "ds", n=5, flip_label_every=2)
     st = prepare_dataset(data, tmp_path / "prep", workers=1, quiet=True)
     assert st.case_ids == [f"CASE_{i:03d}" for i in range(5)]
-    assert len(st.val_ids) == 1 and len(st.train_ids) == 4
+    assert len(st.val_ids) == 1 and len(st.test_ids) == 1 and len(st.train_ids) == 3
     for i, cid in enumerate(st.case_ids):
         hu, label = _case_arrays(i)
         case = st.load_case(cid)
@@ -233,7 +263,7 @@ def test_prepare_cli_summary_json_and_errors(tmp_path: Path, run_cli):
     assert res.code == 0, res
     assert "Prepared" in res.out and "slices with liver" in res.out
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["cases"] == 4 and summary["train"] + summary["val"] == 4
+    assert summary["cases"] == 4 and summary["train"] + summary["val"] + summary["test"] == 4 and summary["test"] == 1
     assert summary["slices"] == 4 * 8
     assert PreparedStore(tmp_path / "prep").fingerprint == summary["fingerprint"]
     again = run_cli("prepare", "--data", data, "--out", tmp_path / "prep", "--quiet")
@@ -247,7 +277,7 @@ def test_prepare_cli_summary_json_and_errors(tmp_path: Path, run_cli):
 
 
 def test_prepare_real_ct_sample(tmp_path: Path, ts_example: Path):
-    st = prepare_dataset(ts_example, tmp_path / "prep", workers=1, quiet=True, val_fraction=0.0)
+    st = prepare_dataset(ts_example, tmp_path / "prep", workers=1, quiet=True, split=SplitSpec(val_fraction=0.0, test_fraction=0.0))
     case = st.load_case("TS_0001")
     assert case.image.shape == (30, 101, 122)
     # liver (1) lies on the patient's right: small x in canonical orientation; spleen (3) on the left

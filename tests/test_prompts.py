@@ -87,12 +87,39 @@ def test_resize_and_boxes_match_sams_transform():
         boxes = np.array([[10, 20, 200, 250], [0, 0, w - 1, h - 1]], dtype=np.float32)
         ours = sam_io.boxes_to_frame(boxes, (h, w), sam_io.preprocess_shape(h, w, 1024))
         assert np.allclose(ours, t.apply_boxes(boxes, (h, w)))
-        img = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (h, w), dtype=np.uint8))
-        frames, (nh, nw) = sam_io.resize_slices(img[None], 1024)
-        theirs = t.apply_image_torch(img[None, None].float().expand(1, 3, h, w))[0, 0]
-        assert frames.shape == (1, 1024, 1024)
-        assert torch.equal(frames[0, :nh, :nw], theirs.round().clamp(0, 255).to(torch.uint8))
-        assert frames[0, nh:].sum() == 0 and frames[0, :, nw:].sum() == 0
+
+
+class _Recorder(torch.nn.Module):
+    """An image encoder that records what SamPredictor.set_image feeds it."""
+
+    img_size = 1024
+
+    def forward(self, x):
+        self.seen = x
+        return torch.zeros(x.shape[0], 256, 64, 64), [torch.zeros(x.shape[0], 64, 64, 768)]
+
+
+@pytest.mark.parametrize("hw", [(512, 512), (512, 400), (64, 64), (300, 700)])
+def test_resize_equals_sampredictor_set_image(hw):
+    """The frame the encoder sees is SamPredictor.set_image's, pixel for pixel (PIL's uint8 resize, then
+    normalisation and padding), on a CT-like image with smooth regions and edges."""
+    from segment_anything_hq import SamPredictor
+    from segment_anything_hq.modeling import MaskDecoderHQ, PromptEncoder, Sam, TwoWayTransformer
+
+    h, w = hw
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = (120 + 60 * np.sin(yy / 7.0) * np.cos(xx / 11.0) + rng.normal(0, 12, (h, w))).clip(0, 255).astype(np.uint8)
+    sam = Sam(_Recorder(), PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16),
+              MaskDecoderHQ(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                            transformer_dim=256, vit_dim=768))
+    SamPredictor(sam).set_image(np.repeat(img[..., None], 3, axis=2))
+    theirs = sam.image_encoder.seen[0]
+    frames, (nh, nw) = sam_io.resize_slices(img[None], 1024)
+    ours = sam_io.normalise(frames, torch.tensor([[nh, nw]]), sam.pixel_mean, sam.pixel_std)[0]
+    assert frames.shape == (1, 1024, 1024)
+    assert torch.equal(ours, theirs)
+    assert frames[0, nh:].sum() == 0 and frames[0, :, nw:].sum() == 0
 
 
 def test_normalise_and_postprocess_match_sam():

@@ -205,6 +205,7 @@ class ToyStep:
     """Prompted like SAM: fills each box prompt with its organ. Tests the protocol, not a model."""
 
     prompted = True
+    prompt_min_pixels = 1  # the optional hook: every organ present gets its box in validation
     instances: list[ToyStep] = []
 
     def __init__(self, name: str = "toy") -> None:
@@ -270,7 +271,7 @@ def test_a_step_with_only_the_protocol_trains_and_reloads(store, tmp_path, monke
 def _torchrun(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
 
 
 def test_finetune_under_torchrun_with_two_cpu_processes(store, tmp_path):

@@ -17,30 +17,38 @@ def compare(
     ),
     out: Path = typer.Option(Path("flaresam-compare"), "--out", help="Folder for results.json/.csv/.md and the figures."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where runs are trained, and finished matching runs reused."),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs per model \\[default: 10; demo: 20]."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs per model \\[default: 10; demo: 12]."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Slices per training step \\[default: 8]."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch (quick runs)."),
-    arch: str | None = typer.Option(None, "--arch", help="SAM architecture: vit_b | vit_l | vit_h | vit_tiny \\[default: vit_b; demo: a tiny test network]."),
+    arch: str | None = typer.Option(None, "--arch", help="SAM architecture: vit_b | vit_l | vit_h | vit_tiny \\[default: the checkpoint's; demo: the stand-in's]."),
     checkpoint: str | None = typer.Option(
-        None, "--checkpoint", help="Official HQ-SAM checkpoint (file or name, e.g. sam_hq_vit_b) for hqsam, and for sam unless --sam-checkpoint."
+        None, "--checkpoint", help="Official HQ-SAM checkpoint (file or name, e.g. sam_hq_vit_b) for hqsam, and for sam unless --sam-checkpoint. "
+        "Demo default: flaresam's synthetic stand-in (see `flaresam weights standin`)."
     ),
     sam_checkpoint: str | None = typer.Option(None, "--sam-checkpoint", help="Official SAM checkpoint for the sam model (e.g. sam_vit_b)."),
-    init: str | None = typer.Option(None, "--init", help="'random': SAM encoders without official weights (demo, ablations)."),
+    init: str | None = typer.Option(None, "--init", help="'random': SAM encoders without any pretrained weights (ablation)."),
+    trainable: str | None = typer.Option(None, "--trainable", help="SAM models: decoder (the study) | hq (HQ-SAM's parts only, the HQ-SAM authors' setting; SAM then trains its decoder)."),
+    loss: str | None = typer.Option(None, "--loss", help="SAM models: dice (the study) | dice+bce (the HQ-SAM authors')."),
+    jitter: int | None = typer.Option(None, "--jitter", min=0, help="SAM models: outward box jitter in training, 0..N pixels of SAM's 1024 frame \\[default: 20]."),
     encoder: str | None = typer.Option(None, "--encoder", help="Dense models' smp encoder \\[default: resnet34; demo: mobilenet_v2]."),
     encoder_weights: str | None = typer.Option(None, "--encoder-weights", help="Dense models: imagenet | none \\[default: imagenet; demo: none]."),
     device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
     seed: int = typer.Option(0, "--seed", help="Seed of the split (raw data), initialisation and sampling."),
+    val_fraction: float | None = typer.Option(None, "--val-fraction", help="Cases for validation (best epoch, proposer) \\[default: 0.1; demo: 0.2]."),
+    test_fraction: float | None = typer.Option(None, "--test-fraction", help="Cases held out and reported on \\[default: 0.2, the study's]."),
     val_slices: int | None = typer.Option(None, "--val-slices", min=1, help="Per-epoch validation: at most N slices per case."),
+    select: str = typer.Option("best", "--select", help="Which epoch of each run is tested: best (by validation 2D Dice) | last."),
     json_out: bool = typer.Option(False, "--json", help="Also print results.json to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network: checkpoints must already be cached."),
 ) -> None:
-    """Train (or reuse) each model on one split and compare them: 2D Dice as the study, FLARE22 DSC/NSD in 3D, oracle vs automatic boxes."""
+    """Train (or reuse) each model on one split and compare them on held-out test cases: 2D Dice as the study, FLARE22 DSC/NSD, box-fill and zero-shot baselines, oracle vs automatic boxes."""
     if offline:
         import os
 
         os.environ["FLARESAM_OFFLINE"] = "1"  # honoured by every download (flaresam.models.weights)
     import json
+    import sys
 
     from flaresam.compare import ComparePlan, parse_models, render_table, run_compare
     from flaresam.report import jsonable
@@ -58,12 +66,19 @@ def compare(
         checkpoint=checkpoint,
         sam_checkpoint=sam_checkpoint,
         init=init,
+        trainable=trainable,
+        loss=loss,
+        jitter=jitter,
         encoder=encoder,
         encoder_weights=encoder_weights,
         device=device,
         seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
         val_slices=val_slices,
+        select=select,
         quiet=quiet,
+        command=("flaresam", *sys.argv[1:]) if sys.argv and sys.argv[0].endswith("flaresam") else ("flaresam", "compare"),
     )
     results = run_compare(plan)
     stdout.print(render_table(results))

@@ -43,7 +43,7 @@ def finetune(
     init: str | None = typer.Option(None, "--init", help="SAM: 'random' to start without official weights (tests, ablations)."),
     trainable: str | None = typer.Option(None, "--trainable", help="SAM: decoder | hq (HQ-SAM's added parts only) \\[default: decoder]."),
     jitter: int | None = typer.Option(None, "--jitter", help="SAM: random box-prompt jitter in pixels during training \\[default: 20]."),
-    min_pixels: int | None = typer.Option(None, "--min-pixels", help="SAM: skip organ masks smaller than this on a slice."),
+    min_pixels: int | None = typer.Option(None, "--min-pixels", help="SAM: organs smaller than this on a slice get no box, in training and validation alike \\[default: 10]."),
     per_component: bool | None = typer.Option(None, "--per-component/--per-organ", help="SAM: one box per connected component instead of per organ."),
     cache_embeddings: bool | None = typer.Option(None, "--cache-embeddings/--no-cache-embeddings", help="SAM: compute the frozen encoder's embeddings once and reuse them."),
     fast_encoder: bool | None = typer.Option(None, "--fast-encoder/--stock-encoder", help="SAM: the ViT encoder through fused attention (SDPA) in bf16, or the stock module \\[default: fast on CUDA]."),
@@ -65,7 +65,7 @@ def finetune(
         os.environ["FLARESAM_OFFLINE"] = "1"  # honoured by every download (weights registry, ImageNet encoders)
     from flaresam.errors import UsageError
     from flaresam.train import TrainConfig, TrainingInterrupted, is_main_process, train
-    from flaresam.ui import info
+    from flaresam.ui import info, literal
 
     model_options = {
         "loss": loss, "arch": arch, "checkpoint": checkpoint, "init": init, "trainable": trainable, "jitter": jitter,
@@ -111,7 +111,7 @@ def finetune(
         )
     except TrainingInterrupted as exc:
         if is_main_process():
-            info(f"[yellow]Stopped.[/yellow] {exc}")
+            info(f"[yellow]Stopped.[/yellow] {literal(str(exc))}")
         raise typer.Exit(130) from None
     if not is_main_process():  # under torchrun, rank 0 reports
         return
@@ -121,7 +121,7 @@ def finetune(
         from flaresam.io.atomic import atomic_write_text
 
         atomic_write_text(json_out, json.dumps(summary, indent=2))
-        info(f"Summary written to {json_out}")
+        info(f"Summary written to {literal(str(json_out))}")
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
@@ -158,7 +158,7 @@ def _print_best(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     from flaresam.organs import ORGANS
-    from flaresam.ui import info, out
+    from flaresam.ui import info, literal, out
 
     best = summary.get("best")
     if best and best.get("val_dice"):
@@ -169,4 +169,4 @@ def _print_best(summary: dict[str, Any]) -> None:
             table.add_row(o.display, _fmt(best["val_dice"].get(o.name)))
         table.add_row("[bold]mean (all slice-organ pairs)[/bold]", f"[bold]{_fmt(best['val_mean_dice'])}[/bold]")
         out.print(table)
-    info(f"Run folder {summary['run_dir']} (best: {summary['checkpoints']['best']})")
+    info(f"Run folder {literal(str(summary['run_dir']))} (best: {literal(str(summary['checkpoints']['best']))})")

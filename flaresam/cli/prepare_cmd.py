@@ -14,7 +14,8 @@ from flaresam.cli.app import app
 def prepare(
     data: Path = typer.Option(..., "--data", help="Dataset folder (FLARE22 images/ + labels/, or nnU-Net imagesTr/ + labelsTr/)."),
     out: Path = typer.Option(..., "--out", help="Folder for the prepared store."),
-    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Fraction of cases held out for validation (split by case)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Fraction of all cases for validation: best epoch and anything tuned (split by case)."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Fraction of all cases held out as the test set, only reported on (the study's 20 %)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the case split."),
     window: str = typer.Option("40,400", "--window", help="CT window LEVEL,WIDTH in HU."),
     force: bool = typer.Option(False, "--force", help="Re-prepare cases that are already finished."),
@@ -22,22 +23,21 @@ def prepare(
     json_out: Path | None = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Window, slice and box a dataset into a fast memory-mapped store with a train/val split by case."""
+    """Window, slice and box a dataset into a fast memory-mapped store with a train/val/test split by case."""
     from rich.table import Table
 
-    from flaresam.data.store import prepare_dataset
+    from flaresam.data.store import SplitSpec, prepare_dataset
     from flaresam.data.window import parse_window
     from flaresam.io.atomic import atomic_write_text
     from flaresam.organs import ORGANS
-    from flaresam.ui import info, out as stdout
+    from flaresam.ui import info, literal, out as stdout
 
     win = parse_window(window)
     skipped: list[str] = []
     store = prepare_dataset(
         data,
         out,
-        val_fraction=val_fraction,
-        seed=seed,
+        split=SplitSpec(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed),
         window=win,
         force=force,
         workers=workers or None,
@@ -45,6 +45,12 @@ def prepare(
         on_case=lambda cid, was_skipped: skipped.append(cid) if was_skipped else None,
     )
     cases = store.manifest["cases"]
+    if val_fraction > 0 and not store.manifest.get("split", {}).get("val"):
+        # one case cannot be split: training then runs without validation, which should not pass silently
+        from flaresam.ui import warn
+
+        warn(f"{len(cases)} case(s): none is held out for validation (--val-fraction {val_fraction:g}); "
+             "training will run without validation")
     organ_slices = [sum(c["organ_slices"][i] for c in cases.values()) for i in range(len(ORGANS))]
     summary = {
         "out": str(store.root),
@@ -52,15 +58,16 @@ def prepare(
         "skipped": len(skipped),
         "train": len(store.train_ids),
         "val": len(store.val_ids),
+        "test": len(store.test_ids),
         "slices": sum(c["slices"] for c in cases.values()),
         "window": win.to_list(),
         "fingerprint": store.fingerprint,
         "slices_per_organ": {o.name: n for o, n in zip(ORGANS, organ_slices)},
     }
-    table = Table(title=f"Prepared {store.root}")
+    table = Table(title=f"Prepared {literal(str(store.root))}")
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row("cases (train / val)", f"{summary['cases']} ({summary['train']} / {summary['val']})")
+    table.add_row("cases (train / val / test)", f"{summary['cases']} ({summary['train']} / {summary['val']} / {summary['test']})")
     table.add_row("already prepared, skipped", str(summary["skipped"]))
     table.add_row("axial slices", str(summary["slices"]))
     table.add_row("window (level, width)", f"{win.level:g}, {win.width:g} HU")
@@ -69,4 +76,4 @@ def prepare(
     stdout.print(table)
     if json_out:
         atomic_write_text(json_out, json.dumps(summary, indent=2))
-        info(f"Summary written to {json_out}")
+        info(f"Summary written to {literal(str(json_out))}")

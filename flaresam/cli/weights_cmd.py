@@ -134,6 +134,38 @@ def weights_verify(
         info(f"Results written to {json_out}")
     bad = [r for r in results if not r.ok]
     for r in bad:
-        warn(f"{r.entry.name}: {r.status} ({r.path}); `flaresam weights download {r.entry.name}` fetches it again")
+        if r.status == "missing":
+            warn(f"{r.entry.name}: missing ({r.path}); `flaresam weights download {r.entry.name}` fetches it")
+            continue
+        have = f"SHA-256 {r.sha256}, " if r.sha256 else ""
+        warn(f"{r.entry.name}: {r.status} ({r.path}: {have}{r.size} bytes; expected SHA-256 {r.entry.sha256}, "
+             f"{r.entry.bytes} bytes); to use it anyway, pass --checkpoint {r.path}; `flaresam weights download "
+             f"{r.entry.name}` moves it aside and fetches the official file")
     if bad:
         raise typer.Exit(1)
+
+
+@weights_app.command("standin")
+def weights_standin(
+    force: bool = typer.Option(False, "--force", help="Build again even when the cached files are complete."),
+    as_json: bool = typer.Option(False, "--json", help="Print the build record (recipe, SHA-256 of each file) as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Build (or locate) the demo's synthetic stand-in SAM and HQ-SAM checkpoints: NOT the official weights.
+
+    A small SAM pretrained here on phantoms (not the demo's cases) with box prompts, then HQ-SAM's parts on top,
+    written as official-format state dicts. `flaresam compare` without --data uses them; pass either file to
+    --checkpoint yourself. The same recipe gives the same files on the same machine and torch version.
+    """
+    from flaresam.models.standin import RECORD, standin_checkpoints
+    from flaresam.ui import info, literal, out, warn
+
+    files = standin_checkpoints(force=force, quiet=quiet)
+    record = json.loads((files["sam"].parent / RECORD).read_text())
+    if as_json:
+        typer.echo(json.dumps({**record, "files": {m: str(p) for m, p in files.items()}}, indent=2))
+        return
+    warn("synthetic stand-in for the demo: pretrained on phantoms; numbers made with it say nothing about SAM's real weights")
+    for model, path in files.items():
+        out.print(f"{model}: {literal(str(path))}  sha256 {record['sha256'][model]}", soft_wrap=True)
+    info(f"Built in {record['seconds']} s from {record['pretraining_slices']} phantom slices; recipe {record['recipe']}")

@@ -1,8 +1,13 @@
 """Box prompts from label slices: what SAM is told to segment.
 
 Per axial slice every present organ gets one tight box (option: one per
-connected component); organs with fewer than ``min_pixels`` pixels on the slice
-are skipped (a few stray voxels make a degenerate box that teaches nothing).
+connected component). ``min_pixels`` (default 10) skips organs with fewer
+pixels on the slice: a few stray voxels make a degenerate box that teaches
+nothing. Training and evaluation apply the same rule (:func:`oracle_boxes`),
+so an organ that never gets a box in training is never handed one in
+evaluation either; its pairs still count in the 2D Dice (as misses, for every
+prompted row and the box-fill baseline alike) and ``compare`` reports how many
+there are, so small organs are never silently dropped.
 During training each side of a box moves *outward* by a random 0..N pixels,
 with N counted in SAM's 1024 frame (default 20) so the jitter means the same
 whatever the slice size; moving outward only (the MedSAM convention) keeps the
@@ -22,12 +27,13 @@ from flaresam.errors import UsageError
 from flaresam.organs import NUM_ORGANS
 
 DEFAULT_JITTER_PX = 20
+SAM_FRAME = 1024  # the official SAM input size: jitter is counted in its pixels
 DEFAULT_MIN_PIXELS = 10
 
 
 @dataclass(frozen=True)
 class PromptConfig:
-    jitter_px: int = DEFAULT_JITTER_PX  # outward jitter per side, 0..N pixels in the 1024 frame
+    jitter_px: int = DEFAULT_JITTER_PX  # outward jitter per side, 0..N pixels of SAM's 1024 frame (converted)
     min_pixels: int = DEFAULT_MIN_PIXELS  # organs (components) smaller than this on a slice get no prompt
     per_component: bool = False  # one box per connected component instead of per organ
 
@@ -109,19 +115,55 @@ def slice_prompts(
     )
 
 
+def oracle_boxes(boxes: np.ndarray, pixels: np.ndarray, min_pixels: int = DEFAULT_MIN_PIXELS) -> np.ndarray:
+    """The ground-truth box prompts of slices: ``boxes`` int32 [n, 13, 4] with organs below ``min_pixels`` removed (-1).
+
+    ``boxes`` and ``pixels`` are the prepared store's tables; the rule is the one
+    :func:`slice_prompts` applies in training.
+    """
+    out = np.array(boxes, dtype=np.int32, copy=True)
+    out[np.asarray(pixels) < min_pixels] = -1
+    return out
+
+
+def box_fill(boxes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The baseline without a model: every box prompt filled with its organ, a label volume uint8 ``shape``.
+
+    ``boxes`` int32 [z, 13, 4] (inclusive, -1 = none). Where boxes overlap, the
+    smaller box is painted last and wins, so a small organ inside a large one's
+    box stays visible (the choice that favours the baseline).
+    """
+    out = np.zeros(shape, dtype=np.uint8)
+    boxes = np.asarray(boxes)
+    for z in range(boxes.shape[0]):
+        present = np.flatnonzero(boxes[z, :, 0] >= 0)
+        if not len(present):
+            continue
+        b = boxes[z, present]
+        area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+        for k in np.argsort(-area, kind="stable"):
+            x0, y0, x1, y1 = (int(v) for v in b[k])
+            out[z, y0 : y1 + 1, x0 : x1 + 1] = present[k] + 1
+    return out
+
+
 def jitter_boxes(
     boxes: np.ndarray,
     max_px: int,
     rng: np.random.Generator,
     frame_hw: tuple[int, int],
+    frame_size: int = 1024,
 ) -> np.ndarray:
-    """Move each side of frame-space boxes [K, 4] outward by a random integer 0..``max_px``.
+    """Move each side of frame-space boxes [K, 4] outward by a random 0..``max_px`` pixels of SAM's 1024 frame.
 
+    The draw is an integer number of 1024-frame pixels, scaled to the frame the
+    boxes live in (``frame_size``, the architecture's input size), so the
+    jitter is the same fraction of the image whatever the architecture.
     Results are clipped to the image inside the frame (``frame_hw`` = (h', w')).
     """
     out = np.asarray(boxes, dtype=np.float32).copy()
     if max_px > 0 and len(out):
-        shift = rng.integers(0, max_px + 1, size=out.shape).astype(np.float32)
+        shift = rng.integers(0, max_px + 1, size=out.shape).astype(np.float32) * np.float32(frame_size / SAM_FRAME)
         out += shift * np.asarray([-1, -1, 1, 1], dtype=np.float32)
     h, w = frame_hw
     np.clip(out[:, 0::2], 0, w - 1, out=out[:, 0::2])

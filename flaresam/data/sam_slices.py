@@ -84,7 +84,7 @@ class SamSliceDataset(torch.utils.data.Dataset):
         prompts = slice_prompts(np.asarray(case.label[z]), self.prompts, case.boxes[z], case.pixels[z])
         input_hw = preprocess_shape(h, w, self.image_size)
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        boxes = jitter_boxes(boxes_to_frame(prompts.boxes, (h, w), input_hw), self.prompts.jitter_px, rng, input_hw)
+        boxes = jitter_boxes(boxes_to_frame(prompts.boxes, (h, w), input_hw), self.prompts.jitter_px, rng, input_hw, self.image_size)
         targets = lowres_targets(torch.from_numpy(prompts.masks), input_hw, self.image_size, self.lowres)
 
         item: dict[str, Any] = {
@@ -109,7 +109,7 @@ class SamSliceDataset(torch.utils.data.Dataset):
                 item["embedding"] = torch.from_numpy(hit[0])
                 item["interm"] = None if hit[1] is None else torch.from_numpy(hit[1])
                 return item
-        item["image"] = resize_slices(torch.from_numpy(np.array(image))[None], self.image_size)[0][0]
+        item["image"] = resize_slices(np.asarray(image)[None], self.image_size)[0][0]
         return item
 
 

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from flaresam.errors import DataError, UsageError
-from flaresam.io.atomic import atomic_write_text
+from flaresam.io.atomic import WriteError, atomic_write_text
 from flaresam.io.dataset import Case, discover_cases
 from flaresam.io.volume import Geometry, read_label, read_volume
 from flaresam.organs import NUM_ORGANS
@@ -82,18 +83,53 @@ def slice_boxes(label: np.ndarray, num_organs: int = NUM_ORGANS) -> tuple[np.nda
 # split
 
 
-def split_cases(case_ids: list[str], val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[str]]:
-    """Seeded split by case: the same ids, fraction and seed always give the same split."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+@dataclass(frozen=True)
+class SplitSpec:
+    """How cases are split: the study's 80/20 as (training + validation) / test, validation carved from the 80 %.
+
+    Fractions are of all cases. ``test`` cases are only ever reported on;
+    ``val`` cases choose the best epoch and anything else that is tuned (the
+    box proposer of ``compare``); ``train`` cases are trained on.
+    """
+
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise UsageError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise UsageError(f"--val-fraction {self.val_fraction:g} + --test-fraction {self.test_fraction:g} leave no training cases")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+
+
+def split_cases(case_ids: list[str], spec: SplitSpec = SplitSpec()) -> dict[str, list[str]]:
+    """Seeded split by case into disjoint ``train``, ``val`` and ``test`` lists.
+
+    The same ids and spec always give the same split. At least one case trains;
+    with two or more cases a non-zero ``val_fraction`` gets at least one, and
+    with three or more a non-zero ``test_fraction`` gets at least one.
+    """
     ids = sorted(case_ids)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_val = int(round(len(ids) * val_fraction))
-    if val_fraction > 0 and len(ids) >= 2:
-        n_val = min(max(n_val, 1), len(ids) - 1)
-    val = sorted(ids[i] for i in order[:n_val])
-    train = sorted(ids[i] for i in order[n_val:])
-    return {"train": train, "val": val}
+    n = len(ids)
+    order = np.random.default_rng(spec.seed).permutation(n)
+    n_test = int(round(n * spec.test_fraction))
+    if spec.test_fraction > 0 and n >= 3:
+        n_test = max(n_test, 1)
+    n_val = int(round(n * spec.val_fraction))
+    if spec.val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, max(0, n - 1))
+    n_test = min(n_test, max(0, n - 1 - n_val))
+    test = sorted(ids[i] for i in order[:n_test])
+    val = sorted(ids[i] for i in order[n_test : n_test + n_val])
+    train = sorted(ids[i] for i in order[n_test + n_val :])
+    return {"train": train, "val": val, "test": test}
 
 
 # ---------------------------------------------------------------------------
@@ -141,6 +177,18 @@ def prepare_case(case: Case, cases_dir: Path, window: Window) -> dict[str, Any]:
     }
     final = cases_dir / case.case_id
     tmp = cases_dir / f".{case.case_id}.partial-{os.getpid()}"
+    try:
+        _write_case(tmp, final, cases_dir, case.case_id, img8, lab8, boxes, pixels, meta)
+    except OSError as exc:  # a full disk or a read-only store: name the place, not just "[Errno 28]"
+        # WriteError: a DataError for the CLI, still an OSError for callers
+        raise WriteError(f"cannot write case {case.case_id} into {cases_dir}: {exc.strerror or exc}") from None
+    return meta
+
+
+def _write_case(
+    tmp: Path, final: Path, cases_dir: Path, case_id: str,
+    img8: np.ndarray, lab8: np.ndarray, boxes: np.ndarray, pixels: np.ndarray, meta: dict[str, Any],
+) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -151,14 +199,85 @@ def prepare_case(case: Case, cases_dir: Path, window: Window) -> dict[str, Any]:
         np.save(tmp / "pixels.npy", pixels)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():
-            trash = cases_dir / f".{case.case_id}.old-{os.getpid()}"
+            trash = cases_dir / f".{case_id}.old-{os.getpid()}"
             os.replace(final, trash)
             shutil.rmtree(trash)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
-    return meta
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _warn_not_hounsfield(metas: dict[str, dict[str, Any]]) -> None:
+    """One warning naming the cases whose intensities do not look like CT in HU.
+
+    An already windowed dataset (0..255 or 0..1) would be windowed a second time
+    into a nearly constant image; ``predict`` warns about such scans, and so does this.
+    """
+    from flaresam.ui import warn
+
+    odd = sorted(
+        cid for cid, m in metas.items()
+        if isinstance(m.get("hu_range"), list) and len(m["hu_range"]) == 2
+        and (m["hu_range"][0] > -500 or m["hu_range"][1] < 100)  # same rule as predict._check_ct
+    )
+    if odd:
+        shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+        lo = min(metas[c]["hu_range"][0] for c in odd)
+        hi = max(metas[c]["hu_range"][1] for c in odd)
+        warn(
+            f"{len(odd)} of {len(metas)} case(s) do not look like CT in Hounsfield units "
+            f"(intensities {lo:g}..{hi:g}; air is near -1000, bone above 100): {shown}; "
+            "they are windowed as HU all the same"
+        )
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Make a `prepare` worker process end when the process that started it dies.
+
+    Without this, a SIGKILLed `flaresam prepare` leaves its workers blocked for
+    good on the task queue. Linux: the kernel sends SIGKILL on the parent's death
+    (PR_SET_PDEATHSIG); everywhere: a watchdog thread checks the parent.
+    """
+    import threading
+    import time
+
+    direct_child = os.getppid() == parent_pid
+    if direct_child and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if direct_child and os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def parent_alive() -> bool:
+        if direct_child:
+            return os.getppid() == parent_pid  # re-parented once the parent is gone, even as a zombie
+        try:
+            with open(f"/proc/{parent_pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                return False
+            except OSError:
+                pass
+            return True
+
+    def watch() -> None:
+        while parent_alive():
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="flaresam-parent-watch", daemon=True).start()
 
 
 def _case_is_current(case: Case, cases_dir: Path, window: Window) -> dict[str, Any] | None:
@@ -171,7 +290,32 @@ def _case_is_current(case: Case, cases_dir: Path, window: Window) -> dict[str, A
         return None
     if meta.get("window") != window.to_list() or meta.get("source") != _source_stamp(case):
         return None
+    # The sources are unchanged, but the store's own files may not be (a disk error,
+    # an interrupted copy, a hand edit): only a case whose arrays load with the
+    # recorded shapes and hash to the recorded fingerprint counts as done.
+    if not _case_arrays_intact(cases_dir / case.case_id, meta):
+        return None
     return meta
+
+
+def _case_arrays_intact(case_dir: Path, meta: dict[str, Any]) -> bool:
+    try:
+        z, y, x = (int(v) for v in meta["shape_zyx"])
+        expected = {
+            "image.npy": ((z, y, x), np.uint8),
+            "label.npy": ((z, y, x), np.uint8),
+            "boxes.npy": ((z, NUM_ORGANS, 4), np.int32),
+            "pixels.npy": ((z, NUM_ORGANS), np.int32),
+        }
+        arrays = {}
+        for name, (shape, dtype) in expected.items():
+            a = np.load(case_dir / name, mmap_mode="r")
+            if a.shape != shape or a.dtype != np.dtype(dtype):
+                return False
+            arrays[name] = a
+        return _fingerprint(arrays["image.npy"], arrays["label.npy"]) == meta["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError):  # missing, truncated or foreign files
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -241,6 +385,26 @@ class PreparedStore:
         return list(self.split["val"])
 
     @property
+    def synthetic(self) -> bool:
+        """True when the source is a phantom dataset that flaresam wrote (its ``demo-data`` marker file)."""
+        if "synthetic" in self.manifest:
+            return bool(self.manifest["synthetic"])
+        from flaresam.data.phantom import read_marker
+
+        source = self.manifest.get("source")
+        return bool(source) and read_marker(Path(source)) is not None
+
+    @property
+    def test_ids(self) -> list[str]:
+        """Held-out cases, reported on and never tuned on (empty in a store made before the test split)."""
+        return list(self.split.get("test", []))
+
+    @property
+    def split_spec(self) -> dict[str, Any]:
+        """The settings the split was made with (seed and fractions), as recorded in the manifest."""
+        return {k: self.manifest.get(k, 0.0 if k == "test_fraction" else None) for k in SplitSpec().to_dict()}
+
+    @property
     def fingerprint(self) -> str:
         return str(self.manifest["fingerprint"])
 
@@ -273,8 +437,7 @@ def prepare_dataset(
     data_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    split: SplitSpec = SplitSpec(),
     window: Window = DEFAULT_WINDOW,
     force: bool = False,
     workers: int | None = None,
@@ -284,13 +447,17 @@ def prepare_dataset(
     """Prepare ``data_dir`` into ``out_dir`` (incremental, idempotent, crash-safe).
 
     Finished cases whose source files and window are unchanged are skipped unless
-    ``force``. ``on_case(case_id, skipped)`` is called after each case.
+    ``force``. ``on_case(case_id, skipped)`` is called after each case. A store
+    keeps the split it was made with: runs trained on it rely on that split, so
+    preparing it again with other split settings is refused.
     """
+    from flaresam.data.phantom import read_marker
     from flaresam.ui import progress
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder")
+    _check_same_split(out, split)
     cases = discover_cases(data_dir)
     cases_dir = out / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +485,7 @@ def prepare_dataset(
                 if on_case:
                     on_case(case.case_id, False)
         elif todo:
-            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+            with ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(prepare_case, c, cases_dir, window): c for c in todo}
                 for fut in as_completed(futures):
                     case = futures[fut]
@@ -327,14 +494,15 @@ def prepare_dataset(
                     if on_case:
                         on_case(case.case_id, False)
 
+    _warn_not_hounsfield(metas)
     ids = sorted(metas)
     manifest = {
         "format": FORMAT,
         "source": str(Path(data_dir).resolve()),
         "window": window.to_list(),
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "split": split_cases(ids, val_fraction, seed),
+        **split.to_dict(),
+        "split": split_cases(ids, split),
+        "synthetic": read_marker(Path(data_dir)) is not None,  # flaresam's own phantoms: every report says so
         "cases": {
             cid: {
                 "slices": metas[cid]["shape_zyx"][0],
@@ -355,11 +523,28 @@ def prepare_dataset(
     return PreparedStore(out)
 
 
-def cache_dir_for(data_dir: str | os.PathLike[str], window: Window) -> Path:
+def _check_same_split(out: Path, split: SplitSpec) -> None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # a damaged manifest is rewritten from the cases
+    before = {k: old.get(k, 0.0 if k == "test_fraction" else None) for k in split.to_dict()}  # 0.0: made before the test split
+    if before != split.to_dict():
+        raise UsageError(
+            f"{out} was split with seed {before['seed']}, val fraction {before['val_fraction']}, test fraction "
+            f"{before['test_fraction']}; runs trained on it rely on that split, so it is not re-split: prepare into another --out"
+        )
+
+
+def cache_dir_for(data_dir: str | os.PathLike[str], window: Window, split: SplitSpec = SplitSpec()) -> Path:
+    """The cache folder of a raw dataset: one per source, window and split, so another split never replaces one in use."""
     from flaresam.paths import prepared_cache_dir
 
     src = Path(data_dir).resolve()
-    key = hashlib.blake2b(f"{src}|{window}".encode(), digest_size=6).hexdigest()
+    key = hashlib.blake2b(f"{src}|{window}|{json.dumps(split.to_dict(), sort_keys=True)}".encode(), digest_size=6).hexdigest()
     return prepared_cache_dir() / f"{src.name}-{key}"
 
 
@@ -367,8 +552,7 @@ def ensure_prepared(
     data: str | os.PathLike[str],
     *,
     window: Window = DEFAULT_WINDOW,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    split: SplitSpec = SplitSpec(),
     cache_dir: str | os.PathLike[str] | None = None,
     quiet: bool = False,
 ) -> PreparedStore:
@@ -380,5 +564,5 @@ def ensure_prepared(
     """
     if PreparedStore.is_store(data):
         return PreparedStore(data)
-    target = Path(cache_dir) if cache_dir else cache_dir_for(data, window)
-    return prepare_dataset(data, target, val_fraction=val_fraction, seed=seed, window=window, quiet=quiet)
+    target = Path(cache_dir) if cache_dir else cache_dir_for(data, window, split)
+    return prepare_dataset(data, target, split=split, window=window, quiet=quiet)

@@ -82,33 +82,79 @@ def _probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return result[0]
 
 
-def encoder_weights_file(encoder: str, weights: str) -> Path:
-    """Path of the encoder's ``model.safetensors``: from the cache, else downloaded (fails fast offline)."""
+def _weights_source(encoder: str, weights: str) -> tuple[str, str]:
+    """(Hugging Face repo id, revision) that smp publishes ``encoder``'s ``weights`` under."""
     from segmentation_models_pytorch.encoders import encoders
 
+    if encoder not in encoders:
+        raise UsageError(f"unknown --encoder {encoder!r}; e.g. resnet18, resnet34, resnet50, efficientnet-b0, mobilenet_v2 (see segmentation-models-pytorch)")
     settings = encoders[encoder]["pretrained_settings"]
     if weights not in settings:
         raise UsageError(f"--encoder-weights {weights} is not published for {encoder}; available: {', '.join(settings)}, none")
-    repo_id, revision = settings[weights]["repo_id"], settings[weights]["revision"]
-    cache = _hf_cache_dir()
+    return settings[weights]["repo_id"], settings[weights]["revision"]
+
+
+def encoder_weights_path(encoder: str, weights: str) -> Path:
+    """Where the encoder's ``model.safetensors`` must be for flaresam (and smp) to find it without a network.
+
+    The Hugging Face hub cache layout: ``<hub cache>/models--<org>--<repo>/snapshots/<revision>/model.safetensors``;
+    smp pins every encoder to a commit, so no ``refs/`` file is needed. Placing the file there by hand works offline.
+    """
+    repo_id, revision = _weights_source(encoder, weights)
+    return _hf_cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / revision / "model.safetensors"
+
+
+def _cached_weights(encoder: str, weights: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id, "model.safetensors", cache_dir=str(cache), revision=revision)
-    if isinstance(cached, str) and Path(cached).is_file():
-        return Path(cached)
+    repo_id, revision = _weights_source(encoder, weights)
+    cached = try_to_load_from_cache(repo_id, "model.safetensors", cache_dir=str(_hf_cache_dir()), revision=revision)
+    return Path(cached) if isinstance(cached, str) and Path(cached).is_file() else None
+
+
+def _manual_hint(encoder: str, weights: str) -> str:
+    repo_id, revision = _weights_source(encoder, weights)
+    return (f"put model.safetensors from https://huggingface.co/{repo_id} (revision {revision}) at "
+            f"{encoder_weights_path(encoder, weights)}, run once with network access, or use --encoder-weights none")
+
+
+def check_encoder_weights_available(encoder: str, encoder_weights: str | None, offline: bool | None = None) -> None:
+    """Fail early (before any training) when pretrained encoder weights are needed but cannot be had.
+
+    Returns when no weights are asked for (None/"none"), when they are in the local cache, or when the hub
+    answers (a later build downloads them). Otherwise a :class:`DataError` that names the exact path to put
+    the file at by hand; offline (``offline`` or ``FLARESAM_OFFLINE``/``HF_HUB_OFFLINE``) never opens a socket.
+    """
+    if encoder_weights in (None, "none", "None", ""):
+        return
+    if _cached_weights(encoder, encoder_weights) is not None:
+        return
+    if offline or _offline():
+        raise DataError(f"{encoder_weights} weights for encoder {encoder} are not in the local cache and offline mode is on; "
+                        f"{_manual_hint(encoder, encoder_weights)}")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    hint = f"run once with network access (they are cached under {cache}), or use --encoder-weights none"
-    if _offline():
-        raise DataError(f"{weights} weights for encoder {encoder} are not in the local cache and offline mode is on; {hint}")
     reason = _probe(endpoint)
     if reason is not None:
-        raise DataError(f"cannot download {weights} weights for encoder {encoder} from {endpoint} ({reason}); {hint}")
+        raise DataError(f"cannot download {encoder_weights} weights for encoder {encoder} from {endpoint} ({reason}); "
+                        f"{_manual_hint(encoder, encoder_weights)}")
+
+
+def encoder_weights_file(encoder: str, weights: str) -> Path:
+    """Path of the encoder's ``model.safetensors``: from the cache, else downloaded (fails fast offline)."""
+    repo_id, revision = _weights_source(encoder, weights)
+    cache = _hf_cache_dir()
+    cached = _cached_weights(encoder, weights)
+    if cached is not None:
+        return cached
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    hint = _manual_hint(encoder, weights)
+    check_encoder_weights_available(encoder, weights)  # offline or no network: the one-line error with the path
     from huggingface_hub import hf_hub_download
 
     try:
         path = hf_hub_download(repo_id, "model.safetensors", revision=revision, cache_dir=str(cache))
     except Exception as exc:  # network, HTTP or disk: one clear line either way
-        raise DataError(f"downloading {weights} weights for encoder {encoder} from {endpoint} failed: {type(exc).__name__}: {exc}; {hint}") from None
+        raise DataError(f"downloading {weights} weights for encoder {encoder} from {endpoint} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; {hint}") from None
     return Path(path)
 
 
@@ -163,6 +209,9 @@ def build_network(name: str, encoder: str, encoder_weights: str | None, in_chann
 # the step
 
 
+DEFAULT_ENCODER = "resnet34"
+
+
 class DenseStep:
     """U-Net / DeepLabV3+ for the shared trainer: every tensor trains and is saved."""
 
@@ -172,7 +221,7 @@ class DenseStep:
         self,
         name: str = "unet",
         *,
-        encoder: str = "resnet34",
+        encoder: str = DEFAULT_ENCODER,
         encoder_weights: str | None = "imagenet",
         size: int | None = None,
         context: int = 1,

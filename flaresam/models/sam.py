@@ -28,9 +28,7 @@ embedding by index; it equals the stock per-image call (tested).
 from __future__ import annotations
 
 import contextlib
-import pickle
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -125,6 +123,13 @@ ARCHS: dict[str, ArchSpec] = {
     "vit_h": ArchSpec("vit_h", "vit", _vit(1280, 32, 16, (7, 15, 23, 31)), vit_dim=1280, signature=("vit", 1280, 32, 1024)),
     # MobileSAM's TinyViT; HQ-SAM fuses its stage-2 output (160 channels)
     "vit_tiny": ArchSpec("vit_tiny", "tinyvit", _TINYVIT, vit_dim=160, signature=("tinyvit", 320, 1024)),
+    # the built-in demo's stand-in (flaresam.models.standin): SAM's structure sized for 64 x 64 phantom slices,
+    # 256 px input, 16 x 16 image tokens, 64 x 64 masks (one mask pixel per slice pixel)
+    "demo": ArchSpec(
+        "demo", "vit", _vit(64, 4, 4, (1, 3), image_size=256, window=8, out_chans=128), image_size=256,
+        vit_dim=64, prompt_dim=128, decoder_depth=2, decoder_mlp=512, decoder_heads=4, iou_hidden=64,
+        signature=("vit", 64, 4, 256),
+    ),
     # tests only: SAM's structure at toy size (128 px input, 8 x 8 embedding, 32 x 32 masks)
     "test_tiny": ArchSpec(
         "test_tiny", "vit", _vit(32, 2, 2, (1,), image_size=128, window=4, out_chans=32), image_size=128,
@@ -233,9 +238,14 @@ def decode_tokens(
     dense: torch.Tensor,
     slice_index: torch.Tensor,
     image_pe: torch.Tensor,
+    hq_token: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two-way transformer for N prompts: output tokens [N, T', C] and the image embedding [N, C, E, E]."""
-    hq = hasattr(decoder, "hf_token")
+    """The two-way transformer for N prompts: output tokens [N, T', C] and the image embedding [N, C, E, E].
+
+    ``hq_token`` False runs an HQ-SAM decoder as a plain SAM decoder (without
+    its HQ token; the stand-in's SAM stage trains so); None: the decoder's own.
+    """
+    hq = hasattr(decoder, "hf_token") if hq_token is None else hq_token
     n = sparse.shape[0]
     weights = [decoder.iou_token.weight, decoder.mask_tokens.weight] + ([decoder.hf_token.weight] if hq else [])
     out_tokens = torch.cat(weights, dim=0).unsqueeze(0).expand(n, -1, -1)
@@ -326,21 +336,10 @@ def is_hq_key(key: str) -> bool:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, loaded with ``weights_only=True``; clear errors otherwise."""
-    if not path.exists():
-        raise DataError(f"checkpoint {path}: file not found")
-    if not path.is_file():
-        raise DataError(f"checkpoint {path}: not a file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            raise DataError(
-                f"checkpoint {path}: holds Python objects, not a plain state dict; flaresam loads tensors only "
-                "(weights_only=True); save model.state_dict() instead"
-            ) from None
-        raise DataError(f"checkpoint {path}: corrupt or not a PyTorch file ({_first_line(exc)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as exc:
-        raise DataError(f"checkpoint {path}: corrupt or not a PyTorch file ({_first_line(exc)})") from None
+    from flaresam.models.safe_load import load_checkpoint_file
+
+    # one line naming the file for corrupt, truncated, zero-filled or object-holding files (weights_only=True)
+    obj = load_checkpoint_file(path)
     if isinstance(obj, dict):
         for wrapper in ("model", "state_dict"):
             inner = obj.get(wrapper)
@@ -352,12 +351,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not any(k.startswith("image_encoder.") for k in obj):
         example = ", ".join(sorted(obj)[:3])
         raise DataError(f"checkpoint {path}: not a SAM checkpoint (no image_encoder.* tensors; it has e.g. {example})")
+    from flaresam.models.safe_load import check_finite
+
+    check_finite(obj, path)  # NaN/Inf weights would make every mask meaningless
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def _describe(obj: Any) -> str:
@@ -401,7 +398,10 @@ class LoadReport:
     ignored_other: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"Loaded {self.arch} weights from {self.path}"]
+        from flaresam.models.standin import is_standin_arch
+
+        what = "the synthetic stand-in's (not the official SAM weights)" if is_standin_arch(self.arch) else f"{self.arch}"
+        out = [f"Loaded {what} weights from {self.path}"]
         if self.fresh_hq:
             out.append(f"{self.path.name} is an original SAM checkpoint: HQ-SAM's {self.fresh_hq} HQ-only tensors "
                        f"({', '.join(HQ_MODULES)}) are freshly initialised")
@@ -438,7 +438,7 @@ def load_into(net: SamNet, state: dict[str, torch.Tensor], path: Path) -> LoadRe
         del usable[k]
     wrong = [f"{k} {tuple(usable[k].shape)} (model {tuple(own[k].shape)})" for k in usable if usable[k].shape != own[k].shape]
     if wrong:
-        raise DataError(f"checkpoint {path}: {len(wrong)} tensors have the wrong shape for {net.arch}, e.g. {wrong[0]}")
+        raise DataError(f"checkpoint {path}: {len(wrong)} tensors have the wrong shape for {net.arch}, e.g. {'; '.join(wrong[:3])}")
     # assign: an encoder built on the meta device takes the file's tensors as they are (no copy)
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in usable.items()}, strict=False, assign=True)
     left = [k for k, v in [*net.named_parameters(), *net.named_buffers()] if v.is_meta]
@@ -460,6 +460,19 @@ def resolve(spec: str, offline: bool = False, quiet: bool = False) -> tuple[Path
     from flaresam.models.weights import resolve_checkpoint
 
     return resolve_checkpoint(str(spec), offline=offline, quiet=quiet)
+
+
+def _base_sha256(path: Path, expected: str | None, quiet: bool) -> str:
+    """The base checkpoint's SHA-256; with ``expected`` (what a run recorded), a changed file is refused."""
+    from flaresam.models.weights import file_sha256
+
+    got = file_sha256(path, quiet=quiet)
+    if expected and got != expected.lower():
+        raise DataError(
+            f"base checkpoint {path} changed since the model was trained (SHA-256 now {got}, recorded {expected}): "
+            "its predictions would silently differ; put the original file back at that path"
+        )
+    return got
 
 
 NO_CHECKPOINT = (
@@ -524,6 +537,7 @@ class SamStep:
         encode_batch: int = 4,
         fast_encoder: bool | None = None,
         compile_encoder: bool | None = None,
+        checkpoint_sha256: str | None = None,
         offline: bool = False,
         quiet: bool = False,
     ) -> None:
@@ -564,6 +578,7 @@ class SamStep:
         )
         self.cache_embeddings: bool | str = cache_embeddings or False
         self.checkpoint: str | None = None
+        self.checkpoint_sha256: str | None = None
         self.load_report: LoadReport | None = None
 
         state = None
@@ -572,6 +587,7 @@ class SamStep:
             entry_arch = getattr(entry, "arch", None)
             if arch is not None and entry_arch is not None and entry_arch != arch:
                 raise UsageError(f"checkpoint {checkpoint} is {entry_arch} but --arch {arch}; pass --arch {entry_arch} (or leave --arch out)")
+            self.checkpoint_sha256 = _base_sha256(path, checkpoint_sha256, quiet)
             state = read_state_dict(path)
             detected = detect_arch(state)
             if detected is None:
@@ -610,11 +626,17 @@ class SamStep:
             p.requires_grad_(True)
         self._train_net: Any = self.net
         self._cache: Any = None
-        # prediction: each mask decoded in a window around its box (flaresam.models.mask_window), or on
-        # the whole frame as SamPredictor does; how many prompts fell back to the whole frame
-        self.mask_window = True
+        # prediction: each mask decoded on the whole frame as SamPredictor does (what validation and compare
+        # score), or, as `flaresam predict` asks by default for speed, in a window around its box
+        # (flaresam.models.mask_window); how many prompts fell back to the whole frame
+        self.mask_window = False
         self.window_stats = {"prompts": 0, "fallbacks": 0}
         self._postprocess: dict[tuple[int, int, torch.device], Any] = {}
+
+    @property
+    def prompt_min_pixels(self) -> int:
+        """The small-organ rule of training, which evaluation's ground-truth boxes follow too."""
+        return self.prompts.min_pixels
 
     # -- the ModelStep contract ---------------------------------------------
     def network(self) -> SamNet:
@@ -636,6 +658,8 @@ class SamStep:
             "name": self.name,
             "arch": self.arch,
             "checkpoint": self.checkpoint,
+            # the base file's identity: a run rebuilt later refuses a file that changed since (None: random init)
+            "checkpoint_sha256": self.checkpoint_sha256,
             "init": self.init,
             "trainable": self.trainable,
             "jitter": self.prompts.jitter_px,
@@ -804,7 +828,7 @@ class SamStep:
             hits = [cache.load(k, interm=True) for k in keys]
         todo = [j for j, hit in enumerate(hits) if hit is None]
         if todo:
-            frames, (nh, nw) = resize_slices(torch.from_numpy(slices[todo]).to(dev), self.spec.image_size)
+            frames, (nh, nw) = resize_slices(slices[todo], self.spec.image_size, dev)
             input_hw = torch.tensor([[nh, nw]] * len(todo), device=dev)
             e, i = self._encode(frames, input_hw)
             if cache is None:
