@@ -468,6 +468,9 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
                     on_case,
                 ))
         bar.update(task, description="writing results")
+    # the table reads top down: baselines, the fine-tuned SAM models, the dense models, SAM with automatic boxes
+    order = ("baseline", "fine-tuned", "trained", "automatic boxes")
+    rows.sort(key=lambda row: order.index(row.kind))  # stable: each group keeps the order of --models
 
     results = _results(r, store, rows, configs, run_dirs, status, selected, proposer, caption, device, time.time() - started)
     if prompted:

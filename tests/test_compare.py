@@ -45,8 +45,8 @@ def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch):
     assert results["synthetic_data"] is True and results["standin_sam"] is True and results["random_sam_encoders"] is False
     assert results["untrained_dense_encoders"] is True
     # baselines first: the filled box and the checkpoint before fine-tuning, then the trained rows
-    assert [row["key"] for row in results["rows"]] == ["boxfill", "hqsam@zeroshot", "unet", "hqsam", "hqsam@auto"]
-    assert [row["kind"] for row in results["rows"]] == ["baseline", "baseline", "trained", "fine-tuned", "automatic boxes"]
+    assert [row["key"] for row in results["rows"]] == ["boxfill", "hqsam@zeroshot", "hqsam", "unet", "hqsam@auto"]
+    assert [row["kind"] for row in results["rows"]] == ["baseline", "baseline", "fine-tuned", "trained", "automatic boxes"]
     assert results["proposer"] == "unet" and results["proposer_chosen_on"] == "validation 2D Dice"
     split = results["data"]["split"]
     train, val, test = set(split["train"]), set(split["val"]), set(split["test"])
@@ -112,7 +112,7 @@ def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch):
 def test_compare_scores_match_flaresam_score_on_written_files(tiny_demo, tmp_path, monkeypatch):
     """compare's in-memory FLARE22 numbers equal `score` on the same labels written to disk."""
     from flaresam.data.phantom import write_demo_dataset
-    from flaresam.data.store import SplitSpec, prepare_dataset
+    from flaresam.data.store import prepare_dataset
     from flaresam.io.volume import write_label
     from flaresam.metrics import pair_cases, score_cases
 
@@ -164,3 +164,25 @@ def test_figure5_picks_slices_with_thin_structures(tmp_path):
     thin = [o.id for o in ORGANS if o.name in compare_mod.THIN]
     for cid, z in picks:
         assert np.isin(np.asarray(cases[cid].label[z]), thin).any()
+
+
+def test_provenance_of_user_data_dense_only_and_random_encoders(tiny_demo, run_cli, tmp_path):
+    """Phantoms passed as --data are still synthetic; a dense-only caption says nothing of SAM; random encoders get no zero-shot row."""
+    from flaresam.data.phantom import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "raw", cases=5, size=32, slices=8, seed=2, quiet=True)
+    r = run_cli("compare", "--data", tmp_path / "raw", "--models", "unet", "--encoder-weights", "none", "--epochs", "1",
+                "--out", tmp_path / "dense", "--runs", tmp_path / "runs", "-q")
+    assert r.code == 0, r
+    res = json.loads((tmp_path / "dense" / "results.json").read_text())
+    assert res["synthetic_data"] is True and res["untrained_dense_encoders"] is True
+    assert "SAM" not in res["note"] and "synthetic phantom data" in res["note"] and "--encoder-weights none" in res["note"]
+    assert [row["key"] for row in res["rows"]] == ["unet"]  # no SAM model: no box-fill row either
+    assert res["command"][:2] == ["flaresam", "compare"]
+
+    r = run_cli("compare", "--models", "hqsam", "--init", "random", "--out", tmp_path / "random", "--runs", tmp_path / "runs", "-q")
+    assert r.code == 0, r
+    res = json.loads((tmp_path / "random" / "results.json").read_text())
+    assert res["random_sam_encoders"] is True and res["standin_sam"] is False
+    assert [row["key"] for row in res["rows"]] == ["boxfill", "hqsam"]  # nothing to be zero-shot about
+    assert res["rows"][1]["label"] == "HQ-SAM" and "randomly initialised SAM encoders" in res["note"]

@@ -400,8 +400,8 @@ class LoadReport:
     def lines(self) -> list[str]:
         from flaresam.models.standin import is_standin_arch
 
-        what = "the synthetic stand-in's (not the official SAM weights)" if is_standin_arch(self.arch) else f"{self.arch}"
-        out = [f"Loaded {what} weights from {self.path}"]
+        what = "the synthetic stand-in's weights (not the official SAM weights)" if is_standin_arch(self.arch) else f"{self.arch} weights"
+        out = [f"Loaded {what} from {self.path}"]
         if self.fresh_hq:
             out.append(f"{self.path.name} is an original SAM checkpoint: HQ-SAM's {self.fresh_hq} HQ-only tensors "
                        f"({', '.join(HQ_MODULES)}) are freshly initialised")
