@@ -186,3 +186,16 @@ def test_provenance_of_user_data_dense_only_and_random_encoders(tiny_demo, run_c
     assert res["random_sam_encoders"] is True and res["standin_sam"] is False
     assert [row["key"] for row in res["rows"]] == ["boxfill", "hqsam"]  # nothing to be zero-shot about
     assert res["rows"][1]["label"] == "HQ-SAM" and "randomly initialised SAM encoders" in res["note"]
+
+
+def test_hq_sam_authors_setting_runs_inside_compare(tiny_demo, run_cli, tmp_path):
+    """--trainable hq --loss dice+bce --jitter reach the SAM runs (SAM, which has no HQ parts, trains its decoder)."""
+    r = run_cli("compare", "--models", "hqsam,sam", "--trainable", "hq", "--loss", "dice+bce", "--jitter", "5",
+                "--out", tmp_path / "out", "--runs", tmp_path / "runs", "-q")
+    assert r.code == 0, r
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    hq, sam = (res["runs"][m]["config"]["model_options"] for m in ("hqsam", "sam"))
+    assert hq["trainable"] == "hq" and hq["loss"] == "dice+bce" and hq["jitter"] == 5
+    assert "trainable" not in sam and sam["loss"] == "dice+bce" and sam["jitter"] == 5
+    assert res["runs"]["hqsam"]["selected"]["model_config"]["trainable"] == "hq"
+    assert [row["key"] for row in res["rows"]] == ["boxfill", "hqsam@zeroshot", "sam@zeroshot", "hqsam", "sam"]

@@ -18,12 +18,9 @@ any grid so that every organ exists in every case.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -958,30 +955,15 @@ def demo_dataset(cases: int = 4, size: int = 512, slices: int = 100, seed: int =
     complete, so an interrupted run never leaves a dataset that looks finished;
     a file lock keeps two processes from generating the same one at once.
     """
-    from filelock import FileLock
-
+    from flaresam.io.atomic import build_folder_once
     from flaresam.paths import demo_dir
 
     key = f"phantom-v{GENERATOR_VERSION}-{cases}x{size}x{size}x{slices}-seed{seed}"
-    root = demo_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / key
-    if _complete(target, cases, size, slices, seed):
-        return target
-    lock_name = hashlib.sha1(key.encode()).hexdigest()[:16]
-    with FileLock(str(root / f".{lock_name}.lock")):
-        if _complete(target, cases, size, slices, seed):
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-        try:
-            write_demo_dataset(tmp, cases=cases, size=size, slices=slices, seed=seed, quiet=quiet)
-            if target.exists():
-                shutil.rmtree(target)  # an incomplete or outdated earlier attempt
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-    return target
+    return build_folder_once(
+        demo_dir() / key,
+        lambda folder: _complete(folder, cases, size, slices, seed),
+        lambda tmp: write_demo_dataset(tmp, cases=cases, size=size, slices=slices, seed=seed, quiet=quiet),
+    )
 
 
 __all__ = [

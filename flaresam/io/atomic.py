@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from flaresam.errors import DataError
 
@@ -129,3 +130,36 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def build_folder_once(target: str | os.PathLike[str], complete: Callable[[Path], bool], build: Callable[[Path], Any],
+                      force: bool = False) -> Path:
+    """A cached folder: built once into a temporary sibling and renamed into place when whole.
+
+    ``complete(folder)`` says whether a folder is finished; ``build(tmp)``
+    fills an empty temporary folder. A file lock keeps two processes from
+    building the same folder at once; an interrupted build never leaves a
+    folder that passes for finished.
+    """
+    import shutil
+
+    from filelock import FileLock
+
+    target = Path(target)
+    if not force and complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if not force and complete(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(tmp)
+            if target.exists():
+                shutil.rmtree(target)  # an incomplete, outdated or forced earlier build
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return target
+

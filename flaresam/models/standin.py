@@ -35,9 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,25 +102,11 @@ def standin_checkpoints(recipe: StandinRecipe | None = None, *, force: bool = Fa
     A file lock keeps two processes from building the same files at once; the
     folder is filled under a temporary name and renamed when complete.
     """
-    from filelock import FileLock
+    from flaresam.io.atomic import build_folder_once
 
     recipe = recipe or DEFAULT_RECIPE
-    target = standin_dir(recipe)
-    if not force and _complete(target, recipe):
-        return {m: target / f for m, f in FILES.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
-        if not force and _complete(target, recipe):
-            return {m: target / f for m, f in FILES.items()}
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            build_standin(tmp, recipe, quiet=quiet)
-            if target.exists():
-                shutil.rmtree(target)  # an incomplete or forced earlier build
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+    target = build_folder_once(standin_dir(recipe), lambda folder: _complete(folder, recipe),
+                               lambda tmp: build_standin(tmp, recipe, quiet=quiet), force=force)
     return {m: target / f for m, f in FILES.items()}
 
 
@@ -223,6 +206,10 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
         hq_params = [p for name, p in net.named_parameters() if _is_hq(name, HQ_MODULES)]
         history: dict[str, list[float]] = {"sam": [], "hq": []}
 
+        def batches() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+            idx = rng.choice(n, recipe.batch, replace=False)
+            return (idx, *_prompt_batch(data, idx, recipe, rng, spec.image_size, spec.lowres))
+
         def sam_logits(emb: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             """SAM's single-mask output, decoded as a plain SAM decoder would (no HQ token among the tokens)."""
             sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
@@ -239,21 +226,13 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
                 p.requires_grad_(True)
             net.train(True)
             net.image_encoder.train(True)
-            opt = torch.optim.AdamW(sam_params, lr=recipe.lr, weight_decay=0.01)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=max(1, recipe.sam_steps), pct_start=0.1)
-            for _ in range(recipe.sam_steps):
-                idx = rng.choice(n, recipe.batch, replace=False)
-                boxes, index, targets = _prompt_batch(data, idx, recipe, rng, spec.image_size, spec.lowres)
+
+            def sam_loss(idx: np.ndarray, boxes: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                 x = normalise(data.frames[idx], hw[idx], net.pixel_mean, net.pixel_std)
                 emb, _ = net.image_encoder(x)
-                loss = mask_loss(sam_logits(emb, boxes, index), targets, valid_all[idx][index], "dice+bce")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(sam_params, 1.0)
-                opt.step()
-                sched.step()
-                history["sam"].append(loss.item())
-                bar.advance(task)
+                return mask_loss(sam_logits(emb, boxes, index), targets, valid_all[idx][index], "dice+bce")
+
+            history["sam"] = _optimise(sam_params, recipe.lr, recipe.sam_steps, sam_loss, batches, lambda: bar.advance(task))
             # stage 2: SAM frozen, HQ-SAM's added parts trained on the frozen encoder's features
             net.train(False)
             for p in sam_params:
@@ -266,22 +245,14 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
                 emb_all = torch.cat([f[0] for f in feats])
                 interm_all = torch.cat([f[1][0] for f in feats])
             decoder.train(True)
-            opt = torch.optim.AdamW(hq_params, lr=recipe.hq_lr, weight_decay=0.01)
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.hq_lr, total_steps=max(1, recipe.hq_steps), pct_start=0.1)
-            for _ in range(recipe.hq_steps):
-                idx = rng.choice(n, recipe.batch, replace=False)
-                boxes, index, targets = _prompt_batch(data, idx, recipe, rng, spec.image_size, spec.lowres)
+
+            def hq_loss(idx: np.ndarray, boxes: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
                     sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
                 logits = decode(decoder, emb_all[idx], interm_all[idx], sparse, dense, index, net.prompt_encoder.get_dense_pe())[:, 0]
-                loss = mask_loss(logits, targets, valid_all[idx][index], "dice+bce")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(hq_params, 1.0)
-                opt.step()
-                sched.step()
-                history["hq"].append(loss.item())
-                bar.advance(task)
+                return mask_loss(logits, targets, valid_all[idx][index], "dice+bce")
+
+            history["hq"] = _optimise(hq_params, recipe.hq_lr, recipe.hq_steps, hq_loss, batches, lambda: bar.advance(task))
     net.train(False)
     state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     sam_state = {k: v for k, v in state.items() if not _is_hq(k, HQ_MODULES)}
@@ -308,6 +279,23 @@ def _multiscale_pe(matrix: torch.Tensor, scales: tuple[float, ...]) -> None:
     groups = torch.tensor_split(torch.arange(matrix.shape[1]), len(scales))
     for cols, scale in zip(groups, scales):
         matrix[:, cols] *= scale
+
+
+def _optimise(params: list[torch.Tensor], lr: float, steps: int, loss_of: Any, batches: Any, advance: Any) -> list[float]:
+    """AdamW with a one-cycle schedule and gradient clipping over ``steps`` batches; the loss of each step."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of(*batches())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        advance()
+    return losses
 
 
 def _is_hq(name: str, modules: tuple[str, ...]) -> bool:
