@@ -284,10 +284,11 @@ def _file_order_flare22(pred: np.ndarray, gt: np.ndarray, geometry: Any) -> dict
     return flare22_file_order(geometry.from_canonical(pred), geometry.from_canonical(gt), geometry)
 
 
-def _auto_boxes(proposal: np.ndarray) -> np.ndarray:
+def _auto_boxes(proposal: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Boxes of a dense model's segmentation (each organ's largest 3D component), under the training's small-organ rule."""
     from flaresam.predict import LabelPrompts, largest_components
 
-    return LabelPrompts(largest_components(proposal)).slice_boxes()
+    return LabelPrompts(largest_components(proposal), min_pixels=min_pixels).slice_boxes()
 
 
 @dataclass
@@ -301,11 +302,15 @@ class Row:
     checkpoint: str | None = None  # "best" / "last" epoch of the run, or the base checkpoint of a zero-shot row
     slice_dice: dict[str, Any] | None = None
     flare22: dict[str, Any] | None = None
-    predictions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # the slices the overlay figure shows, {case: {z: label slice}}; whole volumes would cost GBs on real data
+    predictions: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
 
 
-def _score_row(row: Row, cases: dict[str, Any], predict: Any, on_case: Any) -> Row:
-    """Predict every test case with ``predict(case)`` and score it: 2D Dice and FLARE22, one definition each."""
+def _score_row(row: Row, cases: dict[str, Any], predict: Any, on_case: Any, shown: list[tuple[str, int]]) -> Row:
+    """Predict every test case with ``predict(case)`` and score it: 2D Dice and FLARE22, one definition each.
+
+    Only the slices in ``shown`` (the overlay figure's) are kept.
+    """
     from flaresam.metrics import SliceDice, summarize
 
     acc = SliceDice()
@@ -315,7 +320,7 @@ def _score_row(row: Row, cases: dict[str, Any], predict: Any, on_case: Any) -> R
         on_case(row, cid)
         pred = predict(case)
         label = np.asarray(case.label)
-        row.predictions[cid] = pred
+        row.predictions[cid] = {z: pred[z].copy() for c, z in shown if c == cid}
         acc.update(pred, label)  # every slice of the volume (docs/protocols.md, "2D Dice")
         slices += int(label.shape[0])
         scored.append({"case": cid, "organs": _file_order_flare22(pred, label, case.geometry)})
@@ -358,11 +363,16 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
     models = list(plan.models)
     _check_outputs(r)
     store = _store(r)
+    given = {k: v for k, v in (("val_fraction", plan.val_fraction), ("test_fraction", plan.test_fraction)) if v is not None}
+    if given and any(store.split_spec.get(k) != v for k, v in given.items()):
+        warn(f"{literal(str(store.root))} is a prepared store split with {store.split_spec}; it keeps that split, so "
+             f"{', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in given.items())} do nothing here")
     if not store.test_ids:
-        raise UsageError(f"{store.root}: the split has no test cases; prepare it with --test-fraction > 0 "
-                         "(reported numbers are measured on held-out test cases only)")
+        raise UsageError(f"{store.root}: the split has no test cases ({len(store.case_ids)} cases, test fraction "
+                         f"{store.split_spec.get('test_fraction')}); reported numbers are measured on held-out test cases only: "
+                         "prepare the raw data into a new --out with --test-fraction > 0 (at least 3 cases)")
     if not store.val_ids:
-        warn(f"{store.root}: the split has no validation cases: each run's last epoch is reported, and the proposer is "
+        warn(f"{literal(str(store.root))}: the split has no validation cases: each run's epoch and the proposer are "
              "chosen by training loss")
     if r.standin:
         from flaresam.models.standin import standin_checkpoints
@@ -379,6 +389,7 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
     run_dirs = {m: plan.runs / f"{m}-{_config_key(configs[m], store)}" for m in models}
     status = {m: _reusable(run_dirs[m], configs[m], store) for m in models}
     test_cases = {cid: store.load_case(cid) for cid in store.test_ids}
+    shown = _figure5_slices(test_cases)
     prompted = [m for m in models if m in PROMPTED]
     dense = [m for m in models if m in DENSE]
     zero_shot = [m for m in prompted if r.checkpoints.get(m)]
@@ -400,7 +411,7 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
             min_pixels = _min_pixels(configs[prompted[0]])
             rows.append(_score_row(
                 Row("boxfill", "boxfill", "Box fill (no model)", "baseline", "oracle boxes", None),
-                test_cases, lambda c: box_fill(oracle_boxes(c.boxes, c.pixels, min_pixels), c.label.shape), on_case,
+                test_cases, lambda c: box_fill(oracle_boxes(c.boxes, c.pixels, min_pixels), c.label.shape), on_case, shown,
             ))
         for m in zero_shot:
             from flaresam.models.registry import rebuild_step
@@ -409,7 +420,7 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
             step.network().to(device).eval()
             row = Row(f"{m}@zeroshot", m, f"{DISPLAY[m]} (zero-shot)", "baseline", "oracle boxes", None,
                       checkpoint=r.checkpoints[m])
-            rows.append(_score_row(row, test_cases, lambda c, s=step: _predict_oracle(s, c, device), on_case))
+            rows.append(_score_row(row, test_cases, lambda c, s=step: _predict_oracle(s, c, device), on_case, shown))
 
         # -- train (or reuse) each model, then test the epoch chosen on the validation cases
         for i, m in enumerate(models, 1):
@@ -445,17 +456,18 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
             row = Row(m, m, label, kind, "oracle boxes" if m in PROMPTED else "none (dense)", str(run_dirs[m]),
                       checkpoint=f"{plan.select} epoch ({ckpt.get('epoch')})")
             if m in PROMPTED:
-                rows.append(_score_row(row, test_cases, lambda c, s=step: _predict_oracle(s, c, device), on_case))
+                rows.append(_score_row(row, test_cases, lambda c, s=step: _predict_oracle(s, c, device), on_case, shown))
             else:
                 from flaresam.predict import predict_dense
 
-                rows.append(_score_row(row, test_cases, lambda c, s=step: predict_dense(s, np.asarray(c.image), device, 8), on_case))
+                rows.append(_score_row(row, test_cases, lambda c, s=step: predict_dense(s, np.asarray(c.image), device, 8), on_case, shown))
                 selected[m]["step"] = step
 
         # -- SAM with boxes from the dense model that did best on the *validation* cases
-        proposer = _choose_proposer(dense, selected)
+        proposer = _choose_proposer(dense, selected) if prompted else None
         if proposer:
             from flaresam.predict import predict_dense, predict_with_boxes
+            from flaresam.train import prompt_min_pixels
 
             proposals = {cid: predict_dense(selected[proposer]["step"], np.asarray(c.image), device, 8) for cid, c in test_cases.items()}
             for m in prompted:
@@ -464,8 +476,9 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
                           f"automatic boxes (from {DISPLAY[proposer]})", str(run_dirs[m]), checkpoint=f"{plan.select} epoch")
                 rows.append(_score_row(
                     row, test_cases,
-                    lambda c, s=step: predict_with_boxes(s, np.asarray(c.image), _auto_boxes(proposals[c.case_id]), device, 8),
-                    on_case,
+                    lambda c, s=step: predict_with_boxes(s, np.asarray(c.image), _auto_boxes(proposals[c.case_id], prompt_min_pixels(s)),
+                                                         device, 8),
+                    on_case, shown,
                 ))
         bar.update(task, description="writing results")
     # the table reads top down: baselines, the fine-tuned SAM models, the dense models, SAM with automatic boxes
@@ -475,7 +488,7 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
     results = _results(r, store, rows, configs, run_dirs, status, selected, proposer, caption, device, time.time() - started)
     if prompted:
         results["small_organ_pairs"] = _small_organ_pairs(test_cases, _min_pixels(configs[prompted[0]]))
-    write_results(results, rows, test_cases, plan.out)
+    write_results(results, rows, test_cases, plan.out, shown)
     console.print(f"Results in {literal(str(plan.out))} ({time.time() - started:.0f} s)")
     return results
 
@@ -692,6 +705,9 @@ def _small_line(results: dict[str, Any]) -> str:
 
 def _selection_line(results: dict[str, Any]) -> str:
     select = results["resolved"]["select"]
+    if not results["data"]["split"]["val"]:
+        return ("The split has no validation cases: each run's epoch (--select " + select + ") and the proposer were chosen "
+                "by training loss; every number is measured on the test cases, on which nothing was chosen.")
     if select == "last":
         return ("Each run's LAST epoch is reported (--select last), as asked; no epoch was chosen on any case. "
                 "The proposer of the automatic boxes was chosen on the validation cases.")
@@ -747,7 +763,8 @@ def _figure5_slices(cases: dict[str, Any], n: int = 4) -> list[tuple[str, int]]:
     return chosen
 
 
-def write_results(results: dict[str, Any], rows: list[Row], cases: dict[str, Any], out: Path) -> None:
+def write_results(results: dict[str, Any], rows: list[Row], cases: dict[str, Any], out: Path,
+                  picks: list[tuple[str, int]]) -> None:
     from flaresam.figures import organ_bar_chart, overlay_grid
     from flaresam.io.atomic import atomic_write_text
     from flaresam.report import write_csv, write_json
@@ -763,7 +780,6 @@ def write_results(results: dict[str, Any], rows: list[Row], cases: dict[str, Any
         metric="FLARE22 DSC",
         title="Per-organ Dice on the test volumes" + suffix,
     )
-    picks = _figure5_slices(cases)
     if picks:
         grid_rows = [(f"{cid} z{z}", np.asarray(cases[cid].image[z])) for cid, z in picks]
         columns: list[tuple[str, dict[str, np.ndarray] | None]] = [("CT", None)]

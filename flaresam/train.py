@@ -110,7 +110,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int = 0
-    val_slices: int | None = None  # per validation case, evenly spaced; None: every slice with an organ
+    val_slices: int | None = None  # per validation case, evenly spaced; None: every slice
     amp: bool = True  # bf16 autocast on CUDA
 
     def validate(self) -> None:

@@ -178,6 +178,7 @@ def test_provenance_of_user_data_dense_only_and_random_encoders(tiny_demo, run_c
     assert res["synthetic_data"] is True and res["untrained_dense_encoders"] is True
     assert "SAM" not in res["note"] and "synthetic phantom data" in res["note"] and "--encoder-weights none" in res["note"]
     assert [row["key"] for row in res["rows"]] == ["unet"]  # no SAM model: no box-fill row either
+    assert res["proposer"] is None  # no SAM row would use its boxes
     assert res["command"][:2] == ["flaresam", "compare"]
 
     r = run_cli("compare", "--models", "hqsam", "--init", "random", "--out", tmp_path / "random", "--runs", tmp_path / "runs", "-q")
@@ -199,3 +200,16 @@ def test_hq_sam_authors_setting_runs_inside_compare(tiny_demo, run_cli, tmp_path
     assert "trainable" not in sam and sam["loss"] == "dice+bce" and sam["jitter"] == 5
     assert res["runs"]["hqsam"]["selected"]["model_config"]["trainable"] == "hq"
     assert [row["key"] for row in res["rows"]] == ["boxfill", "hqsam@zeroshot", "sam@zeroshot", "hqsam", "sam"]
+
+
+def test_a_store_without_test_cases_is_refused(run_cli, tmp_path):
+    from flaresam.data.phantom import write_demo_dataset
+    from flaresam.data.store import SplitSpec, prepare_dataset
+
+    write_demo_dataset(tmp_path / "raw", cases=3, size=32, slices=8, seed=1, quiet=True)
+    prepare_dataset(tmp_path / "raw", tmp_path / "prep", split=SplitSpec(val_fraction=0.34, test_fraction=0.0), workers=1, quiet=True)
+    r = run_cli("compare", "--data", tmp_path / "prep", "--models", "unet", "--encoder-weights", "none",
+                "--test-fraction", "0.3", "--runs", tmp_path / "runs", "--out", tmp_path / "out")
+    assert r.code == 2 and "no test cases" in r.err and "new --out" in r.err and "Traceback" not in r.err
+    assert "do nothing here" in r.err  # a prepared store keeps its split: the option is said to be ignored
+    assert not (tmp_path / "runs").exists()

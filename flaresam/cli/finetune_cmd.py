@@ -34,7 +34,7 @@ def finetune(
     seed: int | None = typer.Option(None, "--seed", help="Seed of initialisation, sampling and augmentation \\[default: 0]."),
     device: str | None = typer.Option(None, "--device", help="auto | cuda | cpu \\[default: auto = cuda when present]."),
     workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes \\[default: 0]."),
-    val_slices: int | None = typer.Option(None, "--val-slices", help="Validate on at most N evenly spaced organ slices per case \\[default: all]."),
+    val_slices: int | None = typer.Option(None, "--val-slices", help="Validate on at most N evenly spaced slices per case \\[default: all]."),
     no_amp: bool = typer.Option(False, "--no-amp", help="Train in fp32 on CUDA too (default: bf16 autocast on CUDA)."),
     loss: str | None = typer.Option(None, "--loss", help="dice (default) | dice+bce (SAM) | dice+ce (U-Net, DeepLabV3+)."),
     # SAM / HQ-SAM
