@@ -234,6 +234,8 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
                 return mask_loss(sam_logits(emb, boxes, index), targets, valid_all[idx][index], "dice+bce")
 
             history["sam"] = _optimise(sam_params, recipe.lr, recipe.sam_steps, sam_loss, batches, lambda: bar.advance(task))
+            # the SAM file is stage 1's result, taken now: stage 2 must leave these tensors as they are
+            sam_state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items() if not _is_hq(k, HQ_MODULES)}
             # stage 2: SAM frozen, HQ-SAM's added parts trained on the frozen encoder's features
             net.train(False)
             for p in sam_params:
@@ -256,7 +258,6 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
             history["hq"] = _optimise(hq_params, recipe.hq_lr, recipe.hq_steps, hq_loss, batches, lambda: bar.advance(task))
     net.train(False)
     state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-    sam_state = {k: v for k, v in state.items() if not _is_hq(k, HQ_MODULES)}
     out.mkdir(parents=True, exist_ok=True)
     torch.save(sam_state, out / FILES["sam"])
     torch.save(state, out / FILES["hqsam"])
