@@ -62,7 +62,7 @@ class DemoSettings:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     # fine-tuning a pretrained decoder needs few epochs; the dense networks start from scratch
-    epochs: tuple[tuple[str, int], ...] = (("hqsam", 6), ("sam", 6), ("unet", 12), ("deeplab", 12))
+    epochs: tuple[tuple[str, int], ...] = (("hqsam", 6), ("sam", 6), ("unet", 8), ("deeplab", 8))
     batch_size: int = 8
     # the SAM models keep the study's rate; from-scratch dense networks on tiny data learn faster with more
     lr: tuple[tuple[str, float], ...] = (("unet", 2e-3), ("deeplab", 2e-3))

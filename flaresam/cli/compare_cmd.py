@@ -17,7 +17,7 @@ def compare(
     ),
     out: Path = typer.Option(Path("flaresam-compare"), "--out", help="Folder for results.json/.csv/.md and the figures."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where runs are trained, and finished matching runs reused."),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs per model \\[default: 10; demo: 12]."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs per model \\[default: 10; demo: 6 for SAM models, 8 for dense]."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Slices per training step \\[default: 8]."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch (quick runs)."),
     arch: str | None = typer.Option(None, "--arch", help="SAM architecture: vit_b | vit_l | vit_h | vit_tiny \\[default: the checkpoint's; demo: the stand-in's]."),
