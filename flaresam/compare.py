@@ -397,6 +397,7 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
     train_units = sum(configs[m].epochs for m in models if status[m] != "finished")
     rows: list[Row] = []
     selected: dict[str, dict[str, Any]] = {}
+    steps: dict[str, Any] = {}  # each model's tested epoch, loaded once for its rows and the automatic ones
     with progress(quiet=plan.quiet) as bar:
         task = bar.add_task("Compare", total=train_units + n_rows * len(test_cases))
 
@@ -448,6 +449,7 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
                         shutil.rmtree(run_dirs[m])  # an unusable leftover of this very plan (no resume state)
                     train(cfg, out=run_dirs[m], quiet=True, on_epoch=on_epoch, command=command)
             step, ckpt = load_run(run_dirs[m], device, which=plan.select)
+            steps[m] = step
             metrics = ckpt.get("metrics") or {}
             selected[m] = {"epoch": ckpt.get("epoch"), "which": plan.select, "val_2d_dice": metrics.get("val_mean_dice"),
                            "train_loss": metrics.get("train_loss"), "model_config": ckpt.get("model")}
@@ -461,7 +463,6 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
                 from flaresam.predict import predict_dense
 
                 rows.append(_score_row(row, test_cases, lambda c, s=step: predict_dense(s, np.asarray(c.image), device, 8), on_case, shown))
-                selected[m]["step"] = step
 
         # -- SAM with boxes from the dense model that did best on the *validation* cases
         proposer = _choose_proposer(dense, selected) if prompted else None
@@ -469,9 +470,9 @@ def run_compare(plan: ComparePlan) -> dict[str, Any]:
             from flaresam.predict import predict_dense, predict_with_boxes
             from flaresam.train import prompt_min_pixels
 
-            proposals = {cid: predict_dense(selected[proposer]["step"], np.asarray(c.image), device, 8) for cid, c in test_cases.items()}
+            proposals = {cid: predict_dense(steps[proposer], np.asarray(c.image), device, 8) for cid, c in test_cases.items()}
             for m in prompted:
-                step, _ = load_run(run_dirs[m], device, which=plan.select)
+                step = steps[m]
                 row = Row(f"{m}@auto", m, f"{DISPLAY[m]} (auto boxes)", "automatic boxes",
                           f"automatic boxes (from {DISPLAY[proposer]})", str(run_dirs[m]), checkpoint=f"{plan.select} epoch")
                 rows.append(_score_row(
@@ -630,7 +631,7 @@ def _results(r: Resolved, store: Any, rows: list[Row], configs: dict[str, Any], 
                 "dir": str(run_dirs[m]),
                 "reused": status[m] == "finished",
                 "config": configs[m].to_dict(),
-                "selected": {k: v for k, v in selected[m].items() if k != "step"},
+                "selected": selected[m],
             }
             for m in configs
         },

@@ -73,9 +73,9 @@ class LabelPrompts:
     min_pixels: int = 1
 
     def slice_boxes(self) -> np.ndarray:
-        boxes, pixels = slice_boxes(self.label)
-        boxes[pixels < max(self.min_pixels, 1)] = -1
-        return boxes
+        from flaresam.data.prompts import oracle_boxes
+
+        return oracle_boxes(*slice_boxes(self.label), max(self.min_pixels, 1))
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,7 @@ def _prompt_batch(data: _Slices, idx: np.ndarray, recipe: StandinRecipe, rng: np
 
 def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = False) -> dict[str, Any]:
     """Pretrain the stand-in into ``out`` (two .pth files and a JSON record); returns the record."""
-    from flaresam.models.sam import HQ_MODULES, arch_spec, build_network, decode, decode_tokens, mask_features, mask_from_features, mask_loss
+    from flaresam.models.sam import arch_spec, build_network, decode, decode_tokens, is_hq_key, mask_features, mask_from_features, mask_loss
     from flaresam.models.sam_io import frame_mask, normalise
     from flaresam.ui import progress
 
@@ -203,8 +203,8 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
         _multiscale_pe(net.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix, recipe.pe_scales)
         rng = np.random.default_rng([PHANTOM_ROOT, recipe.seed])
         decoder = net.mask_decoder
-        sam_params = [p for name, p in net.named_parameters() if not _is_hq(name, HQ_MODULES)]
-        hq_params = [p for name, p in net.named_parameters() if _is_hq(name, HQ_MODULES)]
+        sam_params = [p for name, p in net.named_parameters() if not is_hq_key(name)]
+        hq_params = [p for name, p in net.named_parameters() if is_hq_key(name)]
         history: dict[str, list[float]] = {"sam": [], "hq": []}
 
         def batches() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,7 +235,7 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
 
             history["sam"] = _optimise(sam_params, recipe.lr, recipe.sam_steps, sam_loss, batches, lambda: bar.advance(task))
             # the SAM file is stage 1's result, taken now: stage 2 must leave these tensors as they are
-            sam_state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items() if not _is_hq(k, HQ_MODULES)}
+            sam_state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items() if not is_hq_key(k)}
             # stage 2: SAM frozen, HQ-SAM's added parts trained on the frozen encoder's features
             net.train(False)
             for p in sam_params:
@@ -298,11 +298,6 @@ def _optimise(params: list[torch.Tensor], lr: float, steps: int, loss_of: Any, b
         losses.append(loss.item())
         advance()
     return losses
-
-
-def _is_hq(name: str, modules: tuple[str, ...]) -> bool:
-    parts = name.split(".")
-    return len(parts) > 1 and parts[0] == "mask_decoder" and parts[1] in modules
 
 
 def _sha256(path: Path) -> str:
