@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_bench as gb  # noqa: E402 - the shared measurement code
+import gpu_bench as gb
 
 SECTIONS = ("encoder", "parts", "predict", "baseline", "cache")
 
@@ -47,12 +47,13 @@ def bench_parts(rep: gb.Report, arch: str = "vit_tiny", size: int = 512) -> None
     import torch
 
     from flaresam.data.phantom import make_phantom
-    from flaresam.models.mask_window import decode_prompts, decode_windows
-    from flaresam.models.sam import SamStep
-    from flaresam.models.sam_io import boxes_to_frame
+    from flaresam.models.sam.mask_window import decode_prompts, decode_windows
+    from flaresam.models.sam.options import SamOptions
+    from flaresam.models.sam.preprocess import boxes_to_frame
+    from flaresam.models.sam.step import load_sam_step
     from flaresam.predict import LabelPrompts
 
-    step = SamStep("hqsam", arch=arch, init="random", quiet=True)
+    step = load_sam_step("hqsam", SamOptions(arch=arch, init="random"), quiet=True)
     net, s = step.net, step.spec.image_size
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (1, s, s), generator=g, dtype=torch.uint8)  # predict encodes one slice at a time
@@ -68,12 +69,10 @@ def bench_parts(rep: gb.Report, arch: str = "vit_tiny", size: int = 512) -> None
             rep.emit(bench="parts", arch=arch, part="encoder", impl="flaresam" if fast is None else "stock", encoder=encoder,
                      seconds_per_slice=round(enc_s, 3))
         emb, interm = net.encode(frames, hw)
-        sparse, dense = net.prompt_encoder(points=None, boxes=frame_boxes, masks=None)
-        index = torch.zeros(len(boxes), dtype=torch.long)
-        pe = net.prompt_encoder.get_dense_pe()
+        batch = net.prompt_batch(emb, interm, frame_boxes, torch.zeros(len(boxes), dtype=torch.long))
         lowres = frame_boxes * (step.spec.lowres / s)
         for decoding, win in (("whole frame", None), ("box windows, clipped", lowres)):
-            _, dec_s = gb.timed(lambda: decode_windows(decode_prompts(net.mask_decoder, emb, interm, sparse, dense, index, pe), win, False), 2, "cpu")
+            _, dec_s = gb.timed(lambda: decode_windows(decode_prompts(net.mask_decoder, batch), win, False), 2, "cpu")
             rep.emit(bench="parts", arch=arch, part="decoder", impl="flaresam", decoding=decoding, prompts=len(boxes),
                      seconds_per_prompt=round(dec_s / len(boxes), 4))
 
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = [s for s in SECTIONS if s in args.only.split(",")]
     args.device, args.attention, args.no_compile, args.smoke = "cpu", "sdpa,fold", not args.compile, False
     sizes = replace(
-        gb.SMOKE, device="cpu", encoder_archs=(f"vit_b@{args.encoder_size}", "test_tiny"), encoder_batch=2, encoder_iters=3,
+        gb.SMOKE, device="cpu", encoder_archs=(f"vit_b@{args.encoder_size}", "demo"), encoder_batch=2, encoder_iters=3,
         sam_arch="vit_tiny", predict_size=args.size, predict_slices=args.slices, compile_backend="inductor",
         cache_cases=3, cache_size=args.size, cache_slices=args.cache_slices,
     )

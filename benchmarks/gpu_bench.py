@@ -79,9 +79,9 @@ FULL = Sizes(
     cache_cases=3, cache_size=512, cache_slices=24, predict_size=512, predict_slices=100,
     dense_size=512, dense_batch=8, dense_iters=10,
 )
-# CI-sized: the test-only architecture (128 px input) and 64 px phantoms on the CPU
+# CI-sized: the demo's small architecture (256 px input) and 64 px phantoms on the CPU
 SMOKE = Sizes(
-    device="cpu", encoder_archs=("test_tiny",), encoder_batch=2, encoder_iters=2, sam_arch="test_tiny",
+    device="cpu", encoder_archs=("demo",), encoder_batch=2, encoder_iters=2, sam_arch="demo",
     decoder_slices=2, decoder_prompts=13, decoder_iters=2, finetune_batch=2, finetune_iters=1,
     cache_cases=3, cache_size=64, cache_slices=12, predict_size=64, predict_slices=12,
     dense_size=64, dense_batch=2, dense_iters=2, compile_backend="aot_eager",
@@ -114,7 +114,7 @@ class Report:
         def ctx() -> Iterator[None]:
             try:
                 yield
-            except Exception as exc:  # noqa: BLE001 - reported as a JSON line, counted, exit status 1
+            except Exception as exc:
                 traceback.print_exc(file=sys.stderr)
                 report.emit(bench=bench, **fields, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
             finally:
@@ -213,25 +213,28 @@ def randomise_positions(encoder: Any, seed: int = 0, scale: float = 0.1) -> None
 
 
 def build_encoder(arch: str) -> tuple[Any, int]:
-    """A randomly initialised stock ImageEncoderViT: ``vit_b``, ``vit_h``, ``test_tiny`` or ``vit_b@256`` (another input size)."""
+    """A randomly initialised stock ImageEncoderViT: ``vit_b``, ``vit_h``, ``demo`` or ``vit_b@256`` (another input size)."""
+    import dataclasses
+
     import torch
 
-    from flaresam.models.sam import ARCHS, _encoders
+    from flaresam.models.sam.archs import arch_spec
+    from flaresam.models.sam.network import build_image_encoder
 
     name, _, size = arch.partition("@")
-    kwargs = dict(ARCHS[name].encoder_kwargs)
+    spec = arch_spec(name)
     if size:
-        kwargs["img_size"] = int(size)
+        spec = dataclasses.replace(spec, encoder_kwargs={**spec.encoder_kwargs, "img_size": int(size)})
     torch.manual_seed(0)
-    enc = _encoders()["vit"](**kwargs)
+    enc = build_image_encoder(spec)
     randomise_positions(enc)
-    return enc.eval(), int(kwargs["img_size"])
+    return enc.eval(), int(spec.encoder_kwargs["img_size"])
 
 
 def bench_encoder(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
     import torch
 
-    from flaresam.models.fast_encoder import FastEncoder
+    from flaresam.models.sam.fast_encoder import FastEncoder
 
     dev = torch.device(sz.device)
     cuda = dev.type == "cuda"
@@ -281,7 +284,7 @@ def bench_encoder(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
                     cosine_vs_fp32_stock=cosine(emb, ref["emb"]), cosine_interm_vs_fp32_stock=cosine(interm[0], ref["interm"]),
                 )
                 del emb, interm
-        del enc, x, ref, variants
+        enc = x = ref = variants = None  # frees the GPU before the next round
 
 
 # ---------------------------------------------------------------------------
@@ -334,8 +337,8 @@ def stock_decoder_loss(step: Any, batch: dict[str, Any], dev: Any) -> Any:
     """HQ-SAM's training loop: prompt encoder and mask decoder called one image at a time."""
     import torch
 
-    from flaresam.models.sam import mask_loss
-    from flaresam.models.sam_io import frame_mask
+    from flaresam.models.sam.loss import mask_loss
+    from flaresam.models.sam.preprocess import frame_mask
 
     net = step.network()
     emb = batch["embeddings"].to(dev).float()
@@ -354,18 +357,19 @@ def stock_decoder_loss(step: Any, batch: dict[str, Any], dev: Any) -> Any:
         outs.append(masks)
     logits = torch.cat(outs)[:, 0].float()
     valid = frame_mask(batch["lowres_hw"].to(dev), step.spec.lowres)[index]
-    return mask_loss(logits, batch["targets"].to(dev).float(), valid, step.loss_name)
+    return mask_loss(logits, batch["targets"].to(dev).float(), valid, step.options.loss)
 
 
 def bench_decoder(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
     import torch
 
-    from flaresam.models.sam import SamStep
+    from flaresam.models.sam.options import SamOptions
+    from flaresam.models.sam.step import load_sam_step
 
     dev = torch.device(sz.device)
     for trainable in ("hq", "decoder"):
-        step = SamStep("hqsam", arch=sz.sam_arch, init="random", trainable=trainable, quiet=True)
-        net = step.network().to(dev).train()
+        step = load_sam_step("hqsam", SamOptions(arch=sz.sam_arch, init="random", trainable=trainable), quiet=True)
+        step.network().to(dev).train()
         batch = on_device(cached_batch(sz, step.spec, sz.decoder_slices), dev)
         n = int(batch["boxes"].shape[0])
         common = dict(bench="decoder_step", arch=sz.sam_arch, trainable=trainable, slices=sz.decoder_slices, prompts=n)
@@ -394,7 +398,7 @@ def bench_decoder(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
                 rep.emit(impl=impl, **common, masks_per_s=round(n / per, 1), step_ms=round(per * 1000, 2),
                          peak_mem_gb=peak_gb(dev), loss_fp32=stock_loss if impl == "stock" else ours_loss,
                          loss_abs_diff=abs(stock_loss - ours_loss))
-        del step, net, opt, params
+        step = opt = params = None  # frees the GPU before the next round
 
 
 # ---------------------------------------------------------------------------
@@ -404,16 +408,18 @@ def bench_decoder(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
 def bench_finetune(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
     import torch
 
-    from flaresam.models.fast_encoder import encoder_runner
-    from flaresam.models.sam import SamStep
+    from flaresam.models.sam.fast_encoder import encoder_runner
+    from flaresam.models.sam.options import SamOptions
+    from flaresam.models.sam.step import load_sam_step
 
     dev = torch.device(sz.device)
     for fast in (True, False):
         compiled = fast and not args.no_compile  # what training picks on CUDA by default
-        step = SamStep("hqsam", arch=sz.sam_arch, init="random", quiet=True, fast_encoder=fast, compile_encoder=compiled)
+        options = SamOptions(arch=sz.sam_arch, init="random", fast_encoder=fast, compile_encoder=compiled)
+        step = load_sam_step("hqsam", options, quiet=True)
         if compiled:
             encoder_runner(step.net, dev).compile_backend = sz.compile_backend
-        net = step.network().to(dev).train()
+        step.network().to(dev).train()
         s = step.spec.image_size
         b = sz.finetune_batch
         batch = synthetic_prompts(sz, step.spec, b, "cpu")
@@ -431,8 +437,8 @@ def bench_finetune(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
             opt.step()
 
         encoder = ("fast compile" if compiled else "fast") if fast else "stock"
-        common = dict(bench="finetune_step", arch=sz.sam_arch, model="hqsam", trainable=step.trainable, batch=b,
-                      encode_batch=step.encode_batch, encoder=encoder, impl="flaresam")
+        common = dict(bench="finetune_step", arch=sz.sam_arch, model="hqsam", trainable=step.options.trainable, batch=b,
+                      encode_batch=step.options.encode_batch, encoder=encoder, impl="flaresam")
         with rep.guard(**common):
             log(f"finetune step, {encoder} encoder")
             reset_peak(dev)
@@ -441,7 +447,7 @@ def bench_finetune(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
             if compiled and getattr(runner, "compile_error", None):
                 raise RuntimeError(f"torch.compile failed: {runner.compile_error}")
             rep.emit(**common, slices_per_s=round(b / per, 2), first_step_s=round(first, 2), peak_mem_gb=peak_gb(dev), target_gb=12)
-        del step, net, opt, batch
+        step = opt = batch = None  # frees the GPU before the next round
 
 
 # ---------------------------------------------------------------------------
@@ -450,7 +456,9 @@ def bench_finetune(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
 
 def bench_cache(rep: Report, sz: Sizes, args: argparse.Namespace, work: Path) -> None:
     from flaresam.data.phantom import write_demo_dataset
-    from flaresam.train import TrainConfig, read_metrics, train
+    from flaresam.training.config import TrainConfig
+    from flaresam.training.run_folder import read_metrics
+    from flaresam.training.trainer import train
 
     data = work / "cache-data"
     log(f"cache: writing {sz.cache_cases} phantoms of {sz.cache_size}x{sz.cache_size}x{sz.cache_slices}")
@@ -489,18 +497,18 @@ def write_case(folder: Path, size: int, slices: int) -> tuple[Path, Path, int]:
 
 
 def make_checkpoint(path: Path, model: str, **options: Any) -> Path:
-    """A flaresam checkpoint of a randomly initialised model, in the trainer's format (train._checkpoint)."""
+    """A flaresam checkpoint of a randomly initialised model, in the trainer's format (Trainer.checkpoint)."""
     import torch
 
     from flaresam import __version__
     from flaresam.models.registry import build_step
-    from flaresam.train import CHECKPOINT_FORMAT, trainable_state
+    from flaresam.training.run_folder import CHECKPOINT_FORMAT
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # load_run seeds the rebuild the same way
         step = build_step(model, **options)
     ckpt = {
-        "format": CHECKPOINT_FORMAT, "model": step.config(), "state_dict": trainable_state(step), "epoch": 0, "step": 0,
+        "format": CHECKPOINT_FORMAT, "model": step.config(), "state_dict": step.trainable_state_dict(), "epoch": 0, "step": 0,
         "metrics": None, "seed": 0, "data_fingerprint": None, "window": None, "created": "benchmark",
         "flaresam_version": __version__,
     }
@@ -517,30 +525,43 @@ PREDICT_MODES = ("window", "full-frame", "window, clipped")
 
 def flaresam_predict(scan: Path, label: Path | None, model: Path, out: Path, device: str,
                      mode: str = "window") -> tuple[float, dict[str, int] | None]:
-    """Seconds for `flaresam predict --model M --prompts-from LABEL`, file to file; and the window counts."""
-    import flaresam.predict as predict_module
-    from flaresam.models.sam import SamStep
-    from flaresam.predict import PredictRequest, run_prediction
+    """Seconds for `flaresam predict --model M --prompts-from LABEL`, file to file; and the window counts.
 
-    loaded: list[Any] = []
-    load_model = predict_module.load_model
+    ``window`` and ``full-frame`` run the command's own path (``run_prediction``);
+    ``window, clipped`` runs the same steps through the library with
+    ``window_fallback=False``, which the command does not offer. The window
+    counts come from one more, untimed, pass over the prompted slices.
+    """
+    import numpy as np
 
-    def keep(spec: str, dev: Any) -> Any:
-        result = load_model(spec, dev)
-        loaded.append(result[0])
-        return result
+    from flaresam.data.window import apply_window
+    from flaresam.io.volume import read_label, read_volume, write_label
+    from flaresam.models.options import InferenceOptions
+    from flaresam.models.sam.step import SamStep
+    from flaresam.predict import LabelPrompts, PredictRequest, checkpoint_window, load_model, predict_volume, run_prediction
 
-    predict_module.load_model, SamStep.window_fallback = keep, mode != "window, clipped"
-    try:
-        t0 = time.perf_counter()
+    inference = InferenceOptions(box_windows=mode != "full-frame", window_fallback=mode != "window, clipped")
+    t0 = time.perf_counter()
+    if mode == "window, clipped":
+        step, ckpt = load_model(str(model), device)
+        image = read_volume(scan)
+        prompts = LabelPrompts(read_label(label, image.geometry, reference_path=scan).array) if label else None
+        write_label(predict_volume(step, image, checkpoint_window(ckpt), prompts=prompts, device=device, inference=inference),
+                    image.geometry, out)
+    else:
         run_prediction(PredictRequest(scan=scan, model=str(model), prompts_from=label, out=out, device=device,
                                       full_frame=mode == "full-frame", quiet=True))
-        sync(device)
-        seconds = time.perf_counter() - t0
-    finally:
-        predict_module.load_model, SamStep.window_fallback = load_model, True
-    stats = getattr(loaded[0], "window_stats", None) if loaded else None
-    return seconds, (dict(stats) if stats else None)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    step, ckpt = load_model(str(model), device)
+    if not isinstance(step, SamStep) or label is None:
+        return seconds, None
+    image = read_volume(scan)
+    image8 = apply_window(image.array, checkpoint_window(ckpt))
+    boxes = LabelPrompts(read_label(label, image.geometry, reference_path=scan).array).slice_boxes()
+    rows = np.flatnonzero((boxes[:, :, 0] >= 0).any(axis=1))
+    _, stats = step.decode_slices(image8, rows, boxes[rows], device, inference)
+    return seconds, {"prompts": stats.prompts, "fallbacks": stats.fallbacks}
 
 
 def sampredictor_predict(scan: Path, label: Path, model: Path, out: Path, device: str, per_box: bool) -> float:
@@ -552,18 +573,18 @@ def sampredictor_predict(scan: Path, label: Path, model: Path, out: Path, device
     """
     import numpy as np
     import torch
+    from segment_anything_hq import SamPredictor
 
     from flaresam.data.window import apply_window
     from flaresam.io.volume import read_label, read_volume, write_label
-    from flaresam.models.sam import _sam_modeling
+    from flaresam.models.sam.upstream import sam_modeling
     from flaresam.predict import LabelPrompts, checkpoint_window, load_model
-    from segment_anything_hq import SamPredictor
 
     dev = torch.device(device)
     t0 = time.perf_counter()
     step, ckpt = load_model(str(model), dev)
     net = step.network()
-    sam = _sam_modeling().Sam(net.image_encoder, net.prompt_encoder, net.mask_decoder).to(dev).eval()
+    sam = sam_modeling().Sam(net.image_encoder, net.prompt_encoder, net.mask_decoder).to(dev).eval()
     predictor = SamPredictor(sam)
     image = read_volume(scan)
     image8 = apply_window(image.array, checkpoint_window(ckpt))
@@ -671,7 +692,7 @@ def _window_counts(stats: dict[str, int] | None) -> dict[str, int]:
 def bench_dense(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
     import torch
 
-    from flaresam.models.dense import DenseStep
+    from flaresam.models.dense import DenseOptions, load_dense_step
     from flaresam.organs import NUM_CLASSES
 
     dev = torch.device(sz.device)
@@ -682,7 +703,7 @@ def bench_dense(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
         common = dict(bench="dense_train", model=name, encoder="resnet34", batch=b, image_size=s, impl="flaresam")
         with rep.guard(**common):
             log(f"dense: {name} training steps")
-            step = DenseStep(name, encoder_weights=None)
+            step = load_dense_step(name, DenseOptions(encoder_weights=None))
             net = step.network().to(dev).train()
             opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
 
@@ -696,7 +717,7 @@ def bench_dense(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
             reset_peak(dev)
             _, per = timed(one, sz.dense_iters, dev, warmup=2)
             rep.emit(**common, images_per_s=round(b / per, 2), peak_mem_gb=peak_gb(dev))
-            del step, net, opt
+            step = net = opt = None  # frees the GPU before the next round
 
 
 # ---------------------------------------------------------------------------
@@ -717,7 +738,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.only.split(",") if s and s not in SECTIONS]
     if unknown:
         ap.error(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
-    from flaresam.models.fast_encoder import ATTENTIONS
+    from flaresam.models.sam.fast_encoder import ATTENTIONS
 
     bad = [a for a in args.attention.split(",") if a not in ATTENTIONS]
     if bad or not args.attention:
@@ -743,7 +764,7 @@ def setup(args: argparse.Namespace, sizes: Sizes, name: str) -> tuple[Sizes, Pat
         raise SystemExit(2)
     device_name = torch.cuda.get_device_name(sizes.device) if sizes.device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads"
     rep = Report(device_name)
-    from flaresam.train import versions
+    from flaresam.training.run_folder import versions
 
     rep.emit(bench="env", smoke=bool(getattr(args, "smoke", False)), work=str(work), versions=versions(), malloc=malloc)
     return sizes, work, rep

@@ -48,7 +48,9 @@ def run_example(work: Path, args: argparse.Namespace) -> None:
     from flaresam.metrics import SliceDice, flare22_case, slice_dice_pairs
     from flaresam.organs import ORGANS
     from flaresam.predict import checkpoint_window, predict_volume
-    from flaresam.train import TrainConfig, load_run, new_run_dir, train
+    from flaresam.training.config import TrainConfig
+    from flaresam.training.run_folder import load_run, new_run_dir
+    from flaresam.training.trainer import train
 
     t0 = time.perf_counter()
 

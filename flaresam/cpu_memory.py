@@ -11,11 +11,19 @@ PyTorch's CPU tuning guide suggests jemalloc or tcmalloc for this;
 :func:`keep_freed_memory` gets the effect from glibc itself with ``mallopt``:
 no separate mmap for large blocks, no trimming of the heap.
 
-The price: the process's resident memory stays at its high-water mark instead
-of shrinking between calls (as PyTorch's CUDA caching allocator does on the
-GPU). The ``flaresam`` command applies it at start; ``FLARESAM_MALLOC=system``
+Process-wide effect: ``mallopt`` changes the one allocator of the whole process,
+for every later allocation by any code in it (numpy, torch, other libraries, the
+application), until the process ends; it is not undone. The price: the
+process's resident memory stays at its high-water mark instead of shrinking
+between calls (as PyTorch's CUDA caching allocator does on the GPU).
+
+Who applies it: only the ``flaresam`` command's entry point
+(:func:`flaresam.cli.main`), at start. Importing this module or any other part
+of flaresam never does; a program that uses flaresam as a library and wants the
+effect calls :func:`keep_freed_memory` itself. Opt-out: ``FLARESAM_MALLOC=system``
 leaves glibc's defaults, and so does any allocator setting of the user's own
-(``GLIBC_TUNABLES`` or ``MALLOC_*`` variables, or jemalloc/tcmalloc preloaded).
+(``GLIBC_TUNABLES`` or ``MALLOC_*`` variables, or jemalloc/tcmalloc/mimalloc
+preloaded); see :func:`_user_chose_allocator`.
 """
 
 from __future__ import annotations
@@ -45,7 +53,12 @@ def _user_chose_allocator() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc keep freed blocks for reuse; True when applied (now or before), False where it does not apply."""
+    """Make glibc keep freed blocks for reuse, for the whole process; True when applied (now or before).
+
+    False where it does not apply: not Linux with glibc, or the user chose their own
+    allocator settings (``FLARESAM_MALLOC=system`` among them). Called once, the
+    decision holds for the life of the process.
+    """
     global _applied
     if _applied is not None:
         return _applied

@@ -51,7 +51,13 @@ def _present_handles(labels: Sequence[np.ndarray]) -> list[Any]:
     from matplotlib.patches import Patch
 
     present = sorted({int(v) for lab in labels for v in np.unique(lab) if v > 0})
-    return [Patch(color=np.asarray(BY_ID[i].color) / 255.0, label=BY_ID[i].display) for i in present]
+    return [Patch(color=_rgb01(BY_ID[i].color), label=BY_ID[i].display) for i in present]
+
+
+def _rgb01(color: tuple[int, int, int]) -> tuple[float, float, float]:
+    """An organ's 0..255 RGB as matplotlib's 0..1 floats."""
+    r, g, b = color
+    return r / 255.0, g / 255.0, b / 255.0
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
@@ -161,3 +167,36 @@ def overlay_grid(
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return save_figure(fig, path)
+
+
+def training_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Training loss and validation mean Dice per epoch, from a run's metrics records.
+
+    Drawn on a bare Figure, not through pyplot: the trainer calls this every
+    epoch, and pyplot would keep global state and switch the process's backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(9, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(epochs, [r["train_loss"] for r in records], marker="o", color="#1f77b4")
+    ax1.set(title="Training loss", xlabel="epoch", ylabel="loss")
+    dice = [(r["epoch"], r["val_mean_dice"]) for r in records if r.get("val_mean_dice") is not None]
+    if dice:
+        ax2.plot(*zip(*dice), marker="o", color="#2ca02c")
+        ax2.set_ylim(0, 1)
+    else:
+        ax2.text(0.5, 0.5, "no validation cases", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set(title="Validation 2D Dice (mean over organs)", xlabel="epoch", ylabel="Dice")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if epochs:
+            ax.set_xlim(0.5, max(epochs) + 0.5)
+    fig.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    return target

@@ -3,8 +3,9 @@
 Everything here works on numpy label arrays (values 0..13, the organ ids of
 :mod:`flaresam.organs`) with a voxel spacing in mm, one value per array axis.
 Scoring files (pairing predictions with ground truth, reading, checking grids,
-running cases in parallel) is at the end of the module; ``flaresam score`` and
-``flaresam compare`` use it.
+running cases in parallel, summarising) follows; ``flaresam score`` and
+``flaresam compare`` use it. Last, the JSON and CSV document of a scoring
+(:func:`score_document`, :func:`score_csv_rows`) that ``flaresam score`` writes.
 
 Two protocols (docs/protocols.md says what each number means):
 
@@ -147,7 +148,7 @@ def _spacing3(spacing: Sequence[float]) -> tuple[float, float, float]:
     sp = tuple(float(s) for s in spacing)
     if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
         raise ValueError(f"spacing must be three positive numbers in mm, got {tuple(spacing)}")
-    return sp  # type: ignore[return-value]
+    return sp
 
 
 def _padded(mask: np.ndarray, value: int | None = None) -> np.ndarray:
@@ -199,7 +200,7 @@ def _layout(spacing: tuple[float, float, float], tol: float, strides: Sequence[i
     reach = [math.floor(tol / s) for s in spacing]
     row = max(range(3), key=lambda a: (reach[a], -abs(strides[a])))
     cross = tuple(sorted((a for a in range(3) if a != row), key=lambda a: -abs(strides[a])))
-    return (cross[0], cross[1], row), _ball(spacing, tol, row, cross)  # type: ignore[return-value]
+    return (cross[0], cross[1], row), _ball(spacing, tol, row, cross)
 
 
 @functools.lru_cache(maxsize=256)
@@ -212,7 +213,7 @@ def _ball(spacing: tuple[float, float, float], tol: float, row: int, cross: tupl
     floating-point formula, in the same axis order, as the distance transform of
     the official evaluation, so a surfel at exactly the tolerance counts the same.
     """
-    reach = [int(math.floor(tol / s)) + 1 for s in spacing]
+    reach = [math.floor(tol / s) + 1 for s in spacing]
     ga, gb = np.meshgrid(
         np.arange(-reach[cross[0]], reach[cross[0]] + 1), np.arange(-reach[cross[1]], reach[cross[1]] + 1), indexing="ij"
     )
@@ -292,7 +293,7 @@ def _surface_dice_padded(
     between rows (margins m0, m1 and R cover the largest offsets).
     """
     table = _area_table(tuple(spacing[a] for a in order))  # areas do not depend on the axis order (tested)
-    n0, n1, n2 = (s - 1 for s in gt.shape)  # the corner grid
+    _, n1, n2 = (s - 1 for s in gt.shape)  # the corner grid
     m0, m1 = int(np.abs(rows[:, 0]).max()), int(np.abs(rows[:, 1]).max())
     reach = int(rows[:, 2].max())
     row_step, pad = n1 + 2 * m1, n2 + 2 * reach
@@ -783,8 +784,12 @@ def score_cases(
     workers: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every pair's per-organ scores, in the order of ``pairs`` (see :func:`iter_scores`)."""
+    return in_pair_order(iter_scores(pairs, protocol, organs, crop_top_slice, nsd_min_dsc, workers), pairs)
+
+
+def in_pair_order(results: Iterable[dict[str, Any]], pairs: Sequence[CasePair]) -> list[dict[str, Any]]:
+    """Scored cases (from :func:`iter_scores`, in the order they finished) in the order of ``pairs``."""
     order = {p.case: i for i, p in enumerate(pairs)}
-    results = list(iter_scores(pairs, protocol, organs, crop_top_slice, nsd_min_dsc, workers))
     return sorted(results, key=lambda r: order[r["case"]])
 
 
@@ -825,3 +830,69 @@ def summarize(cases: list[dict[str, Any]], protocol: str, organs: tuple[Organ, .
             per_organ[o.name] = {"dsc": res["per_organ"][o.name], "dsc_std": spread[1], "pairs": res["pairs"][o.name], "cases": spread[2]}
         mean = {"dsc": res["mean"]}
     return {"per_organ": per_organ, "mean": mean}
+
+
+# ---------------------------------------------------------------------------
+# the score document: what `flaresam score --json/--csv` writes
+
+
+def score_settings(
+    protocol: str, organs: tuple[Organ, ...] = ORGANS, crop_top_slice: bool = True, nsd_min_dsc: float = NSD_MIN_DSC
+) -> dict[str, Any]:
+    """How a protocol's numbers were computed, as the score document records it."""
+    if protocol == "flare22":
+        return {
+            "crop_top_slice": crop_top_slice,
+            "nsd_min_dsc": nsd_min_dsc,
+            "nsd_tolerance_mm": {o.name: o.nsd_tolerance_mm for o in organs},
+        }
+    return {"slices": "axial", "mean": "over all (slice, organ) pairs"}
+
+
+def score_document(
+    protocol: str,
+    cases: list[dict[str, Any]],
+    summary: dict[str, Any],
+    pairing: Pairing,
+    organs: tuple[Organ, ...] = ORGANS,
+    crop_top_slice: bool = True,
+    nsd_min_dsc: float = NSD_MIN_DSC,
+) -> dict[str, Any]:
+    """The JSON document of a scoring: settings, every case (in order), the :func:`summarize` summary, unpaired cases.
+
+    ``cases`` are :func:`score_case` results after :func:`summarize` (which adds each
+    case's mean); the slice protocol's running sums stay out of the document.
+    Write it with :func:`flaresam.report.write_json` (NaN becomes ``null``).
+    """
+    out_cases = []
+    for c in cases:
+        case_organs = {name: {k: v for k, v in vals.items() if k != "sum"} for name, vals in c["organs"].items()}
+        out_cases.append({"case": c["case"], "pred": c["pred"], "gt": c["gt"], "organs": case_organs, "mean": c["mean"]})
+    return {
+        "protocol": protocol,
+        "settings": score_settings(protocol, organs, crop_top_slice, nsd_min_dsc),
+        "cases": out_cases,
+        "per_organ": summary["per_organ"],
+        "mean": summary["mean"],
+        "unpaired": {"pred_only": pairing.pred_only, "gt_only": pairing.gt_only},
+    }
+
+
+def score_csv_rows(protocol: str, cases: Sequence[dict[str, Any]], organs: tuple[Organ, ...] = ORGANS) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and one row per case for :func:`flaresam.report.write_csv`: every organ's numbers, then the case's mean.
+
+    ``cases`` as in :func:`score_document` (or that document's ``cases``).
+    """
+    metrics = ("dsc", "nsd") if protocol == "flare22" else ("dsc", "pairs")
+    columns = ["case"] + [f"{o.name}_{m}" for m in metrics for o in organs]
+    columns += [f"mean_{m}" for m in ("dsc", "nsd")] if protocol == "flare22" else ["mean_dsc"]
+    rows = []
+    for c in cases:
+        row: dict[str, Any] = {"case": c["case"]}
+        for o in organs:
+            for m in metrics:
+                row[f"{o.name}_{m}"] = c["organs"][o.name][m]
+        for m, v in c["mean"].items():
+            row[f"mean_{m}"] = v
+        rows.append(row)
+    return columns, rows

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -38,9 +38,15 @@ from flaresam.data.store import slice_boxes
 from flaresam.data.window import Window, apply_window
 from flaresam.errors import DataError
 from flaresam.io.volume import Geometry, Volume
-from flaresam.organs import NUM_ORGANS, ORGANS, Organ, organ as lookup_organ
+from flaresam.models.options import WHOLE_FRAME, InferenceOptions
+from flaresam.organs import NUM_ORGANS, ORGANS, Organ
+from flaresam.organs import organ as lookup_organ
+
+if TYPE_CHECKING:
+    from flaresam.models.base import ModelStep
 
 DEFAULT_BATCH = 8
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------
@@ -108,7 +114,7 @@ class BoxPrompts:
 class ProposerPrompts:
     """A dense model whose segmentation provides the boxes."""
 
-    proposer: Any  # ModelStep (dense)
+    proposer: ModelStep  # a dense model
 
 
 def _world_to_canonical_index(points: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -215,7 +221,8 @@ def _batches(indices: np.ndarray, size: int) -> list[np.ndarray]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def predict_dense(step: Any, image8: np.ndarray, device: Any, batch_size: int, on_batch=None) -> np.ndarray:
+def predict_dense(step: ModelStep, image8: np.ndarray, device: Any, batch_size: int,
+                  on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     label = np.zeros(image8.shape, np.uint8)
     for idx in _batches(np.arange(image8.shape[0]), batch_size):
         label[idx] = step.predict_slices(image8, idx, None, device)
@@ -224,12 +231,13 @@ def predict_dense(step: Any, image8: np.ndarray, device: Any, batch_size: int, o
     return label
 
 
-def predict_with_boxes(step: Any, image8: np.ndarray, boxes: np.ndarray, device: Any, batch_size: int, on_batch=None) -> np.ndarray:
+def predict_with_boxes(step: ModelStep, image8: np.ndarray, boxes: np.ndarray, device: Any, batch_size: int,
+                       on_batch: Callable[[int], None] | None = None, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
     """Slices with at least one box are predicted in batches; the rest stay background."""
     label = np.zeros(image8.shape, np.uint8)
     prompted = np.nonzero((boxes[:, :, 0] >= 0).any(axis=1))[0]
     for idx in _batches(prompted, batch_size):
-        label[idx] = step.predict_slices(image8, idx, boxes[idx], device)
+        label[idx] = step.predict_slices(image8, idx, boxes[idx], device, inference)
         if on_batch:
             on_batch(len(idx))
     return label
@@ -242,7 +250,8 @@ def _mask_box(mask: np.ndarray) -> np.ndarray | None:
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int32)
 
 
-def propagate_boxes(step: Any, image8: np.ndarray, prompts: BoxPrompts, device: Any) -> np.ndarray:
+def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, device: Any,
+                    inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
     """Per-slice boxes from 3D boxes by propagation (MedSAM style); returns int32 [z, 13, 4]."""
     z = image8.shape[0]
     boxes = np.full((z, NUM_ORGANS, 4), -1, np.int32)
@@ -253,7 +262,7 @@ def propagate_boxes(step: Any, image8: np.ndarray, prompts: BoxPrompts, device: 
     # middle slices first, all organs of a slice in one call
     masks: dict[tuple[int, int], np.ndarray] = {}
     for m, group in sorted(by_middle.items()):
-        pred = step.predict_slices(image8, np.array([m]), boxes[[m]], device)[0]
+        pred = step.predict_slices(image8, np.array([m]), boxes[[m]], device, inference)[0]
         for b in group:
             masks[(m, b.organ.id)] = pred == b.organ.id
     for direction in (1, -1):
@@ -280,14 +289,14 @@ def propagate_boxes(step: Any, image8: np.ndarray, prompts: BoxPrompts, device: 
             one = np.full((1, NUM_ORGANS, 4), -1, np.int32)
             for b in active:
                 one[0, b.organ.id - 1] = boxes[s, b.organ.id - 1]
-            pred = step.predict_slices(image8, np.array([s]), one, device)[0]
+            pred = step.predict_slices(image8, np.array([s]), one, device, inference)[0]
             for b in active:
                 masks[(s, b.organ.id)] = pred == b.organ.id
     return boxes
 
 
 def predict_volume(
-    step: Any,
+    step: ModelStep,
     image: Volume,
     window: Window,
     *,
@@ -295,9 +304,15 @@ def predict_volume(
     organs: tuple[Organ, ...] = ORGANS,
     device: Any = "cpu",
     batch_size: int = DEFAULT_BATCH,
+    inference: InferenceOptions = WHOLE_FRAME,
     quiet: bool = True,
 ) -> np.ndarray:
-    """Label volume uint8 [z, y, x] (canonical, the scan's grid) for one scan."""
+    """Label volume uint8 [z, y, x] (canonical, the scan's grid) for one scan.
+
+    ``inference``: how a prompted model decodes (``flaresam predict`` decodes in
+    box windows unless ``--full-frame``; the default is the whole frame, what
+    validation and ``compare`` score).
+    """
     from flaresam.ui import progress
 
     image8 = np.ascontiguousarray(apply_window(image.array, window))
@@ -318,7 +333,7 @@ def predict_volume(
                 proposal = predict_dense(prompts.proposer, image8, device, batch_size)
                 boxes = LabelPrompts(largest_components(proposal)).slice_boxes()
             elif isinstance(prompts, BoxPrompts):
-                boxes = propagate_boxes(step, image8, prompts, device)
+                boxes = propagate_boxes(step, image8, prompts, device, inference)
             else:
                 if prompts.label.shape != image8.shape:
                     raise DataError(f"prompt label shape {prompts.label.shape} does not match the scan {image8.shape}")
@@ -326,7 +341,7 @@ def predict_volume(
             keep = np.zeros(NUM_ORGANS, bool)
             keep[[o.id - 1 for o in organs]] = True
             boxes[:, ~keep] = -1
-            label = predict_with_boxes(step, image8, boxes, device, batch_size, advance)
+            label = predict_with_boxes(step, image8, boxes, device, batch_size, advance, inference)
     if len(organs) < NUM_ORGANS:
         wanted = np.zeros(NUM_ORGANS + 1, bool)
         wanted[[o.id for o in organs]] = True
@@ -425,12 +440,12 @@ def _peek_checkpoint(path: Path) -> dict[str, Any] | None:
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - old or foreign formats cannot be mapped; the real load reports errors
+    except Exception:
         return None
     return obj if isinstance(obj, dict) else None
 
 
-def load_model(spec: str, device: Any) -> tuple[Any, dict[str, Any]]:
+def load_model(spec: str, device: Any) -> tuple[ModelStep, dict[str, Any]]:
     """A model for prediction -> (ModelStep, checkpoint-like dict).
 
     ``spec`` is a flaresam run folder or checkpoint (a fine-tuned model), or an
@@ -438,7 +453,7 @@ def load_model(spec: str, device: Any) -> tuple[Any, dict[str, Any]]:
     the pretrained model used zero-shot, its decoder kind read from its keys.
     """
     from flaresam.models.weights import REGISTRY
-    from flaresam.train import CHECKPOINT_FORMAT, load_run
+    from flaresam.training.run_folder import CHECKPOINT_FORMAT, load_run
 
     path = Path(spec)
     known = {e.name: e for e in REGISTRY}
@@ -450,7 +465,7 @@ def load_model(spec: str, device: Any) -> tuple[Any, dict[str, Any]]:
             return load_run(path, device)
         if peek is None or not any(str(k).startswith(("image_encoder.", "mask_decoder.")) for k in peek):
             raise DataError(f"--model {spec}: not a flaresam run/checkpoint nor an official SAM or HQ-SAM checkpoint")
-        from flaresam.models.sam import is_hq_key
+        from flaresam.models.sam.checkpoint import is_hq_key
 
         name = "hqsam" if any(is_hq_key(str(k)) for k in peek) else "sam"
     elif spec in known:
@@ -466,7 +481,7 @@ def load_model(spec: str, device: Any) -> tuple[Any, dict[str, Any]]:
 
 def provenance_note(ckpt: dict[str, Any]) -> str | None:
     """One line when a model is no segmenter of real CT: trained on the synthetic demo, or on stand-in/random encoders."""
-    from flaresam.models.standin import is_standin_arch
+    from flaresam.models.sam.archs import is_standin_arch
 
     model = ckpt.get("model") or {}
     parts = []
@@ -481,7 +496,7 @@ def provenance_note(ckpt: dict[str, Any]) -> str | None:
     return "this model " + " and ".join(parts) + ": its labels on a real CT are a demonstration, not a segmentation"
 
 
-def _read_ahead(pool: ThreadPoolExecutor, scans: list[Path], read: Callable[[Path], Volume]) -> Iterator[tuple[Path, Volume]]:
+def _read_ahead(pool: ThreadPoolExecutor, scans: list[Path], read: Callable[[Path], T]) -> Iterator[tuple[Path, T]]:
     """(scan, volume) pairs; each scan is read in ``pool`` while the caller works on the one before.
 
     The first read starts now, so it overlaps building the model (a 29 MB CT
@@ -490,7 +505,7 @@ def _read_ahead(pool: ThreadPoolExecutor, scans: list[Path], read: Callable[[Pat
     """
     future = pool.submit(read, scans[0])
 
-    def pairs() -> Iterator[tuple[Path, Volume]]:
+    def pairs() -> Iterator[tuple[Path, T]]:
         nonlocal future
         for i, scan in enumerate(scans):
             image = future.result()
@@ -509,14 +524,16 @@ def run_prediction(req: PredictRequest) -> list[Path]:
 
 def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]:
     from flaresam.io.volume import read_volume
-    from flaresam.train import find_latest_run, pick_device
+    from flaresam.training.devices import pick_device
+    from flaresam.training.run_folder import find_latest_run
     from flaresam.ui import info, literal, warn
 
     scans = _scan_inputs(Path(req.scan))
     many = len(scans) > 1 or (Path(req.scan).is_dir() and scans[0] != Path(req.scan))
     if many and req.out is not None and req.out.suffix:
         raise DataError(f"{req.scan} holds {len(scans)} scans: --out must be a folder, not {req.out}")
-    if many and (req.prompts_from or req.boxes) and Path(req.prompts_from or req.boxes).is_file():
+    one_file = req.prompts_from or req.boxes
+    if many and one_file is not None and Path(one_file).is_file():
         raise DataError("--prompts-from/--boxes name one file: predict scans one at a time, or use a dense --proposer")
 
     _check_outputs(req, scans, many)  # a bad -o fails now, not after the whole prediction
@@ -544,8 +561,6 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]
     note = provenance_note(ckpt)
     if note:
         warn(f"{literal(str(model_spec))}: {note}")
-    if step.prompted:
-        step.mask_window = not req.full_frame
 
     proposer_step = None
     if not step.prompted and (req.prompts_from or req.boxes or req.proposer):
@@ -643,7 +658,8 @@ def _check_outputs(req: PredictRequest, scans: list[Path], many: bool) -> None:
 
 
 def _predict_one(
-    req: PredictRequest, scan: Path, image: Volume, step: Any, proposer_step: Any, window: Window, device: Any, many: bool
+    req: PredictRequest, scan: Path, image: Volume, step: ModelStep, proposer_step: ModelStep | None, window: Window, device: Any,
+    many: bool
 ) -> list[Path]:
     """Predict one scan and write its outputs; returns the files written."""
     from flaresam.io.atomic import atomic_write_text
@@ -660,7 +676,7 @@ def _predict_one(
             prompts = LabelPrompts(read_label(req.prompts_from, image.geometry, reference_path=scan).array)
         elif req.boxes:
             prompts = load_boxes_json(req.boxes, image.geometry)
-        else:
+        elif proposer_step is not None:
             prompts = ProposerPrompts(proposer_step)
     label = predict_volume(
         step,
@@ -670,6 +686,7 @@ def _predict_one(
         organs=req.organs,
         device=device,
         batch_size=req.batch_size,
+        inference=InferenceOptions(box_windows=not req.full_frame),
         quiet=req.quiet,
     )
     target, stats_path, png = _outputs_of(req, scan, many)

@@ -13,6 +13,35 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "ts-example"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def _register_test_arch() -> None:
+    """``test_tiny``: SAM's structure at toy size (128 px input, 8 x 8 embedding, 32 x 32 masks), for tests only."""
+    from flaresam.models.sam.archs import ArchSpec, register_arch, vit_kwargs
+
+    register_arch(ArchSpec(
+        "test_tiny", "vit", vit_kwargs(32, 2, 2, (1,), image_size=128, window=4, out_chans=32), image_size=128,
+        vit_dim=32, prompt_dim=32, decoder_depth=1, decoder_mlp=64, decoder_heads=2, iou_hidden=32,
+        signature=("vit", 32, 2, 128),
+    ))
+
+
+_register_test_arch()
+
+
+def sam_step(model: str = "hqsam", *, quiet: bool = False, **options):
+    """A SAM step built as the registry builds one; ``options`` are :class:`SamOptions` fields."""
+    from flaresam.models.sam.options import SamOptions
+    from flaresam.models.sam.step import load_sam_step
+
+    return load_sam_step(model, SamOptions(**options), quiet=quiet)
+
+
+def dense_step(model: str = "unet", **options):
+    """A U-Net / DeepLabV3+ step built as the registry builds one; ``options`` are :class:`DenseOptions` fields."""
+    from flaresam.models.dense import DenseOptions, load_dense_step
+
+    return load_dense_step(model, DenseOptions(**options))
+
+
 @pytest.fixture(autouse=True)
 def _flaresam_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("flaresam_home")

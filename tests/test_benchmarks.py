@@ -34,6 +34,7 @@ def pick(lines: list[dict], **match) -> list[dict]:
     return [ln for ln in lines if all(ln.get(k) == v for k, v in match.items())]
 
 
+@pytest.mark.slow
 def test_gpu_bench_smoke_runs_every_section_on_the_cpu(tmp_path):
     code, lines, err = run("gpu_bench.py", "--smoke", "--threads", "1", "--attention", "sdpa,fold", tmp_path=tmp_path)
     assert code == 0, err[-3000:]
@@ -97,7 +98,7 @@ def test_cpu_bench_encoder_section(tmp_path):
     code, lines, err = run("cpu_bench.py", "--only", "encoder", "--encoder-size", "32", "--threads", "1", tmp_path=tmp_path)
     assert code == 0, err[-3000:]
     enc = pick(lines, bench="encoder")
-    for arch in ("vit_b@32", "test_tiny"):
+    for arch in ("vit_b@32", "demo"):
         variants = {ln["variant"] for ln in enc if ln["arch"] == arch}
         assert {"fp32", "sdpa fp32"} <= variants
     assert all(ln["cosine_vs_fp32_stock"] >= 0.9999 for ln in enc)

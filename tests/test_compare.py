@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flaresam import compare as compare_mod
+from flaresam.compare import plan as compare_plan
+from flaresam.compare import scoring
 from flaresam.organs import ORGANS
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,7 +21,8 @@ def tiny_demo(monkeypatch):
 
     from flaresam.models import standin
 
-    monkeypatch.setattr(compare_mod, "DEMO", dataclasses.replace(compare_mod.DEMO, cases=5, size=32, slices=8, epochs=tuple((m, 1) for m in compare_mod.DISPLAY)))
+    small = dataclasses.replace(compare_plan.DEMO, cases=5, size=32, slices=8, epochs=tuple((m, 1) for m in compare_plan.DISPLAY))
+    monkeypatch.setattr(compare_plan, "DEMO", small)  # read when a plan is resolved
     monkeypatch.setattr(standin, "DEFAULT_RECIPE", dataclasses.replace(standin.DEFAULT_RECIPE, cases=2, size=32, slices=8,
                                                                       sam_steps=2, hq_steps=2, batch=2))
 
@@ -35,7 +36,7 @@ def _png_is_a_picture(path: Path) -> None:
     assert float(np.asarray(img[..., :3]).std()) > 0.05  # not a blank canvas
 
 
-def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch):
+def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     r = run_cli("compare", "--models", "unet,hqsam", "-q")
     assert r.code == 0, r
@@ -104,8 +105,21 @@ def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch):
     assert {row["key"]: row["flare22"]["mean"] for row in second["rows"]} == first
     assert all(run["reused"] for run in second["runs"].values())
 
-    last = run_cli("compare", "--models", "unet", "-q", "--out", tmp_path / "last", "--select", "last")
-    assert last.code == 0, last
+    # the library prints nothing: its messages go to notify (the CLI prints them), and the input plan is left as it was
+    import torch
+
+    from flaresam.compare.runner import run_compare
+
+    said: list[tuple[str, str]] = []
+    plan = compare_plan.ComparePlan(models=("unet",), out=tmp_path / "last", select="last", quiet=True)
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    run_compare(plan, notify=lambda level, message: said.append((level, message)))
+    assert capsys.readouterr() == ("", "")
+    assert plan == compare_plan.ComparePlan(models=("unet",), out=tmp_path / "last", select="last", quiet=True)
+    assert torch.get_num_threads() == threads
+    assert [level for level, _ in said] == ["warn", "info"] and "NOT a reproduction" in said[0][1]
+    assert said[1][1].startswith("[1/1] U-Net: reusing finished run runs")
     assert "LAST epoch" in (tmp_path / "last" / "results.md").read_text()
 
 
@@ -125,7 +139,7 @@ def test_compare_scores_match_flaresam_score_on_written_files(tiny_demo, tmp_pat
         pred = np.asarray(case.label).copy()
         pred[rng.random(pred.shape) < 0.05] = 0  # some damage
         pred = np.roll(pred, 1, axis=2)
-        ours = compare_mod._file_order_flare22(pred, np.asarray(case.label), case.geometry)
+        ours = scoring.file_order_flare22(pred, np.asarray(case.label), case.geometry)
         write_label(pred, case.geometry, tmp_path / "pred" / f"{cid}.nii.gz")
         theirs = score_cases(pair_cases(tmp_path / "pred" / f"{cid}.nii.gz", tmp_path / "raw" / "labels" / f"{cid}.nii.gz").pairs, workers=1)[0]["organs"]
         for name, v in ours.items():
@@ -159,9 +173,9 @@ def test_figure5_picks_slices_with_thin_structures(tmp_path):
     write_demo_dataset(tmp_path / "raw", cases=2, size=48, slices=16, seed=2, quiet=True)
     store = prepare_dataset(tmp_path / "raw", tmp_path / "prep", quiet=True, workers=1, split=SplitSpec(val_fraction=0.5, test_fraction=0.0))
     cases = {cid: store.load_case(cid) for cid in store.case_ids}
-    picks = compare_mod._figure5_slices(cases, n=3)
+    picks = scoring.figure5_slices(cases, n=3)
     assert len(picks) == 3
-    thin = [o.id for o in ORGANS if o.name in compare_mod.THIN]
+    thin = [o.id for o in ORGANS if o.name in scoring.THIN]
     for cid, z in picks:
         assert np.isin(np.asarray(cases[cid].label[z]), thin).any()
 
@@ -189,6 +203,7 @@ def test_provenance_of_user_data_dense_only_and_random_encoders(tiny_demo, run_c
     assert res["rows"][1]["label"] == "HQ-SAM" and "randomly initialised SAM encoders" in res["note"]
 
 
+@pytest.mark.slow
 def test_hq_sam_authors_setting_runs_inside_compare(tiny_demo, run_cli, tmp_path):
     """--trainable hq --loss dice+bce --jitter reach the SAM runs (SAM, which has no HQ parts, trains its decoder)."""
     r = run_cli("compare", "--models", "hqsam,sam", "--trainable", "hq", "--loss", "dice+bce", "--jitter", "5",
@@ -213,3 +228,26 @@ def test_a_store_without_test_cases_is_refused(run_cli, tmp_path):
     assert r.code == 2 and "no test cases" in r.err and "new --out" in r.err and "Traceback" not in r.err
     assert "do nothing here" in r.err  # a prepared store keeps its split: the option is said to be ignored
     assert not (tmp_path / "runs").exists()
+
+
+def test_training_threads_are_restored_after_each_model(monkeypatch):
+    """The demo's per-model thread count holds while the model trains only, even when training fails."""
+    import torch
+
+    from flaresam.compare.runner import torch_threads
+
+    before = torch.get_num_threads()
+    r = compare_plan.resolve(compare_plan.ComparePlan(models=("unet", "hqsam")))
+    assert compare_plan.training_threads(r, "unet", cpu_count=8) == 1
+    assert compare_plan.training_threads(r, "hqsam", cpu_count=1) == 1
+    target = 2 if before != 2 else 1
+    with torch_threads(target):
+        assert torch.get_num_threads() == target
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(target):
+        raise RuntimeError("training failed")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):  # not the demo, or not the CPU: left alone
+        assert torch.get_num_threads() == before
+    user = compare_plan.resolve(compare_plan.ComparePlan(models=("unet",), data="."))
+    assert compare_plan.training_threads(user, "unet", cpu_count=8) is None

@@ -26,11 +26,28 @@ print(json.dumps({"applied": applied, "again": keep_freed_memory(), "faults": re
 """
 
 
-def probe(**env: str) -> dict:
+# every flaresam module imported, the allocator not asked for: it must stay as glibc left it
+IMPORT_ALL = """
+import importlib, json, pkgutil, resource
+import numpy as np
+import flaresam
+from flaresam import cpu_memory
+names = [m.name for m in pkgutil.walk_packages(flaresam.__path__, "flaresam.") if m.name != "flaresam.__main__"]
+for name in names:
+    importlib.import_module(name)
+a = np.ones(25_000_000, np.float32); del a
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+b = np.ones(25_000_000, np.float32); del b
+print(json.dumps({"modules": len(names), "applied": cpu_memory._applied,
+                  "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+def probe(code: str = PROBE, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items()
              if k not in ("FLARESAM_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def test_a_freed_block_is_reused_without_faulting_its_pages_in_again():
@@ -55,3 +72,9 @@ def test_the_flaresam_command_applies_it_first(monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code in (0, None) and calls == ["kept"]
+
+
+def test_importing_the_library_leaves_the_allocator_alone():
+    got = probe(IMPORT_ALL)
+    assert got["modules"] > 20 and got["applied"] is None
+    assert got["faults"] > 16  # glibc's default: a fresh mmap for the second 100 MB block, its pages faulted in again

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import phantom_store
 from flaresam.data.slices import MIRROR_LUT, DenseSliceDataset, collate_dense, context_indices, resample, slice_stack, training_slices
 from flaresam.errors import DataError, UsageError
 from flaresam.models import dense
-from flaresam.models.dense import DenseStep
 from flaresam.organs import BY_NAME
+from tests.conftest import dense_step, phantom_store
 
 ENC = "mobilenet_v2"  # the cheapest smp encoder that works with both architectures at 32 px
 
@@ -30,7 +29,7 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("name", ["unet", "deeplab"])
 def test_network_predicts_label_slices_at_the_volume_size(name):
     torch.manual_seed(0)
-    step = DenseStep(name, encoder=ENC, encoder_weights="none", context=3, size=32)
+    step = dense_step(name, encoder=ENC, encoder_weights="none", context=3, size=32)
     first_conv = next(m for m in step.network().modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.in_channels == 3  # 2.5D: three adjacent slices
     logits = step.network()(torch.rand(2, 3, 40, 50))  # not a multiple of 32: padded inside, cropped back
@@ -40,6 +39,29 @@ def test_network_predicts_label_slices_at_the_volume_size(name):
     assert pred.dtype == np.uint8 and pred.shape == (3, 48, 40)
     assert pred.max() < 14
     assert step.network().training  # predict restores the mode it found
+
+
+def test_network_sees_the_volume_in_batches():
+    """predict_volume hands a dense model batch_size slices at a time; its network runs at most 16 at once."""
+    from flaresam.data.window import Window
+    from flaresam.io.volume import Geometry, Volume
+    from flaresam.predict import predict_volume
+
+    torch.manual_seed(0)
+    step = dense_step("unet", encoder=ENC, encoder_weights="none")
+    sizes: list[int] = []
+    handle = step.network().register_forward_hook(lambda module, args, output: sizes.append(int(args[0].shape[0])))
+    hu = np.random.default_rng(0).normal(40, 200, (40, 32, 32)).astype(np.float32)
+    image = Volume(hu, Geometry((32, 32, 40), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    try:
+        label = predict_volume(step, image, Window(), batch_size=12)
+        assert sizes == [12, 12, 12, 4]  # every slice, batch by batch
+        sizes.clear()
+        predict_volume(step, image, Window(), batch_size=40)
+        assert sizes == [16, 16, 8]  # a large batch runs through the network in chunks
+    finally:
+        handle.remove()
+    assert label.shape == hu.shape and label.dtype == np.uint8
 
 
 def test_context_stacks_neighbours_and_clamps_at_the_ends():
@@ -109,7 +131,7 @@ def test_collate_pads_mixed_slice_sizes():
 @pytest.mark.parametrize("name,loss", [("unet", "dice"), ("deeplab", "dice+ce")])
 def test_loss_falls_on_a_fixed_batch(store, name, loss):
     torch.manual_seed(0)
-    step = DenseStep(name, encoder=ENC, encoder_weights=None, augment=False, loss=loss)
+    step = dense_step(name, encoder=ENC, encoder_weights=None, augment=False, loss=loss)
     ds = step.train_dataset(store, store.train_ids, seed=0)
     batch = step.collate([ds[i] for i in range(0, len(ds), max(1, len(ds) // 4))][:4])
     opt = torch.optim.AdamW(step.trainable_module().parameters(), lr=3e-3)
@@ -127,13 +149,13 @@ def test_loss_falls_on_a_fixed_batch(store, name, loss):
 
 def test_bad_options_are_usage_errors():
     with pytest.raises(UsageError, match="--context"):
-        DenseStep("unet", encoder=ENC, encoder_weights=None, context=2)
+        dense_step("unet", encoder=ENC, encoder_weights=None, context=2)
     with pytest.raises(UsageError, match="--encoder"):
-        DenseStep("unet", encoder="no-such-encoder", encoder_weights=None)
+        dense_step("unet", encoder="no-such-encoder", encoder_weights=None)
     with pytest.raises(UsageError, match="--loss"):
-        DenseStep("unet", encoder=ENC, encoder_weights=None, loss="dice+bce")
+        dense_step("unet", encoder=ENC, encoder_weights=None, loss="dice+bce")
     with pytest.raises(UsageError, match="not published"):
-        DenseStep("unet", encoder=ENC, encoder_weights="instagram")
+        dense_step("unet", encoder=ENC, encoder_weights="instagram")
 
 
 # ---------------------------------------------------------------------------
@@ -159,8 +181,8 @@ def _closed_port() -> int:
 def test_imagenet_weights_without_network_fail_within_seconds(no_hf_cache, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     t0 = time.monotonic()
-    with pytest.raises(DataError, match="cannot download imagenet weights for encoder resnet34.*--encoder-weights none"):
-        DenseStep("unet", encoder="resnet34", encoder_weights="imagenet")
+    with pytest.raises(DataError, match=r"cannot download imagenet weights for encoder resnet34.*--encoder-weights none"):
+        dense_step("unet", encoder="resnet34", encoder_weights="imagenet")
     assert time.monotonic() - t0 < 10
 
 
@@ -172,7 +194,33 @@ def test_offline_mode_never_opens_a_socket(no_hf_cache, monkeypatch):
 
     monkeypatch.setattr(dense, "_probe", no_probe)
     with pytest.raises(DataError, match="offline mode is on"):
-        DenseStep("deeplab", encoder="resnet34", encoder_weights="imagenet")
+        dense_step("deeplab", encoder="resnet34", encoder_weights="imagenet")
+
+
+def test_offline_is_one_switch_for_every_downloading_command(run_cli, monkeypatch, tmp_path):
+    """--offline of finetune, predict and compare all go through flaresam.paths.set_offline; the downloaders read it."""
+    import typer.main
+
+    from flaresam import paths
+    from flaresam.cli.app import app
+    from flaresam.models import weights
+
+    assert weights.OFFLINE_ENV == paths.OFFLINE_ENV == "FLARESAM_OFFLINE"
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(paths.OFFLINE_ENV, "0")  # restored after the test, whatever the commands set
+    assert not weights.is_offline() and not dense._offline()
+    paths.set_offline()
+    assert weights.is_offline() and dense._offline()
+
+    commands = typer.main.get_command(app).commands
+    assert {name for name, cmd in commands.items() if any("--offline" in p.opts for p in cmd.params)} == {"compare", "finetune", "predict"}
+    calls: list[str] = []
+    monkeypatch.setattr(paths, "set_offline", lambda: calls.append("offline"))
+    # each command fails fast on a missing input, after its options are parsed
+    for args in (["finetune", "--offline"], ["predict", tmp_path / "none.nii.gz", "--offline"], ["compare", "--models", "nope", "--offline"]):
+        assert run_cli(*args).code != 0
+    assert calls == ["offline"] * 3
+    assert run_cli("finetune").code != 0 and len(calls) == 3  # without the flag: not
 
 
 def test_cached_imagenet_weights_load_without_network(no_hf_cache, monkeypatch):
@@ -188,7 +236,7 @@ def test_cached_imagenet_weights_load_without_network(no_hf_cache, monkeypatch):
     monkeypatch.setattr(dense, "_probe", lambda *a, **k: pytest.fail("cached weights probed the network"))
 
     torch.manual_seed(0)
-    step = DenseStep("unet", encoder=ENC, encoder_weights="imagenet", context=1)
+    step = dense_step("unet", encoder=ENC, encoder_weights="imagenet", context=1)
     got = step.network().net.encoder.state_dict()
     first = next(k for k, v in reference.items() if v.ndim == 4 and v.shape[1] == 3)
     assert torch.allclose(got[first], reference[first].sum(1, keepdim=True))  # 1-channel input: summed, as smp does

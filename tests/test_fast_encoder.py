@@ -1,4 +1,4 @@
-"""The fast ViT encoder path (flaresam.models.fast_encoder) against the stock segment-anything-hq encoder.
+"""The fast ViT encoder path (flaresam.models.sam.fast_encoder) against the stock segment-anything-hq encoder.
 
 Random weights with non-zero relative-position tables and absolute position
 embeddings, at toy sizes on the CPU: windowed and global blocks, window sizes
@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from flaresam.errors import UsageError
-from flaresam.models import fast_encoder as fe
-from flaresam.models.sam import SamStep, _sam_modeling, build_network
+from flaresam.models.sam import fast_encoder as fe
+from flaresam.models.sam.network import build_network
+from flaresam.models.sam.upstream import sam_modeling
+from tests.conftest import sam_step
 
-M = _sam_modeling()
+M = sam_modeling()
 pytestmark = [
     pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
     pytest.mark.usefixtures("one_torch_thread"),
@@ -160,7 +162,7 @@ def test_a_failing_compiler_falls_back_to_eager_once(capsys):
 @pytest.mark.parametrize("kernel, stride, groups", [(1, 1, 1), (3, 2, 1), (3, 1, 8), (3, 2, 8)])
 def test_conv_gelu_equals_the_two_ops(kernel, stride, groups):
     """TinyViT's merged convolution + GELU: oneDNN's fused op on the CPU in fp32, the two ops otherwise."""
-    from flaresam.models import tinyvit_fold
+    from flaresam.models.sam import tinyvit_fold
 
     g = torch.Generator().manual_seed(kernel + stride + groups)
     conv = torch.nn.Conv2d(8, 16, kernel, stride, kernel // 2, groups=groups)
@@ -180,7 +182,7 @@ def test_conv_gelu_equals_the_two_ops(kernel, stride, groups):
 
 def test_tinyvit_runs_folded_and_equals_stock():
     """vit_tiny: BatchNorm folded into the convolutions, channels-last; the stock result, refolded on new tensors."""
-    from flaresam.models import tinyvit_fold
+    from flaresam.models.sam import tinyvit_fold
 
     net = build_network("hqsam", "vit_tiny")
     g = torch.Generator().manual_seed(3)
@@ -219,8 +221,8 @@ def test_tinyvit_runs_folded_and_equals_stock():
     with pytest.raises(TypeError):
         fe.FastEncoder(net.image_encoder)
     with pytest.raises(UsageError, match="--compile applies to the ViT encoders"):
-        SamStep("hqsam", arch="vit_tiny", init="random", quiet=True, compile_encoder=True)
-    assert SamStep("hqsam", arch="vit_tiny", init="random", quiet=True, fast_encoder=True).net.fast_encoder is True
+        sam_step("hqsam", arch="vit_tiny", init="random", quiet=True, compile_encoder=True)
+    assert sam_step("hqsam", arch="vit_tiny", init="random", quiet=True, fast_encoder=True).net.fast_encoder is True
 
 
 # ---------------------------------------------------------------------------
@@ -249,8 +251,8 @@ def test_samnet_picks_its_path_by_device_and_option():
 
 
 def test_step_encode_and_predict_match_the_stock_path():
-    stock = SamStep("hqsam", arch="test_tiny", init="random", quiet=True, fast_encoder=False)
-    fast = SamStep("hqsam", arch="test_tiny", init="random", quiet=True, fast_encoder=True, compile_encoder=False)
+    stock = sam_step("hqsam", arch="test_tiny", init="random", quiet=True, fast_encoder=False)
+    fast = sam_step("hqsam", arch="test_tiny", init="random", quiet=True, fast_encoder=True, compile_encoder=False)
     for s in (stock, fast):
         randomise(s.net.image_encoder)
     keys = list(stock.net.state_dict())
@@ -282,10 +284,10 @@ def test_options_config_and_registry():
     with pytest.raises(UsageError, match="--fast-encoder/--stock-encoder does not apply to --model unet"):
         check_options("unet", {"fast_encoder": True})
     with pytest.raises(UsageError, match="--compile"):
-        SamStep("hqsam", arch="test_tiny", init="random", quiet=True, fast_encoder=False, compile_encoder=True)
+        sam_step("hqsam", arch="test_tiny", init="random", quiet=True, fast_encoder=False, compile_encoder=True)
     # compile stays off until the step trains (auto), unless asked for
     assert step.net.compile_encoder is False
-    compiled = SamStep("hqsam", arch="test_tiny", init="random", quiet=True, compile_encoder=True).net
+    compiled = sam_step("hqsam", arch="test_tiny", init="random", quiet=True, compile_encoder=True).net
     assert compiled.compile_encoder is True and compiled.fast_encoder is True  # --compile implies the fast path
 
 

@@ -151,7 +151,7 @@ def test_predict_refuses_bad_scans(kind, run_cli, tmp_path, stub_model):
     r = run_cli("predict", scan, "--model", "dense", "-o", out, "-q")
     line = _one_line_error(r, 1)
     assert str(scan) in line or scan.name in line
-    assert not out.exists() and not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    assert (not out.exists() and not (tmp_path / "out").exists()) or not list((tmp_path / "out").iterdir())
 
 
 @pytest.mark.parametrize("side", ["pred", "gt"])

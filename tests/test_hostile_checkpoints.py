@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import phantom_store
 from flaresam.models import weights
-from flaresam.models.sam import build_network
+from flaresam.models.sam.network import build_network
+from tests.conftest import phantom_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,7 +64,8 @@ class _Evil:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A prepared phantom store, a base official-format file, a finished run and an interrupted one trained from it."""
-    from flaresam.train import TrainConfig, TrainingInterrupted, train
+    from flaresam.training.config import TrainConfig
+    from flaresam.training.trainer import TrainingInterrupted, train
 
     root = tmp_path_factory.mktemp("hostile")
     store = phantom_store(root, cases=3, size=48, slices=10, seed=3, val_fraction=0.34)
@@ -257,7 +258,7 @@ def test_changed_base_is_refused_at_resume(world, run_cli, changed_base):
 
 
 def test_old_run_checkpoints_without_the_hash_still_load(world, tmp_path, changed_base):
-    from flaresam.train import load_run
+    from flaresam.training.run_folder import load_run
 
     path = _doctored(world, tmp_path, "old.pt", lambda c: c["model"].pop("checkpoint_sha256"))
     step, _ = load_run(path)  # nothing recorded, nothing to compare

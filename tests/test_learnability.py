@@ -36,9 +36,10 @@ def _per_prompt_dice(step, store, picks) -> float:
     return float(np.mean(dice))
 
 
+@pytest.mark.slow
 def test_sam_decoder_overfits_a_few_slices(tmp_path):
     from flaresam.models.registry import build_step
-    from flaresam.train import seed_everything
+    from flaresam.training.devices import seed_everything
 
     store = phantom_store(tmp_path, cases=1, size=64, slices=12, seed=4, val_fraction=0.0)
     cid = store.case_ids[0]

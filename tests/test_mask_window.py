@@ -1,4 +1,4 @@
-"""Box-window decoding (flaresam.models.mask_window) against whole-frame decoding and SAM's postprocess."""
+"""Box-window decoding (flaresam.models.sam.mask_window) against whole-frame decoding and SAM's postprocess."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from flaresam.models import mask_window as mw
-from flaresam.models import sam_io
-from flaresam.models.sam import ARCHS, SamStep, build_network, decode
-
-from tests.conftest import phantom_store
+from flaresam.models.options import InferenceOptions
+from flaresam.models.sam import mask_window as mw
+from flaresam.models.sam import preprocess as sam_io
+from flaresam.models.sam.archs import ARCHS
+from flaresam.models.sam.decoding import decode
+from flaresam.models.sam.network import build_network
+from tests.conftest import phantom_store, sam_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,9 +49,7 @@ def _decoded(model: str, slices: int = 2, prompts: int = 5, seed: int = 0):
     slice_index = torch.arange(prompts) % slices
     xy = torch.rand(prompts, 2, generator=g) * 80
     boxes = torch.cat([xy, xy + 8 + torch.rand(prompts, 2, generator=g) * 30], dim=1)
-    sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
-    pe = net.prompt_encoder.get_dense_pe()
-    args = (net.mask_decoder, emb, interm if net.hq else None, sparse, dense, slice_index, pe)
+    args = (net.mask_decoder, net.prompt_batch(emb, interm if net.hq else None, boxes, slice_index))
     return args, decode(*args)[:, 0], boxes * (spec.lowres / spec.image_size)
 
 
@@ -159,15 +159,13 @@ def test_decode_windows_falls_back_to_the_whole_frame(monkeypatch):
 
 def test_predict_windowed_equals_full_frame_for_a_random_model(store):
     """A random decoder's masks spread over the frame: they escape, are redone whole, and the labels match."""
-    step = SamStep("hqsam", arch="test_tiny", init="random", quiet=True)
+    step = sam_step("hqsam", arch="test_tiny", init="random", quiet=True)
     case = store.load_case(store.val_ids[0])
     z = np.flatnonzero((case.boxes[:, :, 0] >= 0).any(axis=1))[:3]
-    windowed = step.predict_slices(case.image, z, case.boxes[z], "cpu")
-    stats = dict(step.window_stats)
-    assert stats["prompts"] == int((case.boxes[z, :, 0] >= 0).sum()) and stats["fallbacks"] <= stats["prompts"]
-    step.mask_window = False
+    windowed, stats = step.decode_slices(case.image, z, case.boxes[z], "cpu", InferenceOptions(box_windows=True))
+    assert stats.prompts == int((case.boxes[z, :, 0] >= 0).sum()) and stats.fallbacks <= stats.prompts
     whole = step.predict_slices(case.image, z, case.boxes[z], "cpu")
-    kept = stats["prompts"] - stats["fallbacks"]
+    kept = stats.prompts - stats.fallbacks
     if kept == 0:
         assert np.array_equal(windowed, whole)
     else:  # labels may differ only where a kept mask's window ends

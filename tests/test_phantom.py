@@ -109,6 +109,14 @@ def test_the_same_anatomy_checks_hold_on_the_real_ct_sample(ts_example):
     assert_canonical_anatomy(image.array, label.array)
 
 
+def test_the_anatomy_table_labels_every_organ_once():
+    from flaresam.data.phantom_anatomy import ANATOMY, TISSUE_HU
+
+    labels = [s.label for s in ANATOMY if s.label]
+    assert sorted(labels) == list(range(1, 14))
+    assert all(s.fill.tissue in TISSUE_HU and (s.fill.lumen or s.fill.tissue) in TISSUE_HU for s in ANATOMY if s.fill)
+
+
 def test_deterministic_per_seed():
     a, b = make_phantom(64, 16, 7), make_phantom(64, 16, 7)
     assert np.array_equal(a.hu, b.hu) and np.array_equal(a.label, b.label)
@@ -161,7 +169,7 @@ def test_written_files_read_back_to_the_same_canonical_arrays(tmp_path):
             # stored flipped on disk, yet read back in canonical orientation
             assert not np.array_equal(raw, image.array)
         directions.add(image.geometry.direction)
-        sz, sy, sx = image.spacing
+        sz, sy, _sx = image.spacing
         spacings.add("thick" if sz > 2 * sy else "iso")
         assert not np.array_equal(label.array, reference.label)
     assert len(directions) == 3  # identity, x/y flipped (RAS-stored), z flipped

@@ -10,7 +10,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.conftest import phantom_store
 from flaresam.data.window import Window
 from flaresam.errors import DataError
 from flaresam.io.volume import Geometry, read_label, read_volume, write_volume
@@ -24,6 +23,7 @@ from flaresam.predict import (
     organ_statistics,
     predict_volume,
 )
+from tests.conftest import phantom_store
 
 ENC = "mobilenet_v2"
 
@@ -44,7 +44,7 @@ class BoxFillStep:
     def __init__(self) -> None:
         self.calls: list[tuple[list[int], int]] = []
 
-    def predict_slices(self, volume, indices, boxes, device):
+    def predict_slices(self, volume, indices, boxes, device, inference=None):
         out = np.zeros((len(indices), volume.shape[1], volume.shape[2]), np.uint8)
         n_prompts = 0
         for i in range(len(indices)):
@@ -66,7 +66,7 @@ class TruthStep:
     def __init__(self, label: np.ndarray) -> None:
         self.label = label
 
-    def predict_slices(self, volume, indices, boxes, device):
+    def predict_slices(self, volume, indices, boxes, device, inference=None):
         return self.label[indices].copy()
 
 
@@ -85,10 +85,11 @@ def test_label_prompts_give_one_call_per_batch_with_every_box():
     # only slices with organs are predicted, in batches of at most 4 slices
     assert sorted(i for call, _ in step.calls for i in call) == present.tolist()
     assert all(len(call) <= 4 for call, _ in step.calls)
-    # every organ present on a slice got its box: each organ's prediction covers its truth
+    # every organ present on a slice got its box: each organ's prediction covers its truth, where the box
+    # of a later organ (painted over it by BoxFillStep) leaves it; each organ shows in its own truth
     for k in range(1, NUM_ORGANS + 1):
         covered = label[ph.label == k]
-        assert covered.size > 0
+        assert covered.size > 0 and (covered >= k).all() and (covered == k).any(), k
     assert set(np.unique(label)) <= set(range(NUM_ORGANS + 1))
 
 
@@ -118,9 +119,19 @@ def test_proposer_prompts_use_the_largest_component_of_each_organ():
 
 
 def test_dense_models_predict_every_slice_in_batches():
-    ph = _case(3)
-    label = predict_volume(TruthStep(ph.label), read_like(ph), Window(), batch_size=5)
+    ph = _case(3)  # 12 slices, some without organs
+    calls: list[list[int]] = []
+
+    class RecordingTruthStep(TruthStep):
+        def predict_slices(self, volume, indices, boxes, device, *rest):
+            assert boxes is None  # a dense model gets no prompts
+            calls.append([int(i) for i in indices])
+            return super().predict_slices(volume, indices, boxes, device)
+
+    label = predict_volume(RecordingTruthStep(ph.label), read_like(ph), Window(), batch_size=5)
     np.testing.assert_array_equal(label, ph.label)
+    # every slice once, in order, in batches of at most 5 (organ or not: nothing to skip slices by)
+    assert calls == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
 
 
 def test_box_prompts_propagate_from_the_middle_slice_within_the_range():
@@ -204,7 +215,8 @@ def test_statistics_volume_and_hu():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A prepared phantom dataset, a tiny U-Net run and a tiny HQ-SAM run under one runs/ folder."""
-    from flaresam.train import TrainConfig, train
+    from flaresam.training.config import TrainConfig
+    from flaresam.training.trainer import train
 
     root = tmp_path_factory.mktemp("predict")
     store = phantom_store(root, cases=3, size=48, slices=10, seed=7, val_fraction=0.34)
@@ -271,7 +283,7 @@ def test_predict_sam_with_label_prompts_preview_and_stats(trained, run_cli, tmp_
 
 
 def test_full_frame_option_decodes_every_mask_on_the_whole_slice(trained, run_cli, tmp_path, monkeypatch):
-    from flaresam.models import sam as sam_module
+    from flaresam.models.sam import step as sam_module
 
     raw = trained / "raw"
     scan = raw / "images" / "FLARE22_Tr_0001_0000.nii.gz"
@@ -279,9 +291,9 @@ def test_full_frame_option_decodes_every_mask_on_the_whole_slice(trained, run_cl
     seen: list[bool] = []
     original = sam_module.SamStep._predict_chunk
 
-    def spy(self, *args, **kwargs):
-        seen.append(self.mask_window)
-        return original(self, *args, **kwargs)
+    def spy(self, volume, idx, boxes, present, dev, inference):
+        seen.append(inference.box_windows)
+        return original(self, volume, idx, boxes, present, dev, inference)
 
     monkeypatch.setattr(sam_module.SamStep, "_predict_chunk", spy)
     outs = {}
@@ -379,7 +391,7 @@ def test_non_ct_intensities_warn(trained, run_cli, tmp_path):
 
 def test_predict_zero_shot_with_an_official_format_checkpoint(trained, run_cli, tmp_path):
     """A plain SAM/HQ-SAM state dict (official key names) predicts directly, without fine-tuning."""
-    from flaresam.models.sam import build_network
+    from flaresam.models.sam.network import build_network
 
     official = tmp_path / "sam_hq_like.pth"
     torch.save(build_network("hqsam", "test_tiny").state_dict(), official)

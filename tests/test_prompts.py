@@ -1,4 +1,4 @@
-"""Box prompts from label slices, and SAM's input/output geometry (flaresam.data.prompts, flaresam.models.sam_io)."""
+"""Box prompts from label slices, and SAM's input/output geometry (flaresam.data.prompts, flaresam.models.sam.preprocess)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from flaresam.data.prompts import PromptConfig, jitter_boxes, slice_prompts
 from flaresam.data.store import slice_boxes
 from flaresam.errors import UsageError
-from flaresam.models import sam_io
-from flaresam.models.sam import _sam_modeling
+from flaresam.models.sam import preprocess as sam_io
+from flaresam.models.sam.upstream import sam_modeling
 
-_sam_modeling()  # imports segment_anything_hq without timm's deprecation warnings
+sam_modeling()  # imports segment_anything_hq without timm's deprecation warnings
 
 
 def _label() -> np.ndarray:

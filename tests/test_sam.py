@@ -11,20 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import phantom_store
 from flaresam.errors import DataError, UsageError
-from flaresam.models import sam_io
-from flaresam.models.sam import (
-    ARCHS,
-    HQ_MODULES,
-    SamStep,
-    _sam_modeling,
-    build_network,
-    decode,
-    is_hq_key,
-)
+from flaresam.models.sam import preprocess as sam_io
+from flaresam.models.sam.archs import ARCHS, HQ_MODULES
+from flaresam.models.sam.checkpoint import is_hq_key
+from flaresam.models.sam.decoding import decode
+from flaresam.models.sam.network import build_network
+from flaresam.models.sam.step import SamStep
+from flaresam.models.sam.upstream import sam_modeling
+from tests.conftest import phantom_store, sam_step
 
-M = _sam_modeling()  # segment_anything_hq.modeling, imported quietly
+M = sam_modeling()  # segment_anything_hq.modeling, imported quietly
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,7 +33,7 @@ def store(tmp_path_factory):
 
 
 def tiny(model: str = "hqsam", **kw) -> SamStep:
-    return SamStep(model, arch="test_tiny", init="random", quiet=True, **kw)
+    return sam_step(model, arch="test_tiny", init="random", quiet=True, **kw)
 
 
 def save_state(path, state):
@@ -70,7 +67,7 @@ def test_vit_tiny_mobile_sam_file_loads_into_hqsam(tmp_path, capsys):
 
     stock = sam_model_registry_baseline["vit_tiny"]()  # MobileSAM as its authors build it: the official key names
     path = save_state(tmp_path / "mobile_sam.pt", stock.state_dict())
-    step = SamStep("hqsam", checkpoint=str(path))
+    step = sam_step("hqsam", checkpoint=str(path))
     err = capsys.readouterr().err
     assert step.arch == "vit_tiny" and step.load_report.fresh_hq == 25 and not step.load_report.ignored_other
     assert "freshly initialised" in err and "25" in err
@@ -101,9 +98,9 @@ def test_batched_decode_equals_stock_per_image_call(model):
     xy = torch.rand(len(slice_index), 2) * 60
     boxes = torch.cat([xy, xy + 10 + torch.rand(len(slice_index), 2) * 50], dim=1)
     with torch.no_grad():
-        sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
-        pe = net.prompt_encoder.get_dense_pe()
-        ours = decode(net.mask_decoder, emb, interm, sparse, dense, slice_index, pe)
+        batch = net.prompt_batch(emb, interm, boxes, slice_index)
+        sparse, dense, pe = batch.sparse, batch.dense, batch.image_pe
+        ours = decode(net.mask_decoder, batch)
         assert ours.shape == (len(slice_index), 1, spec.lowres, spec.lowres)
         for img in range(3):
             sel = slice_index == img
@@ -185,11 +182,9 @@ def test_a_batch_without_prompts_gives_a_zero_loss(store):
 
 @pytest.mark.parametrize(("model", "trainable"), [("hqsam", "decoder"), ("hqsam", "hq"), ("sam", "decoder")])
 def test_frozen_tensors_stay_bit_identical(model, trainable, store):
-    from flaresam.train import optimizer_groups
-
     step = tiny(model, trainable=trainable, loss="dice+bce")
     before = {k: v.clone() for k, v in step.net.state_dict().items()}
-    groups = optimizer_groups(step, 1e-2, 0.1)
+    groups = step.optimizer_groups(1e-2, 0.1)
     trained = {id(p) for g in groups for p in g["params"]}
     ds = step.train_dataset(store, store.train_ids, seed=0)
     batch = step.collate([ds[i] for i in range(3)])
@@ -216,7 +211,9 @@ def test_frozen_tensors_stay_bit_identical(model, trainable, store):
 
 
 def test_trainer_checkpoint_and_resume_round_trip(store, tmp_path):
-    from flaresam.train import TrainConfig, TrainingInterrupted, load_run, train
+    from flaresam.training.config import TrainConfig
+    from flaresam.training.run_folder import load_run
+    from flaresam.training.trainer import TrainingInterrupted, train
 
     def cfg() -> TrainConfig:
         return TrainConfig(data=str(store.root), model="hqsam", model_options={"arch": "test_tiny", "init": "random"},
@@ -252,19 +249,19 @@ def test_hq_and_sam_files_load_both_ways(tmp_path, capsys):
     sam_file = save_state(tmp_path / "sam_test.pth", {k: v for k, v in hq_net.state_dict().items() if not is_hq_key(k)})
     ref = hq_net.state_dict()
 
-    a = SamStep("hqsam", checkpoint=str(hq_file), quiet=True)  # arch read off the tensors
+    a = sam_step("hqsam", checkpoint=str(hq_file), quiet=True)  # arch read off the tensors
     assert a.arch == "test_tiny" and a.load_report.fresh_hq == 0 and a.load_report.file_kind == "hq"
     assert all(torch.equal(a.net.state_dict()[k], v) for k, v in ref.items())
 
-    b = SamStep("sam", checkpoint=str(hq_file), arch="test_tiny", quiet=True)
+    b = sam_step("sam", checkpoint=str(hq_file), arch="test_tiny", quiet=True)
     assert b.load_report.ignored_hq == 25 and not b.net.hq
     assert all(torch.equal(b.net.state_dict()[k], ref[k]) for k in b.net.state_dict())
 
-    c = SamStep("sam", checkpoint=str(sam_file), quiet=True)
+    c = sam_step("sam", checkpoint=str(sam_file), quiet=True)
     assert c.load_report.ignored_hq == 0 and c.load_report.fresh_hq == 0
 
     capsys.readouterr()
-    d = SamStep("hqsam", checkpoint=str(sam_file))
+    d = sam_step("hqsam", checkpoint=str(sam_file))
     err = capsys.readouterr().err
     assert d.load_report.fresh_hq == 25 and "freshly initialised" in err
     sd = d.net.state_dict()
@@ -276,21 +273,21 @@ def test_hq_and_sam_files_load_both_ways(tmp_path, capsys):
 
 
 def test_a_checkpoint_builds_the_encoder_without_random_init(tmp_path, monkeypatch):
-    import flaresam.models.sam as sam_module
+    import flaresam.models.sam.step as sam_module
 
     hq_file = save_state(tmp_path / "sam_hq_test.pth", build_network("hqsam", "test_tiny", seed=5).state_dict())
     calls = []
     original = sam_module.build_network
     monkeypatch.setattr(sam_module, "build_network", lambda *a, **k: calls.append(k) or original(*a, **k))
-    SamStep("hqsam", checkpoint=str(hq_file), quiet=True)
-    SamStep("hqsam", arch="test_tiny", init="random", quiet=True)
+    sam_step("hqsam", checkpoint=str(hq_file), quiet=True)
+    sam_step("hqsam", arch="test_tiny", init="random", quiet=True)
     assert [k.get("encoder_on_meta") for k in calls] == [True, False]
     # a file short of an encoder tensor is refused before anything is left on the meta device
     state = torch.load(hq_file, weights_only=True)
     del state["image_encoder.neck.0.weight"]
     short = save_state(tmp_path / "short.pth", state)
     with pytest.raises(DataError, match="missing"):
-        SamStep("hqsam", checkpoint=str(short), quiet=True)
+        sam_step("hqsam", checkpoint=str(short), quiet=True)
 
 
 def test_registry_names_resolve_without_arch(tmp_path, monkeypatch):
@@ -298,17 +295,19 @@ def test_registry_names_resolve_without_arch(tmp_path, monkeypatch):
 
     file = save_state(tmp_path / "f.pth", build_network("hqsam", "test_tiny").state_dict())
     entry = weights.WeightsEntry("sam_hq_test", "f.pth", "https://example.invalid/f.pth", 1, "0" * 64, "test_tiny", "hq", "t")
-    monkeypatch.setattr(weights, "resolve_checkpoint", lambda spec, **kw: (file, entry))
-    step = SamStep("hqsam", checkpoint="sam_hq_test", quiet=True)
+    from flaresam.models.sam import checkpoint
+
+    monkeypatch.setattr(checkpoint, "resolve_checkpoint", lambda spec, **kw: (file, entry))
+    step = sam_step("hqsam", checkpoint="sam_hq_test", quiet=True)
     assert step.arch == "test_tiny" and step.config()["checkpoint"] == "sam_hq_test"
     with pytest.raises(UsageError, match=r"test_tiny.*--arch vit_b"):
-        SamStep("hqsam", checkpoint="sam_hq_test", arch="vit_b", quiet=True)
+        sam_step("hqsam", checkpoint="sam_hq_test", arch="vit_b", quiet=True)
 
 
 def test_registry_name_offline_and_not_cached_fails_fast(monkeypatch):
     monkeypatch.setenv("FLARESAM_OFFLINE", "1")
     with pytest.raises(DataError, match="offline"):
-        SamStep("hqsam", checkpoint="sam_hq_vit_b", quiet=True)
+        sam_step("hqsam", checkpoint="sam_hq_vit_b", quiet=True)
 
 
 class _NotTensors:
@@ -350,27 +349,27 @@ def test_checkpoint_errors(tmp_path):
     ]
     for name, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
-            SamStep("hqsam", checkpoint=str(tmp_path / name), quiet=True)
+            sam_step("hqsam", checkpoint=str(tmp_path / name), quiet=True)
     with pytest.raises(UsageError, match=r"vit_l.*--arch vit_b"):  # names both architectures
-        SamStep("hqsam", checkpoint=str(tmp_path / "vit_l.pth"), arch="vit_b", quiet=True)
+        sam_step("hqsam", checkpoint=str(tmp_path / "vit_l.pth"), arch="vit_b", quiet=True)
 
 
 def test_weights_only_refuses_pickled_objects(tmp_path):
     torch.save({"image_encoder.x": _NotTensors()}, tmp_path / "obj.pth")
     with pytest.raises(DataError, match="Python objects"):
-        SamStep("hqsam", checkpoint=str(tmp_path / "obj.pth"), quiet=True)
+        sam_step("hqsam", checkpoint=str(tmp_path / "obj.pth"), quiet=True)
 
 
 def test_option_errors():
     with pytest.raises(UsageError, match=r"flaresam weights|--checkpoint") as info:
-        SamStep("hqsam", arch="test_tiny")
+        sam_step("hqsam", arch="test_tiny")
     assert "--init random" in str(info.value) and "sam_hq_vit_b" in str(info.value)
     with pytest.raises(UsageError, match="--model sam has none"):
-        SamStep("sam", arch="test_tiny", init="random", trainable="hq")
+        sam_step("sam", arch="test_tiny", init="random", trainable="hq")
     with pytest.raises(UsageError, match="exclude"):
-        SamStep("hqsam", init="random", checkpoint="x.pth")
+        sam_step("hqsam", init="random", checkpoint="x.pth")
     with pytest.raises(UsageError, match="--arch"):
-        SamStep("hqsam", arch="vit_q", init="random")
+        sam_step("hqsam", arch="vit_q", init="random")
     with pytest.raises(UsageError, match="--loss"):
         tiny(loss="focal")
     with pytest.raises(UsageError, match="--trainable"):
@@ -420,7 +419,7 @@ def test_embedding_cache_is_reused_across_epochs_and_by_the_sam_hq_pair(store, t
     items = [sam.train_dataset(store, store.train_ids, seed=0)[i] for i in picks]
     assert all(it["embedding"] is not None and it["image"] is None for it in items)
 
-    other = SamStep("hqsam", arch="test_tiny", init="random", init_seed=9, quiet=True, cache_embeddings=str(cache_dir))
+    other = sam_step("hqsam", arch="test_tiny", init="random", init_seed=9, quiet=True, cache_embeddings=str(cache_dir))
     assert other.embedding_cache().key != hq.embedding_cache().key  # another encoder never reads these
 
 
@@ -438,7 +437,7 @@ def test_predict_with_cache_matches_without(store, tmp_path):
 
 @pytest.mark.parametrize("model", ["hqsam", "sam"])
 def test_channels_last_mask_head_equals_the_stock_stacks(model):
-    from flaresam.models.mask_head import run_stack
+    from flaresam.models.sam.mask_head import run_stack
 
     net = build_network(model, "test_tiny", seed=2)
     d = net.mask_decoder
@@ -464,7 +463,7 @@ def test_channels_last_mask_head_equals_the_stock_stacks(model):
 
 def test_channels_last_mask_head_keeps_the_autocast_dtype():
     """Under bf16 autocast the stack's output stays bf16, as the stock kernels leave it (half the memory)."""
-    from flaresam.models.mask_head import run_stack
+    from flaresam.models.sam.mask_head import run_stack
 
     d = build_network("sam", "test_tiny", seed=2).mask_decoder
     x = torch.randn(2, d.output_upscaling[0].in_channels, 6, 6)

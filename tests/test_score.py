@@ -97,6 +97,41 @@ def test_score_matches_the_official_evaluation(dataset, run_cli):
     assert float(rows[2]["mean_nsd"]) == pytest.approx(doc["cases"][2]["mean"]["nsd"])
 
 
+@pytest.mark.parametrize("protocol", ["flare22", "slice"])
+def test_score_files_are_the_library_documents_in_a_fixed_layout(dataset, run_cli, protocol):
+    """The JSON and CSV `score` writes: metrics.score_document / score_csv_rows, key order and format fixed."""
+    from flaresam.metrics import in_pair_order, score_csv_rows, score_document, summarize
+
+    extra = ["--nsd-min-dsc", "0.1", "--keep-top-slice"] if protocol == "flare22" else []
+    res = run_cli("score", dataset / "pred", dataset / "data", "--protocol", protocol, "--json", dataset / "s.json", "--csv", dataset / "s.csv",
+                  "-q", "--workers", "1", *extra)
+    assert res.code == 0, res
+    text = (dataset / "s.json").read_text()
+    doc = json.loads(text)
+    assert text == json.dumps(doc, indent=2) + "\n"
+    assert list(doc) == ["protocol", "settings", "cases", "per_organ", "mean", "unpaired"]
+    assert [list(c) for c in doc["cases"]] == [["case", "pred", "gt", "organs", "mean"]] * 3
+    metrics = ["dsc", "nsd"] if protocol == "flare22" else ["dsc", "pairs"]
+    assert all(list(v) == metrics for c in doc["cases"] for v in c["organs"].values())
+    if protocol == "flare22":
+        assert doc["settings"] == {"crop_top_slice": False, "nsd_min_dsc": 0.1, "nsd_tolerance_mm": {o.name: o.nsd_tolerance_mm for o in ORGANS}}
+    else:
+        assert doc["settings"] == {"slices": "axial", "mean": "over all (slice, organ) pairs"}
+    header = (dataset / "s.csv").read_text().splitlines()[0].split(",")
+    means = ["mean_dsc", "mean_nsd"] if protocol == "flare22" else ["mean_dsc"]
+    assert header == ["case"] + [f"{o.name}_{m}" for m in metrics for o in ORGANS] + means
+    # the library builds the same documents
+    pairing = pair_cases(dataset / "pred", dataset / "data")
+    cases = in_pair_order(reversed(score_cases(pairing.pairs, protocol, crop_top_slice=not extra, nsd_min_dsc=0.1 if extra else 0.2, workers=1)),
+                          pairing.pairs)
+    summary = summarize(cases, protocol)
+    ours = score_document(protocol, cases, summary, pairing, crop_top_slice=not extra, nsd_min_dsc=0.1 if extra else 0.2)
+    from flaresam.report import jsonable
+
+    assert jsonable(ours) == doc
+    assert score_csv_rows(protocol, cases)[0] == header
+
+
 def test_parallel_and_serial_scoring_agree(dataset):
     pairing = pair_cases(dataset / "pred", dataset / "data")
     serial = score_cases(pairing.pairs, workers=1)
@@ -247,7 +282,8 @@ def test_slice_protocol_uses_axial_slices_whatever_the_file_order(tmp_path):
     axial_then = score_cases([CasePair("c", write(tmp_path / "p.nii.gz", pred), write(tmp_path / "g.nii.gz", gt))], "slice", workers=1)
     # the same voxels with index axes (i, j, k) -> world (z, x, y): i now runs along z
     perm = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0)
-    sag = score_cases([CasePair("c", write(tmp_path / "p2.nii.gz", pred, direction=perm), write(tmp_path / "g2.nii.gz", gt, direction=perm))], "slice", workers=1)
+    sag_pair = CasePair("c", write(tmp_path / "p2.nii.gz", pred, direction=perm), write(tmp_path / "g2.nii.gz", gt, direction=perm))
+    sag = score_cases([sag_pair], "slice", workers=1)
     z_pairs = sum(axial_then[0]["organs"][o.name]["pairs"] for o in ORGANS)
     i_pairs = sum(sag[0]["organs"][o.name]["pairs"] for o in ORGANS)
     # brute force along the array axis that is world z in each layout

@@ -22,7 +22,9 @@ def tiny_recipe(monkeypatch):
 
 
 def test_standin_files_are_official_format_and_two_stage(tiny_recipe, run_cli):
-    from flaresam.models.sam import HQ_MODULES, build_network, detect_arch, is_hq_key, read_state_dict
+    from flaresam.models.sam.archs import HQ_MODULES
+    from flaresam.models.sam.checkpoint import detect_arch, is_hq_key, read_state_dict
+    from flaresam.models.sam.network import build_network
 
     files = standin.standin_checkpoints(quiet=True)
     sam, hq = read_state_dict(files["sam"]), read_state_dict(files["hqsam"])

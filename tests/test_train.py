@@ -1,7 +1,8 @@
-"""The shared trainer: run folder, checkpoints, exact resume, protocol-only model steps, DDP on CPU."""
+"""The shared trainer: run folder, checkpoints, exact resume, a minimal model step, DDP on CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,20 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import phantom_store
 from flaresam.errors import UsageError
+from flaresam.models.base import ModelStep
+from flaresam.models.options import ModelOptions
 from flaresam.models.registry import MODELS, ModelSpec, build_step
-from flaresam.train import (
-    TrainConfig,
-    TrainingInterrupted,
-    epoch_batches,
-    evaluate,
-    find_latest_run,
-    load_run,
-    lr_factor,
-    read_run,
-    train,
-)
+from flaresam.training.config import TrainConfig
+from flaresam.training.evaluation import evaluate
+from flaresam.training.run_folder import find_latest_run, load_run, read_run
+from flaresam.training.trainer import TrainingInterrupted, epoch_batches, lr_factor, train
+from tests.conftest import phantom_store
 
 ENC = "mobilenet_v2"
 DENSE = {"encoder": ENC, "encoder_weights": "none"}
@@ -198,21 +194,25 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(store, tmp_pa
 
 
 # ---------------------------------------------------------------------------
-# a model step that implements only the protocol (no optional hooks)
+# a model step that defines only ModelStep's abstract methods (and one override)
 
 
-class ToyStep:
-    """Prompted like SAM: fills each box prompt with its organ. Tests the protocol, not a model."""
+class ToyStep(ModelStep):
+    """Prompted like SAM: fills each box prompt with its organ. Tests the contract, not a model."""
 
     prompted = True
-    prompt_min_pixels = 1  # the optional hook: every organ present gets its box in validation
     instances: list[ToyStep] = []
 
     def __init__(self, name: str = "toy") -> None:
+        super().__init__()
         self.name = name
         self.net = torch.nn.Conv2d(1, 1, 3, padding=1)
         self.boxes_seen = 0
         ToyStep.instances.append(self)
+
+    @property
+    def prompt_min_pixels(self) -> int:
+        return 1  # every organ present gets its box in validation
 
     def network(self):
         return self.net
@@ -236,9 +236,9 @@ class ToyStep:
 
     def loss(self, batch, device):
         x, y = batch
-        return torch.nn.functional.binary_cross_entropy_with_logits(self.net(x.to(device)), y.to(device)), len(x)
+        return torch.nn.functional.binary_cross_entropy_with_logits(self.training_network()(x.to(device)), y.to(device)), len(x)
 
-    def predict_slices(self, volume, indices, boxes, device):
+    def predict_slices(self, volume, indices, boxes, device, inference=None):
         assert boxes is not None and boxes.shape == (len(indices), 13, 4)
         out = np.zeros((len(indices), *volume.shape[1:]), np.uint8)
         for i in range(len(indices)):
@@ -250,10 +250,15 @@ class ToyStep:
         return out
 
 
-TOY = ModelSpec("toy", "toy", ToyStep, (), 1e-2, 0.0, True)
+@dataclasses.dataclass(frozen=True)
+class ToyOptions(ModelOptions):
+    """No settings: the toy network is always the same."""
 
 
-def test_a_step_with_only_the_protocol_trains_and_reloads(store, tmp_path, monkeypatch):
+TOY = ModelSpec("toy", "toy", lambda name, options, quiet=False: ToyStep(name), ToyOptions, 1e-2, 0.0, True)
+
+
+def test_a_step_with_only_the_abstract_methods_trains_and_reloads(store, tmp_path, monkeypatch):
     monkeypatch.setitem(MODELS, "toy", TOY)
     summary = train(TrainConfig(data=str(store.root), model="toy", epochs=2, batch_size=4), out=tmp_path / "toy", quiet=True)
     assert ToyStep.instances[-1].boxes_seen > 0
@@ -286,14 +291,15 @@ def test_finetune_under_torchrun_with_two_cpu_processes(store, tmp_path):
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 1
 
 
-def test_gradients_are_averaged_for_steps_without_ddp_binding(store, tmp_path):
-    """Each process trains on other slices; identical weights afterwards prove the gradients were averaged."""
+def test_a_minimal_step_trains_in_step_under_ddp(store, tmp_path):
+    """Each process trains on other slices; identical weights afterwards prove DDP averaged the gradients."""
     script = tmp_path / "toy_ddp.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch
         from test_train import ToyStep, TOY
         from flaresam.models.registry import MODELS
-        from flaresam.train import TrainConfig, train
+        from flaresam.training.config import TrainConfig
+        from flaresam.training.trainer import train
         MODELS["toy"] = TOY
         train(TrainConfig(data={str(store.root)!r}, model="toy", epochs=1, batch_size=2, max_steps=3), out={str(tmp_path / "run")!r}, quiet=True)
         torch.save(ToyStep.instances[-1].net.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
@@ -302,4 +308,4 @@ def test_gradients_are_averaged_for_steps_without_ddp_binding(store, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert read_run(tmp_path / "run")["resolved"]["ddp"] == "gradient all-reduce"
+    assert read_run(tmp_path / "run")["resolved"]["ddp"] == "DistributedDataParallel"

@@ -25,7 +25,7 @@ HALF = len(PAYLOAD) // 2
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves PAYLOAD at several paths that misbehave in known ways; honours ``Range: bytes=N-``."""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         server = self.server
         server.requests.append((self.path, self.headers.get("Range")))  # type: ignore[attr-defined]
         body = PAYLOAD

@@ -11,11 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-from flaresam.cli.app import app
-from flaresam.errors import FlaresamError
-
-# importing the command modules registers their commands on ``app``
-from flaresam.cli import (  # noqa: E402,F401
+# importing the command modules registers their commands on ``app``, in this order
+from flaresam.cli import (  # noqa: F401
     compare_cmd,
     demo_cmd,
     finetune_cmd,
@@ -24,14 +21,25 @@ from flaresam.cli import (  # noqa: E402,F401
     score_cmd,
     weights_cmd,
 )
+from flaresam.cli.app import app
+from flaresam.errors import FlaresamError
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point; ``argv`` is for tests (defaults to ``sys.argv[1:]``)."""
+    """Console entry point; ``argv`` is for tests (defaults to ``sys.argv[1:]``).
+
+    Process-wide side effect: before anything else it changes glibc's allocator for
+    the whole process, :func:`flaresam.cpu_memory.keep_freed_memory` (freed memory
+    stays in the process for reuse, so large CPU tensors do not fault in fresh pages;
+    resident memory stays at its peak). ``FLARESAM_MALLOC=system`` opts out, as does
+    any allocator setting of the user's own (``MALLOC_*``, ``GLIBC_TUNABLES``, a
+    preloaded jemalloc/tcmalloc/mimalloc). Only this entry point does it: importing
+    flaresam, or calling it as a library, leaves the allocator alone.
+    """
     from flaresam.cpu_memory import keep_freed_memory
     from flaresam.ui import console, error_line
 
-    keep_freed_memory()  # large CPU tensors reuse freed memory instead of faulting in fresh pages
+    keep_freed_memory()  # process-wide; see the docstring (FLARESAM_MALLOC=system: not)
     debug = os.environ.get("FLARESAM_DEBUG") == "1"
     try:
         app(args=argv, prog_name="flaresam")

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from flaresam.cli.app import app
+from flaresam.cli.app import app, offline_option
+
+
+def _notify(level: str, message: str) -> None:
+    """``run_compare``'s messages (plain text) on stderr: ``Warning: ...`` for warnings, info lines as they are."""
+    from flaresam.ui import info, literal, warn
+
+    if level == "warn":
+        warn(message)
+    else:
+        info(literal(message))
 
 
 @app.command("compare")
@@ -20,16 +30,23 @@ def compare(
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs per model \\[default: 10; demo: 6 for SAM models, 8 for dense]."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Slices per training step \\[default: 8]."),
     max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Cap on steps per epoch (quick runs)."),
-    arch: str | None = typer.Option(None, "--arch", help="SAM architecture: vit_b | vit_l | vit_h | vit_tiny \\[default: the checkpoint's; demo: the stand-in's]."),
+    arch: str | None = typer.Option(
+        None, "--arch", help="SAM architecture: vit_b | vit_l | vit_h | vit_tiny \\[default: the checkpoint's; demo: the stand-in's]."
+    ),
     checkpoint: str | None = typer.Option(
         None, "--checkpoint", help="Official HQ-SAM checkpoint (file or name, e.g. sam_hq_vit_b) for hqsam, and for sam unless --sam-checkpoint. "
         "Demo default: flaresam's synthetic stand-in (see `flaresam weights standin`)."
     ),
     sam_checkpoint: str | None = typer.Option(None, "--sam-checkpoint", help="Official SAM checkpoint for the sam model (e.g. sam_vit_b)."),
     init: str | None = typer.Option(None, "--init", help="'random': SAM encoders without any pretrained weights (ablation)."),
-    trainable: str | None = typer.Option(None, "--trainable", help="SAM models: decoder (the study) | hq (HQ-SAM's parts only, the HQ-SAM authors' setting; SAM then trains its decoder)."),
+    trainable: str | None = typer.Option(
+        None, "--trainable", help="SAM models: decoder (the study) | hq (HQ-SAM's parts only, the HQ-SAM authors' setting; "
+        "SAM then trains its decoder)."
+    ),
     loss: str | None = typer.Option(None, "--loss", help="SAM models: dice (the study) | dice+bce (the HQ-SAM authors')."),
-    jitter: int | None = typer.Option(None, "--jitter", min=0, help="SAM models: outward box jitter in training, 0..N pixels of SAM's 1024 frame \\[default: 20]."),
+    jitter: int | None = typer.Option(
+        None, "--jitter", min=0, help="SAM models: outward box jitter in training, 0..N pixels of SAM's 1024 frame \\[default: 20]."
+    ),
     encoder: str | None = typer.Option(None, "--encoder", help="Dense models' smp encoder \\[default: resnet34; demo: mobilenet_v2]."),
     encoder_weights: str | None = typer.Option(None, "--encoder-weights", help="Dense models: imagenet | none \\[default: imagenet; demo: none]."),
     device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
@@ -40,19 +57,24 @@ def compare(
     select: str = typer.Option("best", "--select", help="Which epoch of each run is tested: best (by validation 2D Dice) | last."),
     json_out: bool = typer.Option(False, "--json", help="Also print results.json to stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
-    offline: bool = typer.Option(False, "--offline", help="Never touch the network: checkpoints must already be cached."),
+    offline: bool = offline_option("Never touch the network: checkpoints must already be cached."),  # sets FLARESAM_OFFLINE
 ) -> None:
-    """Train (or reuse) each model on one split and compare them on held-out test cases: 2D Dice as the study, FLARE22 DSC/NSD, box-fill and zero-shot baselines, oracle vs automatic boxes."""
-    if offline:
-        import os
-
-        os.environ["FLARESAM_OFFLINE"] = "1"  # honoured by every download (flaresam.models.weights)
+    (  # the docstring, one line of --help: adjacent literals keep it one line
+        "Train (or reuse) each model on one split and compare them on held-out test cases: 2D Dice as the study, "
+        "FLARE22 DSC/NSD, box-fill and zero-shot baselines, oracle vs automatic boxes."
+    )
     import json
     import sys
+    import time
 
-    from flaresam.compare import ComparePlan, parse_models, render_table, run_compare
+    from flaresam.compare.plan import ComparePlan, parse_models
+    from flaresam.compare.report import render_table
+    from flaresam.compare.runner import run_compare
     from flaresam.report import jsonable
+    from flaresam.ui import console, literal
     from flaresam.ui import out as stdout
+
+    started = time.time()
 
     plan = ComparePlan(
         models=parse_models(models),
@@ -80,7 +102,8 @@ def compare(
         quiet=quiet,
         command=("flaresam", *sys.argv[1:]) if sys.argv and sys.argv[0].endswith("flaresam") else ("flaresam", "compare"),
     )
-    results = run_compare(plan)
+    results = run_compare(plan, notify=_notify)
+    console.print(f"Results in {literal(str(plan.out))} ({time.time() - started:.0f} s)")
     stdout.print(render_table(results))
     if json_out:
         stdout.print_json(json.dumps(jsonable(results)))

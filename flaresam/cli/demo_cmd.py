@@ -22,10 +22,13 @@ def demo_data(
     slices: int = typer.Option(100, "--slices", min=8, help="Axial slices per case."),
     seed: int = typer.Option(0, "--seed", help="Random seed (the same seed gives the same data)."),
 ) -> None:
-    """Write synthetic FLARE22-like phantom CT cases (all 13 organs) in the FLARE22 layout.
-
-    Writes OUT_DIR/images/FLARE22_Tr_0001_0000.nii.gz with OUT_DIR/labels/FLARE22_Tr_0001.nii.gz, and so on. Every case holds all 13 organs with realistic HU, a body wall of fat, muscle and bone, gas in the bowel, and noise; about a third have thick slices and a third a flipped direction matrix, as real scans do. A 512x512x100 case takes a few seconds. Phantoms are for trying the pipeline out, not for judging models.
-    """
+    (  # the docstring, and --help: adjacent literals keep the second paragraph one line (rich help keeps line breaks)
+        "Write synthetic FLARE22-like phantom CT cases (all 13 organs) in the FLARE22 layout.\n\n"
+        "Writes OUT_DIR/images/FLARE22_Tr_0001_0000.nii.gz with OUT_DIR/labels/FLARE22_Tr_0001.nii.gz, and so on. "
+        "Every case holds all 13 organs with realistic HU, a body wall of fat, muscle and bone, gas in the bowel, and noise; "
+        "about a third have thick slices and a third a flipped direction matrix, as real scans do. "
+        "A 512x512x100 case takes a few seconds. Phantoms are for trying the pipeline out, not for judging models.\n"
+    )
     from flaresam.data.phantom import write_demo_dataset
     from flaresam.ui import literal, out
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from flaresam.cli.app import app
+from flaresam.cli.app import app, offline_option
 
 MODEL_HELP = "hqsam | sam | unet | deeplab"
 
@@ -43,11 +43,20 @@ def finetune(
     init: str | None = typer.Option(None, "--init", help="SAM: 'random' to start without official weights (tests, ablations)."),
     trainable: str | None = typer.Option(None, "--trainable", help="SAM: decoder | hq (HQ-SAM's added parts only) \\[default: decoder]."),
     jitter: int | None = typer.Option(None, "--jitter", help="SAM: random box-prompt jitter in pixels during training \\[default: 20]."),
-    min_pixels: int | None = typer.Option(None, "--min-pixels", help="SAM: organs smaller than this on a slice get no box, in training and validation alike \\[default: 10]."),
+    min_pixels: int | None = typer.Option(
+        None, "--min-pixels", help="SAM: organs smaller than this on a slice get no box, in training and validation alike \\[default: 10]."
+    ),
     per_component: bool | None = typer.Option(None, "--per-component/--per-organ", help="SAM: one box per connected component instead of per organ."),
-    cache_embeddings: bool | None = typer.Option(None, "--cache-embeddings/--no-cache-embeddings", help="SAM: compute the frozen encoder's embeddings once and reuse them."),
-    fast_encoder: bool | None = typer.Option(None, "--fast-encoder/--stock-encoder", help="SAM: the ViT encoder through fused attention (SDPA) in bf16, or the stock module \\[default: fast on CUDA]."),
-    compile_encoder: bool | None = typer.Option(None, "--compile/--no-compile", help="SAM: torch.compile the fast encoder (tens of seconds once) \\[default: on CUDA]."),
+    cache_embeddings: bool | None = typer.Option(
+        None, "--cache-embeddings/--no-cache-embeddings", help="SAM: compute the frozen encoder's embeddings once and reuse them."
+    ),
+    fast_encoder: bool | None = typer.Option(
+        None, "--fast-encoder/--stock-encoder",
+        help="SAM: the ViT encoder through fused attention (SDPA) in bf16, or the stock module \\[default: fast on CUDA].",
+    ),
+    compile_encoder: bool | None = typer.Option(
+        None, "--compile/--no-compile", help="SAM: torch.compile the fast encoder (tens of seconds once) \\[default: on CUDA]."
+    ),
     # U-Net / DeepLabV3+
     encoder: str | None = typer.Option(None, "--encoder", help="Dense: smp encoder \\[default: resnet34]."),
     encoder_weights: str | None = typer.Option(None, "--encoder-weights", help="Dense: imagenet | none \\[default: imagenet, downloaded once]."),
@@ -56,15 +65,13 @@ def finetune(
     augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Dense: flip, small rotation and scale \\[default: on]."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the run summary as JSON to this file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
-    offline: bool = typer.Option(False, "--offline", help="Never touch the network: checkpoints and encoder weights must already be cached."),
+    offline: bool = offline_option("Never touch the network: checkpoints and encoder weights must already be cached."),  # sets FLARESAM_OFFLINE
 ) -> None:
     """Fine-tune a model on prepared slices: validation Dice per epoch, best/last checkpoints, exact resume, DDP."""
-    if offline:
-        import os
-
-        os.environ["FLARESAM_OFFLINE"] = "1"  # honoured by every download (weights registry, ImageNet encoders)
     from flaresam.errors import UsageError
-    from flaresam.train import TrainConfig, TrainingInterrupted, is_main_process, train
+    from flaresam.training.config import TrainConfig
+    from flaresam.training.devices import is_main_process
+    from flaresam.training.trainer import TrainingInterrupted, train
     from flaresam.ui import info, literal
 
     model_options = {
@@ -92,10 +99,9 @@ def finetune(
         from flaresam.models.registry import check_options
 
         model = model or "hqsam"
-        config = TrainConfig(data=str(data), model=model, model_options=check_options(model, model_options), amp=not no_amp)
-        for key, value in training.items():
-            if value is not None:
-                setattr(config, key, value)
+        given_training: dict[str, Any] = {k: v for k, v in training.items() if v is not None}
+        config = TrainConfig(data=str(data), model=model, model_options=check_options(model, model_options), amp=not no_amp,
+                             **given_training)
 
     table_shown = [False]
 

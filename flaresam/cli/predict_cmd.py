@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flaresam.cli.app import app
+from flaresam.cli.app import app, offline_option
 
 
 @app.command("predict")
@@ -36,17 +36,13 @@ def predict(
         "Default: in a window around its box, redone on the whole slice when the mask reaches the window's edge.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    offline: bool = typer.Option(False, "--offline", help="Never touch the network: checkpoints must already be cached."),
+    offline: bool = offline_option("Never touch the network: checkpoints must already be cached."),  # sets FLARESAM_OFFLINE
 ) -> None:
     """Segment the 13 FLARE22 organs; the output keeps the scan's size, spacing, origin and direction."""
-    if offline:
-        import os
-
-        os.environ["FLARESAM_OFFLINE"] = "1"  # honoured by every download (flaresam.models.weights)
-    from flaresam.errors import UsageError
-    from flaresam.organs import parse_organs
     from rich.text import Text
 
+    from flaresam.errors import UsageError
+    from flaresam.organs import parse_organs
     from flaresam.predict import PartialPrediction, PredictRequest, run_prediction
     from flaresam.ui import out as stdout
 

@@ -30,7 +30,8 @@ def prepare(
     from flaresam.data.window import parse_window
     from flaresam.io.atomic import atomic_write_text
     from flaresam.organs import ORGANS
-    from flaresam.ui import info, literal, out as stdout
+    from flaresam.ui import info, literal
+    from flaresam.ui import out as stdout
 
     win = parse_window(window)
     skipped: list[str] = []

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from flaresam.cli.app import app
+
+if TYPE_CHECKING:
+    from flaresam.metrics import Pairing
 
 _PROTOCOL_HELP = (
     "flare22: the challenge's official DSC and NSD per organ (default). "
@@ -17,8 +20,12 @@ _PROTOCOL_HELP = (
 
 @app.command("score")
 def score(
-    pred: Path = typer.Argument(..., metavar="PRED", show_default=False, help="Prediction label file, or folder of them (NAME.nii.gz or NAME_0000.nii.gz)."),
-    gt: Path = typer.Argument(..., metavar="GT", show_default=False, help="Ground-truth label file, or folder of them, or a dataset folder with labels/ or labelsTr/."),
+    pred: Path = typer.Argument(
+        ..., metavar="PRED", show_default=False, help="Prediction label file, or folder of them (NAME.nii.gz or NAME_0000.nii.gz)."
+    ),
+    gt: Path = typer.Argument(
+        ..., metavar="GT", show_default=False, help="Ground-truth label file, or folder of them, or a dataset folder with labels/ or labelsTr/."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write every case's and the summary's numbers as JSON to this file."),
     csv_out: Path | None = typer.Option(None, "--csv", help="Write a row per case as CSV to this file."),
     protocol: str = typer.Option("flare22", "--protocol", help=_PROTOCOL_HELP),
@@ -36,7 +43,7 @@ def score(
 ) -> None:
     """Score predicted label volumes against ground truth, per organ and per case."""
     from flaresam.errors import DataError, UsageError
-    from flaresam.metrics import NSD_MIN_DSC, PROTOCOLS, iter_scores, pair_cases, summarize
+    from flaresam.metrics import NSD_MIN_DSC, PROTOCOLS, in_pair_order, iter_scores, pair_cases, score_csv_rows, score_document, summarize
     from flaresam.organs import ORGANS
     from flaresam.report import write_csv, write_json
     from flaresam.ui import info, literal, out, progress, warn
@@ -47,6 +54,7 @@ def score(
     if protocol != "flare22" and (keep_top_slice or nsd_min_dsc is not None):
         raise UsageError("--keep-top-slice and --nsd-min-dsc apply to the flare22 protocol only")
     min_dsc = NSD_MIN_DSC if nsd_min_dsc is None else nsd_min_dsc
+    crop_top_slice = not keep_top_slice
 
     pairing = pair_cases(pred, gt)
     if pairing.pred_only or pairing.gt_only:
@@ -60,29 +68,29 @@ def score(
         raise DataError(f"no prediction in {pred} pairs with a ground truth in {gt} (cases pair by file name)")
 
     _check_outputs(pred, gt, pairing, json_out, csv_out)  # before the scoring work, never onto an input
-    results = iter_scores(pairing.pairs, protocol, ORGANS, not keep_top_slice, min_dsc, workers or None)
-    cases: list[dict[str, Any]] = []
+    # the worker processes start here, before the progress display's thread
+    results = iter_scores(pairing.pairs, protocol, ORGANS, crop_top_slice, min_dsc, workers or None)
+    finished: list[dict[str, Any]] = []
     with progress(quiet=quiet, transient=True) as bar:
         task = bar.add_task("Scoring cases", total=len(pairing.pairs))
         for result in results:
-            cases.append(result)
+            finished.append(result)
             bar.advance(task)
-    order = {p.case: i for i, p in enumerate(pairing.pairs)}
-    cases.sort(key=lambda c: order[c["case"]])
+    cases = in_pair_order(finished, pairing.pairs)
     summary = summarize(cases, protocol, ORGANS)
 
-    out.print(_table(protocol, cases, summary, not keep_top_slice, min_dsc))
-    document = _document(protocol, cases, summary, pairing, not keep_top_slice, min_dsc)
+    out.print(_table(protocol, cases, summary, crop_top_slice, min_dsc))
+    document = score_document(protocol, cases, summary, pairing, ORGANS, crop_top_slice, min_dsc)
     if json_out:
         write_json(json_out, document)
         info(f"Scores written to {literal(str(json_out))}")
     if csv_out:
-        columns, rows = _csv_rows(protocol, document["cases"])
+        columns, rows = score_csv_rows(protocol, document["cases"], ORGANS)
         write_csv(csv_out, rows, columns)
         info(f"Per-case scores written to {literal(str(csv_out))}")
 
 
-def _check_outputs(pred: Path, gt: Path, pairing: Any, json_out: Path | None, csv_out: Path | None) -> None:
+def _check_outputs(pred: Path, gt: Path, pairing: Pairing, json_out: Path | None, csv_out: Path | None) -> None:
     import os
 
     from flaresam.errors import UsageError
@@ -118,7 +126,12 @@ def _table(protocol: str, cases: list[dict[str, Any]], summary: dict[str, Any], 
     n = len(cases)
     if protocol == "flare22":
         rows = [
-            [o.display, fmt_mean_std(per[o.name]["dsc"], per[o.name]["dsc_std"]), fmt_mean_std(per[o.name]["nsd"], per[o.name]["nsd_std"]), f"{o.nsd_tolerance_mm:g}"]
+            [
+                o.display,
+                fmt_mean_std(per[o.name]["dsc"], per[o.name]["dsc_std"]),
+                fmt_mean_std(per[o.name]["nsd"], per[o.name]["nsd_std"]),
+                f"{o.nsd_tolerance_mm:g}",
+            ]
             for o in ORGANS
         ]
         footer = [["Mean (13 organs)", fmt(summary["mean"]["dsc"]), fmt(summary["mean"]["nsd"]), ""]]
@@ -130,46 +143,3 @@ def _table(protocol: str, cases: list[dict[str, Any]], summary: dict[str, Any], 
     footer = [["Mean (all pairs)", fmt(summary["mean"]["dsc"]), "", str(total)]]
     caption = "Dice over the (axial slice, organ) pairs where the organ is in the GT or the prediction; std over cases"
     return table(f"Slice Dice, {n} case(s)", ["Organ", "Dice", "std", "pairs"], rows, footer, caption)
-
-
-def _document(protocol: str, cases: list[dict[str, Any]], summary: dict[str, Any], pairing: Any, crop_top_slice: bool, min_dsc: float) -> dict[str, Any]:
-    from flaresam.organs import ORGANS
-
-    if protocol == "flare22":
-        settings: dict[str, Any] = {
-            "crop_top_slice": crop_top_slice,
-            "nsd_min_dsc": min_dsc,
-            "nsd_tolerance_mm": {o.name: o.nsd_tolerance_mm for o in ORGANS},
-        }
-    else:
-        settings = {"slices": "axial", "mean": "over all (slice, organ) pairs"}
-    out_cases = []
-    for c in cases:
-        organs = {name: {k: v for k, v in vals.items() if k != "sum"} for name, vals in c["organs"].items()}
-        out_cases.append({"case": c["case"], "pred": c["pred"], "gt": c["gt"], "organs": organs, "mean": c["mean"]})
-    return {
-        "protocol": protocol,
-        "settings": settings,
-        "cases": out_cases,
-        "per_organ": summary["per_organ"],
-        "mean": summary["mean"],
-        "unpaired": {"pred_only": pairing.pred_only, "gt_only": pairing.gt_only},
-    }
-
-
-def _csv_rows(protocol: str, cases: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    from flaresam.organs import ORGANS
-
-    metrics = ("dsc", "nsd") if protocol == "flare22" else ("dsc", "pairs")
-    columns = ["case"] + [f"{o.name}_{m}" for m in metrics for o in ORGANS]
-    columns += [f"mean_{m}" for m in ("dsc", "nsd")] if protocol == "flare22" else ["mean_dsc"]
-    rows = []
-    for c in cases:
-        row: dict[str, Any] = {"case": c["case"]}
-        for o in ORGANS:
-            for m in metrics:
-                row[f"{o.name}_{m}"] = c["organs"][o.name][m]
-        for m, v in c["mean"].items():
-            row[f"mean_{m}"] = v
-        rows.append(row)
-    return columns, rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -27,7 +28,7 @@ def weights_list(
     from flaresam.models import weights
     from flaresam.ui import info, out
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for e in weights.REGISTRY:
         rows.append({
             "name": e.name, "title": e.title, "arch": e.arch, "decoder": e.decoder, "file": e.filename,
@@ -112,7 +113,7 @@ def weights_verify(
     from flaresam.models import weights
     from flaresam.ui import info, out, warn
 
-    entries = [weights.get_entry(n) for n in names or []]
+    entries: list[weights.WeightsEntry | str] = [weights.get_entry(n) for n in names or []]
     results = weights.verify(entries or None, dest_dir=dest_dir, quiet=quiet)
     if not results:
         info(f"No checkpoints cached in {weights.cache_dir(dest_dir)}.")

@@ -54,6 +54,11 @@ class SlicePrompts:
         return int(self.organs.shape[0])
 
 
+def _box_tuple(row: np.ndarray) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (int(v) for v in row)
+    return x0, y0, x1, y1
+
+
 def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
@@ -79,7 +84,7 @@ def slice_prompts(
         box_of = {o: _tight_box(label == o) for o in present}
     else:
         present = [o + 1 for o in range(NUM_ORGANS) if pixels[o] >= config.min_pixels]
-        box_of = {o: tuple(int(v) for v in boxes[o - 1]) for o in present}
+        box_of = {o: _box_tuple(boxes[o - 1]) for o in present}
 
     organs: list[int] = []
     out_boxes: list[tuple[int, int, int, int]] = []

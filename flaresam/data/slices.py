@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from flaresam.organs import BY_NAME, NUM_CLASSES
 
@@ -50,7 +51,7 @@ def training_slices(pixels: np.ndarray, empty_fraction: float, seed: int) -> np.
     has = pixels.sum(axis=1) > 0
     organ = np.nonzero(has)[0]
     empty = np.nonzero(~has)[0]
-    n_empty = min(len(empty), int(round(empty_fraction * len(organ))))
+    n_empty = min(len(empty), round(empty_fraction * len(organ)))
     if n_empty:
         pick = np.random.default_rng(seed).choice(len(empty), size=n_empty, replace=False)
         organ = np.concatenate([organ, empty[np.sort(pick)]])
@@ -104,7 +105,7 @@ def resize_image(image: Any, size: int | None) -> Any:
     return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
 
 
-class DenseSliceDataset:
+class DenseSliceDataset(Dataset[dict[str, Any]]):
     """Training items ``{"image": float [C, h, w], "label": int64 [h, w], "case", "z"}`` over prepared cases.
 
     Cases are memory-mapped lazily in each process (the dataset pickles cheaply

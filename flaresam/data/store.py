@@ -30,16 +30,16 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from flaresam.data.window import DEFAULT_WINDOW, Window, apply_window
 from flaresam.errors import DataError, UsageError
 from flaresam.io.atomic import WriteError, atomic_write_text
 from flaresam.io.dataset import Case, discover_cases
 from flaresam.io.volume import Geometry, read_label, read_volume
 from flaresam.organs import NUM_ORGANS
-from flaresam.data.window import DEFAULT_WINDOW, Window, apply_window
 
 FORMAT = "flaresam-prepared/1"
 MANIFEST = "manifest.json"
@@ -118,10 +118,10 @@ def split_cases(case_ids: list[str], spec: SplitSpec = SplitSpec()) -> dict[str,
     ids = sorted(case_ids)
     n = len(ids)
     order = np.random.default_rng(spec.seed).permutation(n)
-    n_test = int(round(n * spec.test_fraction))
+    n_test = round(n * spec.test_fraction)
     if spec.test_fraction > 0 and n >= 3:
         n_test = max(n_test, 1)
-    n_val = int(round(n * spec.val_fraction))
+    n_val = round(n * spec.val_fraction)
     if spec.val_fraction > 0 and n >= 2:
         n_val = max(n_val, 1)
     n_val = min(n_val, max(0, n - 1))
@@ -337,7 +337,7 @@ class PreparedCase:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(self.meta["spacing_zyx"])  # type: ignore[return-value]
+        return tuple(self.meta["spacing_zyx"])
 
     @property
     def num_slices(self) -> int:
@@ -392,7 +392,9 @@ class PreparedStore:
         from flaresam.data.phantom import read_marker
 
         source = self.manifest.get("source")
-        return bool(source) and read_marker(Path(source)) is not None
+        if not source:
+            return False
+        return read_marker(Path(source)) is not None
 
     @property
     def test_ids(self) -> list[str]:
@@ -415,7 +417,7 @@ class PreparedStore:
 
     def load_case(self, case_id: str, mmap: bool = True) -> PreparedCase:
         d = self.case_dir(case_id)
-        mode = "r" if mmap else None
+        mode: Literal["r"] | None = "r" if mmap else None
         return PreparedCase(
             case_id=case_id,
             image=np.load(d / "image.npy", mmap_mode=mode),

@@ -73,10 +73,8 @@ def _c_stderr_silenced() -> Iterator[None]:
     global _stderr_depth, _stderr_saved
     with _stderr_lock:
         if _stderr_depth == 0:
-            try:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 sys.stderr.flush()
-            except (OSError, ValueError, AttributeError):
-                pass
             try:
                 saved = os.dup(2)
                 devnull = os.open(os.devnull, os.O_WRONLY)
@@ -531,9 +529,8 @@ def label_array(image: Any, path: Path, max_label: int | None) -> np.ndarray:
     A uint8 file comes back as a read-only, zero-copy view that keeps the image alive.
     """
     view = borrowed_array(image)
-    if not np.issubdtype(view.dtype, np.integer):
-        if not np.all(np.isfinite(view)) or not np.array_equal(view, np.round(view)):
-            raise DataError(f"{path}: label volume holds non-integer values")
+    if not np.issubdtype(view.dtype, np.integer) and (not np.all(np.isfinite(view)) or not np.array_equal(view, np.round(view))):
+        raise DataError(f"{path}: label volume holds non-integer values")
     if not view.size:
         lo, hi = 0, 0
     else:  # unsigned voxels cannot be negative: one pass is enough

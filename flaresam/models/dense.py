@@ -2,7 +2,7 @@
 
 Both predict all 14 classes (background + 13 organs) of a windowed axial slice
 (1 channel, or 3 adjacent slices with ``context=3``) without prompts. They plug
-into the one shared trainer (:mod:`flaresam.train`) exactly like the SAM models,
+into the one shared trainer (:mod:`flaresam.training`) exactly like the SAM models,
 so validation Dice, checkpoints and ``compare`` line up.
 
 ImageNet encoder weights come from the Hugging Face hub. They are looked up in
@@ -14,6 +14,7 @@ never opens a socket.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -25,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flaresam.data.slices import DenseSliceDataset, collate_dense, resize_image, slice_stack
 from flaresam.errors import DataError, UsageError
+from flaresam.models.base import ModelStep
+from flaresam.models.options import WHOLE_FRAME, InferenceOptions, ModelOptions, option
 from flaresam.organs import NUM_CLASSES
 
 ARCHS = {"unet": "Unet", "deeplab": "DeepLabV3Plus"}
@@ -154,7 +158,9 @@ def encoder_weights_file(encoder: str, weights: str) -> Path:
     try:
         path = hf_hub_download(repo_id, "model.safetensors", revision=revision, cache_dir=str(cache))
     except Exception as exc:  # network, HTTP or disk: one clear line either way
-        raise DataError(f"downloading {weights} weights for encoder {encoder} from {endpoint} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}; {hint}") from None
+        reason = " ".join(str(exc).split())[:300]
+        raise DataError(f"downloading {weights} weights for encoder {encoder} from {endpoint} failed: "
+                        f"{type(exc).__name__}: {reason}; {hint}") from None
     return Path(path)
 
 
@@ -212,97 +218,76 @@ def build_network(name: str, encoder: str, encoder_weights: str | None, in_chann
 DEFAULT_ENCODER = "resnet34"
 
 
-class DenseStep:
+@dataclasses.dataclass(frozen=True)
+class DenseOptions(ModelOptions):
+    """How to build and train U-Net / DeepLabV3+ (field order is ``config()``'s key order in checkpoints)."""
+
+    encoder: str = option(DEFAULT_ENCODER)  # any segmentation-models-pytorch encoder
+    encoder_weights: str | None = option("imagenet")  # None / "none": random init
+    size: int | None = option(None)  # slices resized to size x size (None: as prepared)
+    context: int = option(1)  # 1 slice, or 3 adjacent slices as channels (2.5D)
+    augment: bool = option(True)
+    loss: str = option("dice")
+    empty_fraction: float = option(0.1, cli=False)  # share of organ-free slices kept in training
+
+    def __post_init__(self) -> None:
+        if self.encoder_weights in ("none", "None", ""):
+            object.__setattr__(self, "encoder_weights", None)
+        if self.context not in (1, 3):
+            raise UsageError(f"--context must be 1 or 3 (adjacent slices as channels), got {self.context}")
+        if self.size is not None and self.size < 16:
+            raise UsageError(f"--size must be at least 16 pixels, got {self.size}")
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss {self.loss!r} is not available for dense models; choose {' or '.join(LOSSES)}")
+
+
+def load_dense_step(name: str, options: DenseOptions, *, quiet: bool = False) -> DenseStep:
+    """Build U-Net (``name="unet"``) or DeepLabV3+, fetching ImageNet encoder weights if asked (``quiet``: unused)."""
+    return DenseStep(name, options, build_network(name, options.encoder, options.encoder_weights, options.context))
+
+
+class DenseStep(ModelStep):
     """U-Net / DeepLabV3+ for the shared trainer: every tensor trains and is saved."""
 
-    prompted = False
+    options: DenseOptions
 
-    def __init__(
-        self,
-        name: str = "unet",
-        *,
-        encoder: str = DEFAULT_ENCODER,
-        encoder_weights: str | None = "imagenet",
-        size: int | None = None,
-        context: int = 1,
-        augment: bool = True,
-        loss: str = "dice",
-        empty_fraction: float = 0.1,
-    ) -> None:
-        if encoder_weights in ("none", "None", ""):
-            encoder_weights = None
-        if context not in (1, 3):
-            raise UsageError(f"--context must be 1 or 3 (adjacent slices as channels), got {context}")
-        if size is not None and size < 16:
-            raise UsageError(f"--size must be at least 16 pixels, got {size}")
-        if loss not in LOSSES:
-            raise UsageError(f"--loss {loss!r} is not available for {name}; choose {' or '.join(LOSSES)}")
+    def __init__(self, name: str, options: DenseOptions, net: DenseNet) -> None:
+        super().__init__()
         self.name = name
-        self.encoder, self.encoder_weights = encoder, encoder_weights
-        self.size, self.context, self.augment, self.loss_name = size, context, augment, loss
-        self.empty_fraction = empty_fraction
-        self._net = build_network(name, encoder, encoder_weights, context)
-        self._train_net: Any = self._net  # the trainer binds its DDP wrapper here
-        self._dice: Any = None
-        self._ce: Any = None
+        self.options = options
+        self._net = net
+        self._dice: nn.Module | None = None
 
     # -- the ModelStep contract ---------------------------------------------
-    def network(self) -> Any:
+    def network(self) -> DenseNet:
         return self._net
 
-    def trainable_module(self) -> Any:
+    def trainable_module(self) -> DenseNet:
         return self._net
 
-    def bind_network(self, module: Any) -> None:
-        """Training forwards go through ``module`` (the trainer's DistributedDataParallel wrapper)."""
-        self._train_net = module
+    def train_dataset(self, store: Any, case_ids: list[str], seed: int) -> DenseSliceDataset:
+        o = self.options
+        return DenseSliceDataset(store.root, case_ids, context=o.context, size=o.size, augment=o.augment, seed=seed,
+                                 empty_fraction=o.empty_fraction)
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "encoder": self.encoder,
-            "encoder_weights": self.encoder_weights,
-            "size": self.size,
-            "context": self.context,
-            "augment": self.augment,
-            "loss": self.loss_name,
-            "empty_fraction": self.empty_fraction,
-        }
-
-    def train_dataset(self, store: Any, case_ids: list[str], seed: int) -> Any:
-        from flaresam.data.slices import DenseSliceDataset
-
-        return DenseSliceDataset(
-            store.root,
-            case_ids,
-            context=self.context,
-            size=self.size,
-            augment=self.augment,
-            seed=seed,
-            empty_fraction=self.empty_fraction,
-        )
-
-    def collate(self, items: list[Any]) -> Any:
-        from flaresam.data.slices import collate_dense
-
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         return collate_dense(items)
 
-    def loss(self, batch: Any, device: Any) -> tuple[Any, int]:
+    def loss(self, batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, int]:
         if self._dice is None:
             from segmentation_models_pytorch.losses import DiceLoss
 
             self._dice = DiceLoss("multiclass", from_logits=True)
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
-        logits = self._train_net(x).float()
+        logits = self.training_network()(x).float()
         value = self._dice(logits, y)
-        if self.loss_name == "dice+ce":
+        if self.options.loss == "dice+ce":
             value = value + F.cross_entropy(logits, y)
         return value, int(x.shape[0])
 
-    def predict_slices(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None, device: Any) -> np.ndarray:
-        from flaresam.data.slices import resize_image, slice_stack
-
+    def predict_slices(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None,
+                       device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
         h, w = volume.shape[1:]
         out = np.zeros((len(indices), h, w), dtype=np.uint8)
@@ -311,13 +296,13 @@ class DenseStep:
         net.eval()
         dev = torch.device(device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-        chunk = 16
+        chunk = inference.chunk or 16
         try:
             with torch.no_grad(), amp:
                 for start in range(0, len(indices), chunk):
                     part = indices[start : start + chunk]
-                    x = torch.from_numpy(slice_stack(volume, part, self.context)).to(dev).float().div_(255.0)
-                    logits = net(resize_image(x, self.size)).float()
+                    x = torch.from_numpy(slice_stack(volume, part, self.options.context)).to(dev).float().div_(255.0)
+                    logits = net(resize_image(x, self.options.size)).float()
                     if tuple(logits.shape[-2:]) != (h, w):
                         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
                     out[start : start + len(part)] = logits.argmax(1).to(torch.uint8).cpu().numpy()

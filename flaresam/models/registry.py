@@ -1,13 +1,15 @@
 """The model families that ``finetune``, ``predict`` and ``compare`` know: one table.
 
-Each :class:`ModelSpec` names the class that builds the family's
-:class:`~flaresam.models.base.ModelStep` (imported only when used, so the CLI
-stays light and a family's heavy dependencies load only for that family), the
-command-line options it understands, and its optimiser defaults.
+Each :class:`ModelSpec` names the family's options class (a frozen
+:class:`~flaresam.models.options.ModelOptions`; the command-line options it
+understands are derived from its fields) and the function that builds its
+:class:`~flaresam.models.base.ModelStep`, both as ``"module:attribute"``
+imported only when used, so the CLI stays light and a family's heavy
+dependencies load only for that family; and its optimiser defaults.
 
-Building contract: ``target(name=KEY, **options)`` returns the step, and
-``step.config()`` returns ``{"name": KEY, **options}`` such that
-``target(**config)`` rebuilds the same network (the trainer saves it in every
+Building contract: ``builder(name, options, quiet=...)`` returns the step, and
+``step.config()`` returns ``{"name": KEY, **options.config()}`` such that
+:func:`rebuild_step` rebuilds the same network (the trainer saves it in every
 checkpoint). When a checkpoint's tensors are about to be loaded, ``restore``
 overrides config values that would only fetch weights the checkpoint replaces
 (the dense models' ImageNet encoder).
@@ -15,51 +17,67 @@ overrides config values that would only fetch weights the checkpoint replaces
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flaresam.errors import UsageError
 
-SAM_OPTIONS = ("arch", "checkpoint", "init", "trainable", "jitter", "min_pixels", "per_component", "cache_embeddings", "loss",
-               "fast_encoder", "compile_encoder")
-DENSE_OPTIONS = ("encoder", "encoder_weights", "size", "context", "augment", "loss")
+if TYPE_CHECKING:
+    from flaresam.models.base import ModelStep
+    from flaresam.models.options import ModelOptions
+
+    Builder = Callable[..., ModelStep]
 
 # how an option is spelled on the command line, where that is not --kebab-case of its key
 OPTION_FLAGS = {"augment": "--augment/--no-augment", "per_component": "--per-component", "cache_embeddings": "--cache-embeddings",
                 "fast_encoder": "--fast-encoder/--stock-encoder", "compile_encoder": "--compile/--no-compile"}
 
 
+def _load(target: str, key: str) -> Any:
+    module, _, attr = target.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise UsageError(f"--model {key} is not available in this installation ({module} is missing)") from None
+        raise
+    return getattr(mod, attr)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     key: str
     title: str
-    target: str | Callable[..., Any]  # "module:attribute" (imported lazily) or a callable
-    options: tuple[str, ...]
+    builder_target: str | Callable[..., Any]  # "module:function" (imported lazily) or the function
+    options_target: str | type[Any]  # "module:Class" of the family's ModelOptions, or the class
     lr: float  # AdamW defaults when --lr / --weight-decay are not given
     weight_decay: float
     prompted: bool
     restore: dict[str, Any] = field(default_factory=dict)
 
-    def builder(self) -> Callable[..., Any]:
-        if callable(self.target):
-            return self.target
-        module, _, attr = self.target.partition(":")
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                raise UsageError(f"--model {self.key} is not available in this installation ({module} is missing)") from None
-            raise
-        return getattr(mod, attr)
+    def builder(self) -> Builder:
+        return self.builder_target if callable(self.builder_target) else _load(self.builder_target, self.key)
+
+    def options_class(self) -> type[ModelOptions]:
+        target = self.options_target
+        return target if isinstance(target, type) else _load(target, self.key)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The command-line options of this family."""
+        return self.options_class().cli_options()
 
 
+_SAM = ("flaresam.models.sam.step:load_sam_step", "flaresam.models.sam.options:SamOptions")
+_DENSE = ("flaresam.models.dense:load_dense_step", "flaresam.models.dense:DenseOptions")
 MODELS: dict[str, ModelSpec] = {
-    "hqsam": ModelSpec("hqsam", "HQ-SAM (box prompts)", "flaresam.models.sam:SamStep", SAM_OPTIONS, 1e-4, 0.01, True),
-    "sam": ModelSpec("sam", "SAM (box prompts)", "flaresam.models.sam:SamStep", SAM_OPTIONS, 1e-4, 0.01, True),
-    "unet": ModelSpec("unet", "U-Net (segmentation-models-pytorch)", "flaresam.models.dense:DenseStep", DENSE_OPTIONS, 3e-4, 1e-4, False, {"encoder_weights": None}),
-    "deeplab": ModelSpec("deeplab", "DeepLabV3+ (segmentation-models-pytorch)", "flaresam.models.dense:DenseStep", DENSE_OPTIONS, 3e-4, 1e-4, False, {"encoder_weights": None}),
+    "hqsam": ModelSpec("hqsam", "HQ-SAM (box prompts)", *_SAM, 1e-4, 0.01, True),
+    "sam": ModelSpec("sam", "SAM (box prompts)", *_SAM, 1e-4, 0.01, True),
+    "unet": ModelSpec("unet", "U-Net (segmentation-models-pytorch)", *_DENSE, 3e-4, 1e-4, False, {"encoder_weights": None}),
+    "deeplab": ModelSpec("deeplab", "DeepLabV3+ (segmentation-models-pytorch)", *_DENSE, 3e-4, 1e-4, False, {"encoder_weights": None}),
 }
 
 
@@ -74,7 +92,7 @@ def spec(name: str) -> ModelSpec:
         raise UsageError(f"unknown --model {name!r}; choose one of: {', '.join(MODELS)}") from None
 
 
-def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options that ``name`` understands; an option given for another family is a usage error."""
     s = spec(name)
     given = {k: v for k, v in options.items() if v is not None}
@@ -86,39 +104,39 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return given
 
 
-def build_step(name: str, restore: bool = False, **options: Any) -> Any:
-    """Build the :class:`ModelStep` of family ``name`` from command-line options (None = the family's default).
+def parse_options(name: str, options: Mapping[str, Any], restore: bool = False) -> ModelOptions:
+    """Command-line options of family ``name`` (None = the family's default) as its frozen options.
 
     ``restore``: trained tensors will be loaded right after, so the family's
     ``restore`` overrides apply (no ImageNet download for a dense model).
     """
+    s = spec(name)
+    parsed = s.options_class().from_cli(check_options(name, options))
+    return dataclasses.replace(parsed, **s.restore) if restore else parsed
+
+
+def build_step(name: str, restore: bool = False, quiet: bool = False, **options: Any) -> ModelStep:
+    """Build the :class:`ModelStep` of family ``name`` from command-line options (None = the family's default)."""
     from flaresam.models.base import ModelStep
 
-    given = check_options(name, options)
-    if restore:
-        given.update(spec(name).restore)
-    step = spec(name).builder()(name=name, **given)
-    missing = [m for m in ("network", "trainable_module", "config", "train_dataset", "collate", "loss", "predict_slices") if not callable(getattr(step, m, None))]
-    if missing or not isinstance(step, ModelStep):
-        raise TypeError(f"{type(step).__name__} does not implement the ModelStep protocol (missing: {', '.join(missing) or 'name/prompted'})")
+    step = spec(name).builder()(name, parse_options(name, options, restore), quiet=quiet)
+    if not isinstance(step, ModelStep):
+        raise TypeError(f"{type(step).__name__} is not a ModelStep")
     return step
 
 
-def rebuild_step(config: dict[str, Any], quiet: bool = False) -> Any:
+def rebuild_step(config: Mapping[str, Any], quiet: bool = False) -> ModelStep:
     """Rebuild a step from a checkpoint's ``config`` (its tensors are loaded by the caller).
 
-    ``quiet``: no notes about the base weights (for a step whose builder takes ``quiet``); a trained
-    run replaces the tensors those notes are about, so they would only mislead.
+    An option this version does not know raises :class:`TypeError`, an invalid
+    value :class:`UsageError` (the caller names the file). ``quiet``: no notes
+    about the base weights; a trained run replaces the tensors those notes are
+    about, so they would only mislead.
     """
-    import inspect
-
     cfg = dict(config)
     name = cfg.pop("name", None)
     if not name:
         raise UsageError("checkpoint has no model name in its config")
     s = spec(name)
-    cfg.update(s.restore)
-    builder = s.builder()
-    if quiet and "quiet" in inspect.signature(builder).parameters:
-        cfg["quiet"] = True
-    return builder(name=name, **cfg)
+    options = dataclasses.replace(s.options_class().from_config(cfg), **s.restore)
+    return s.builder()(name, options, quiet=quiet)

@@ -57,7 +57,7 @@ def load_checkpoint_file(path: Path, what: str = "checkpoint") -> Any:
         raise DataError(f"{what} {path}: not enough memory to load it") from None
     except PermissionError as exc:
         raise DataError(f"{what} {path}: cannot read it ({exc.strerror})") from None
-    except Exception as exc:  # noqa: BLE001 - zip, EOF, legacy-format and storage errors all mean a damaged file
+    except Exception as exc:
         raise DataError(f"{what} {path}: corrupt or not a PyTorch file ({_reason(path, exc)})") from None
 
 

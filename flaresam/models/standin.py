@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -92,11 +93,6 @@ def standin_dir(recipe: StandinRecipe | None = None) -> Path:
     return home() / "standin" / f"{STANDIN_ARCH}-{(recipe or DEFAULT_RECIPE).key()}"
 
 
-def is_standin_arch(arch: str | None) -> bool:
-    """The demo architecture exists only for the stand-in: a model of it never carries official weights."""
-    return arch == STANDIN_ARCH
-
-
 def standin_checkpoints(recipe: StandinRecipe | None = None, *, force: bool = False, quiet: bool = False) -> dict[str, Path]:
     """The stand-in's two official-format files, built on first use (about a minute on 2 CPU cores) and cached.
 
@@ -138,7 +134,7 @@ def _pretraining_slices(recipe: StandinRecipe, image_size: int) -> _Slices:
     from flaresam.data.phantom import make_phantom
     from flaresam.data.store import slice_boxes
     from flaresam.data.window import DEFAULT_WINDOW, Window, apply_window
-    from flaresam.models.sam_io import resize_slices
+    from flaresam.models.sam.preprocess import resize_slices
 
     images, labels, boxes, pixels = [], [], [], []
     for i in range(recipe.cases):
@@ -164,7 +160,7 @@ def _prompt_batch(data: _Slices, idx: np.ndarray, recipe: StandinRecipe, rng: np
                   lowres: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jittered frame boxes [N, 4], the slice of each [N] and soft targets [N, L, L] for the slices ``idx``."""
     from flaresam.data.prompts import jitter_boxes
-    from flaresam.models.sam_io import boxes_to_frame, lowres_targets
+    from flaresam.models.sam.preprocess import boxes_to_frame, lowres_targets
 
     h, w = data.labels.shape[1:]
     all_boxes, index, targets = [], [], []
@@ -186,8 +182,12 @@ def _prompt_batch(data: _Slices, idx: np.ndarray, recipe: StandinRecipe, rng: np
 
 def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = False) -> dict[str, Any]:
     """Pretrain the stand-in into ``out`` (two .pth files and a JSON record); returns the record."""
-    from flaresam.models.sam import arch_spec, build_network, decode, decode_tokens, is_hq_key, mask_features, mask_from_features, mask_loss
-    from flaresam.models.sam_io import frame_mask, normalise
+    from flaresam.models.sam.archs import arch_spec
+    from flaresam.models.sam.checkpoint import is_hq_key
+    from flaresam.models.sam.decoding import PromptBatch, decode, decode_tokens, mask_features, mask_from_features
+    from flaresam.models.sam.loss import mask_loss
+    from flaresam.models.sam.network import build_network
+    from flaresam.models.sam.preprocess import frame_mask, normalise
     from flaresam.ui import progress
 
     recipe = recipe or DEFAULT_RECIPE
@@ -213,9 +213,9 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
 
         def sam_logits(emb: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             """SAM's single-mask output, decoded as a plain SAM decoder would (no HQ token among the tokens)."""
-            sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
+            batch = PromptBatch.from_boxes(net.prompt_encoder, emb, None, boxes, index)
             # no HQ token among the tokens: the SAM file drops the HQ tensors, so the decoder that loads it has none
-            hs, src = decode_tokens(decoder, emb, sparse, dense, index, net.prompt_encoder.get_dense_pe(), hq_token=False)
+            hs, src = decode_tokens(decoder, batch, hq_token=False)
             return mask_from_features(decoder.output_hypernetworks_mlps[0](hs[:, 1]), mask_features(decoder, src, None))[:, 0]
 
         with progress(quiet=quiet) as bar:
@@ -251,8 +251,8 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
 
             def hq_loss(idx: np.ndarray, boxes: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
-                    sparse, dense = net.prompt_encoder(points=None, boxes=boxes, masks=None)
-                logits = decode(decoder, emb_all[idx], interm_all[idx], sparse, dense, index, net.prompt_encoder.get_dense_pe())[:, 0]
+                    batch = PromptBatch.from_boxes(net.prompt_encoder, emb_all[idx], interm_all[idx], boxes, index)
+                logits = decode(decoder, batch)[:, 0]
                 return mask_loss(logits, targets, valid_all[idx][index], "dice+bce")
 
             history["hq"] = _optimise(hq_params, recipe.hq_lr, recipe.hq_steps, hq_loss, batches, lambda: bar.advance(task))
@@ -283,7 +283,7 @@ def _multiscale_pe(matrix: torch.Tensor, scales: tuple[float, ...]) -> None:
         matrix[:, cols] *= scale
 
 
-def _optimise(params: list[torch.Tensor], lr: float, steps: int, loss_of: Any, batches: Any, advance: Any) -> list[float]:
+def _optimise(params: Sequence[torch.Tensor], lr: float, steps: int, loss_of: Any, batches: Any, advance: Any) -> list[float]:
     """AdamW with a one-cycle schedule and gradient clipping over ``steps`` batches; the loss of each step."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)

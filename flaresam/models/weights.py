@@ -128,7 +128,7 @@ def source_url(entry: WeightsEntry, url: str | None = None) -> str:
     return entry.url
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -370,7 +370,7 @@ def _served_total(resp: Any, have: int) -> int | None:
 
 def _range_starts_at(resp: Any, start: int) -> bool:
     match = re.match(r"\s*bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
-    return bool(match) and int(match.group(1)) == start
+    return match is not None and int(match.group(1)) == start
 
 
 def _network_reason(exc: Exception, timeout: tuple[float, float]) -> str:
@@ -505,10 +505,8 @@ def _store_hash(path: Path, key: list[int], digest: str) -> None:
     cache[name] = {"stat": key, "sha256": digest}
     while len(cache) > HASH_CACHE_ENTRIES:
         cache.pop(next(iter(cache)))
-    try:
+    with contextlib.suppress(OSError):  # a read-only home only costs a re-hash next time
         atomic_write_text(_hash_cache_path(), json.dumps(cache, indent=0))
-    except OSError:
-        pass  # a read-only home only costs a re-hash next time
 
 
 def file_sha256(path: str | os.PathLike[str], quiet: bool = True) -> str:

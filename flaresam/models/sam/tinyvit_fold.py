@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flaresam.models.sam import _sam_modeling  # sam.py imports this module lazily: no cycle
+from flaresam.models.sam.upstream import Upstream, sam_modeling
 
-_TINY = _sam_modeling().tiny_vit_sam
+_TINY = sam_modeling().tiny_vit_sam
 
 
 def supports(encoder: nn.Module) -> bool:
@@ -131,7 +131,7 @@ class FoldedTinyViT:
         return emb.contiguous(), [t.contiguous() for t in interm]
 
 
-def runner(net: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+def runner(net: Upstream) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
     """The net's folded TinyViT runner, kept on the net (a plain attribute: not a submodule, not in the state dict)."""
     cached = net.__dict__.get("_folded_runner")
     if cached is None or cached.encoder is not net.image_encoder:

@@ -15,7 +15,7 @@ Layout::
 * The model key hashes the encoder's own tensors (so the HQ-SAM and the SAM
   file of one architecture share a folder exactly when their encoders are
   identical), the architecture, the input size, SAM's pixel statistics and
-  :data:`flaresam.models.sam_io.PREPROCESS_VERSION`.
+  :data:`flaresam.models.sam.preprocess.PREPROCESS_VERSION`.
 * The slice key hashes the windowed uint8 slice itself, so a re-prepared case,
   another window or another dataset can never hit a stale entry.
 
@@ -49,7 +49,7 @@ def tensors_digest(state: dict[str, Any]) -> str:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -101,9 +101,7 @@ class EmbeddingCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.folder / "info.json", json.dumps({"key": self.key, **self._info}, indent=1))
         if interm is not None:
-            with atomic_path(int_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.ascontiguousarray(interm, dtype=np.float16))
-        with atomic_path(emb_path) as tmp:  # written last: its presence marks a complete entry
-            with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(emb, dtype=np.float16))
+            with atomic_path(int_path) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(interm, dtype=np.float16))
+        with atomic_path(emb_path) as tmp, open(tmp, "wb") as f:  # written last: its presence marks a complete entry
+            np.save(f, np.ascontiguousarray(emb, dtype=np.float16))

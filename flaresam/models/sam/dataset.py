@@ -1,7 +1,7 @@
 """Training slices for SAM / HQ-SAM: one windowed slice, its box prompts and a target mask per prompt.
 
 An item is everything the decoder step needs for one slice, already in SAM's
-frame (see :mod:`flaresam.models.sam_io`): the slice resized and padded to
+frame (see :mod:`flaresam.models.sam.preprocess`): the slice resized and padded to
 S x S (uint8, normalised later on the device), its jittered box prompts in
 frame coordinates, and one soft target per prompt at the decoder's 256 x 256
 output. When the embedding cache holds the slice, the item carries the cached
@@ -24,7 +24,8 @@ import torch
 
 from flaresam.data.prompts import PromptConfig, jitter_boxes, slice_prompts
 from flaresam.errors import DataError
-from flaresam.models.sam_io import boxes_to_frame, lowres_hw, lowres_targets, preprocess_shape, resize_slices
+from flaresam.models.sam.embedding_cache import slice_key
+from flaresam.models.sam.preprocess import boxes_to_frame, lowres_hw, lowres_targets, preprocess_shape, resize_slices
 
 
 class SamSliceDataset(torch.utils.data.Dataset):
@@ -63,7 +64,7 @@ class SamSliceDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return int(len(self.index))
+        return len(self.index)
 
     def _case(self, ci: int) -> Any:
         case = self._cases.get(ci)
@@ -101,8 +102,6 @@ class SamSliceDataset(torch.utils.data.Dataset):
             "interm": None,
         }
         if self.cache is not None:
-            from flaresam.models.embedding_cache import slice_key
-
             item["slice_key"] = key = slice_key(image)
             hit = self.cache.load(key, interm=self.need_interm)
             if hit is not None:

@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flaresam.models.sam.upstream import Upstream
 
-def _layer_norm_2d(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+
+def _layer_norm_2d(x: torch.Tensor, norm: Upstream) -> torch.Tensor:
     """The package's ``LayerNorm2d`` (per pixel over channels, biased variance) as one fused op."""
     y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
     return y.permute(0, 3, 1, 2)
@@ -51,7 +53,7 @@ def _upsample_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     return y.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
 
 
-def run_stack(stack: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+def run_stack(stack: Upstream, x: torch.Tensor) -> torch.Tensor:
     """``stack(x)`` for the decoder's upscaling and mask-feature stacks, channels-last."""
     for m in stack:
         if type(m).__name__ == "LayerNorm2d" and hasattr(m, "eps"):

@@ -58,7 +58,7 @@ def resize_slices(slices: np.ndarray | torch.Tensor, image_size: int, device: to
     nh, nw = preprocess_shape(h, w, image_size)
     out = np.zeros((b, image_size, image_size), dtype=np.uint8)
     for i in range(b):
-        out[i, :nh, :nw] = arr[i] if (nh, nw) == (h, w) else np.asarray(Image.fromarray(arr[i]).resize((nw, nh), Image.BILINEAR))
+        out[i, :nh, :nw] = arr[i] if (nh, nw) == (h, w) else np.asarray(Image.fromarray(arr[i]).resize((nw, nh), Image.Resampling.BILINEAR))
     return torch.from_numpy(out).to(device), (nh, nw)
 
 

@@ -31,7 +31,7 @@ multiple of the window match too.
 
 TinyViT (``vit_tiny``, MobileSAM) is another architecture (convolutions and
 attention with a learned bias table); its faster path is a BatchNorm-folded,
-channels-last copy (:mod:`flaresam.models.tinyvit_fold`), chosen here too.
+channels-last copy (:mod:`flaresam.models.sam.tinyvit_fold`), chosen here too.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from flaresam.models.sam import _sam_modeling  # sam.py imports this module lazily: no cycle
+from flaresam.models.sam import tinyvit_fold
+from flaresam.models.sam.upstream import Upstream, sam_modeling
 
 # "sdpa": the bias as SDPA's additive mask (materialised: B x heads x N x N per block; fused
 # memory-efficient kernel); "fold": the bias folded into a wider q.k (no mask, flash-eligible, 3x the
@@ -56,10 +56,10 @@ DEFAULT_ATTENTION = "sdpa"
 RECOMPILE_LIMIT = 64
 
 # resolved once at import: compiled code must not run the package's import-time warning filters
-_STOCK = _sam_modeling().image_encoder
+_STOCK = sam_modeling().image_encoder
 
 
-def supports(encoder: nn.Module) -> bool:
+def supports(encoder: Upstream) -> bool:
     """True for the ViT encoders (vit_b/l/h and the test arch); TinyViT keeps the stock path."""
     return isinstance(encoder, _STOCK.ImageEncoderViT)
 
@@ -81,7 +81,7 @@ def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     return rel_pos[idx[:, None] - idx[None, :] + (size - 1)]
 
 
-def rel_pos_terms(q: torch.Tensor, attn: nn.Module, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rel_pos_terms(q: torch.Tensor, attn: Upstream, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The decomposed relative-position terms of ``add_decomposed_rel_pos`` for queries [B, heads, h*w, C].
 
     Returns ``rel_h`` [B, heads, h*w, h] and ``rel_w`` [B, heads, h*w, w]: the
@@ -110,7 +110,7 @@ def _additive_mask(rel_h: torch.Tensor, rel_w: torch.Tensor, h: int, w: int, dty
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, w: int) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
-    def score_mod(score, b, head, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's signature
+    def score_mod(score, b, head, q_idx, kv_idx):
         return score + rel_h[b, head, q_idx, kv_idx // w] + rel_w[b, head, q_idx, kv_idx % w]
 
     return flex_attention(q, k, v, score_mod=score_mod)
@@ -137,7 +137,7 @@ def _fold(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor
     return F.scaled_dot_product_attention(q2, k2, v2, scale=1.0)[..., :c]
 
 
-def attention_forward(attn: nn.Module, x: torch.Tensor, attention: str = DEFAULT_ATTENTION) -> torch.Tensor:
+def attention_forward(attn: Upstream, x: torch.Tensor, attention: str = DEFAULT_ATTENTION) -> torch.Tensor:
     """The stock ``Attention.forward`` on its own weights, through a fused attention kernel."""
     b, h, w, _ = x.shape
     n_heads = attn.num_heads
@@ -158,7 +158,7 @@ def attention_forward(attn: nn.Module, x: torch.Tensor, attention: str = DEFAULT
     return attn.proj(out)
 
 
-def block_forward(blk: nn.Module, x: torch.Tensor, attention: str = DEFAULT_ATTENTION) -> torch.Tensor:
+def block_forward(blk: Upstream, x: torch.Tensor, attention: str = DEFAULT_ATTENTION) -> torch.Tensor:
     """The stock ``Block.forward`` (window partition with the stock padding) with :func:`attention_forward`."""
     shortcut = x
     x = blk.norm1(x)
@@ -173,7 +173,7 @@ def block_forward(blk: nn.Module, x: torch.Tensor, attention: str = DEFAULT_ATTE
 
 
 def encoder_forward(
-    encoder: nn.Module,
+    encoder: Upstream,
     x: torch.Tensor,
     attention: str = DEFAULT_ATTENTION,
     block: Callable[..., torch.Tensor] = block_forward,
@@ -214,7 +214,7 @@ def _compiled_block(backend: str, mode: str | None) -> Callable[..., torch.Tenso
             setattr(dynamo_config, name, RECOMPILE_LIMIT)
         compiled = torch.compile(block_forward, backend=backend, mode=mode, fullgraph=True)
 
-        def fn(blk: nn.Module, x: torch.Tensor, attention: str) -> torch.Tensor:
+        def fn(blk: Upstream, x: torch.Tensor, attention: str) -> torch.Tensor:
             torch._dynamo.maybe_mark_dynamic(x, 0)
             return compiled(blk, x, attention)
 
@@ -235,7 +235,7 @@ class FastEncoder:
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: Upstream,
         *,
         attention: str = DEFAULT_ATTENTION,
         compile: bool = False,
@@ -256,9 +256,8 @@ class FastEncoder:
         self._compiled_once = False
 
     def _autocast(self, device: torch.device) -> Any:
-        dtype = self.dtype
-        if dtype == "auto":
-            dtype = torch.bfloat16 if device.type == "cuda" else None
+        dtype = (torch.bfloat16 if device.type == "cuda" else None) if self.dtype == "auto" else self.dtype
+        assert not isinstance(dtype, str)
         if dtype is None or dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
@@ -271,7 +270,7 @@ class FastEncoder:
                 return out
             except torch.cuda.OutOfMemoryError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - inductor/Triton/compiler failures have many types
+            except Exception as exc:
                 from flaresam.ui import warn
 
                 self.compile, self.compile_error = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -287,17 +286,15 @@ class FastEncoder:
         return f"FastEncoder(attention={self.attention!r}, compile={self.compile}, dtype={self.dtype!r})"
 
 
-def encoder_runner(net: nn.Module, device: torch.device) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+def encoder_runner(net: Upstream, device: torch.device) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
     """What :meth:`SamNet.encode` calls on ``device``: the stock encoder module or a faster equivalent.
 
     ``net.fast_encoder`` / ``net.compile_encoder``: True, False, or None for
     auto. ViT encoders (``ImageEncoderViT``): a :class:`FastEncoder`, by
     default on CUDA only. TinyViT: the BatchNorm-folded, channels-last copy
-    (:mod:`flaresam.models.tinyvit_fold`), by default on every device (it is
+    (:mod:`flaresam.models.sam.tinyvit_fold`), by default on every device (it is
     the stock computation, reordered); never compiled.
     """
-    from flaresam.models import tinyvit_fold
-
     cuda = torch.device(device).type == "cuda"
     encoder = net.image_encoder
     if tinyvit_fold.supports(encoder):

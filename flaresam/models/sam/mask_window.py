@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from flaresam.models.sam import decode_tokens, hq_features, mask_features, mask_from_features, mask_hyper
-from flaresam.models.sam_io import resize_matrix, support
+from flaresam.models.sam.decoding import PromptBatch, decode_tokens, hq_features, mask_features, mask_from_features, mask_hyper
+from flaresam.models.sam.preprocess import resize_matrix, support
 
 MARGIN_PX = 8  # decoder pixels (4 per embedding cell; 16 px of a 512 x 512 slice)
 MARGIN_FRACTION = 0.1  # of the box's longer side, on each side
@@ -132,19 +132,11 @@ class Decoded:
         return WindowLogits(idx, logits, t_px, l_px, trusted)
 
 
-def decode_prompts(
-    decoder: nn.Module,
-    image_embeddings: torch.Tensor,
-    interm: torch.Tensor | None,
-    sparse: torch.Tensor,
-    dense: torch.Tensor,
-    slice_index: torch.Tensor,
-    image_pe: torch.Tensor,
-) -> Decoded:
-    """Everything of the mask decoder that needs the whole frame (arguments as :func:`flaresam.models.sam.decode`)."""
-    hs, src = decode_tokens(decoder, image_embeddings, sparse, dense, slice_index, image_pe)
-    return Decoded(decoder, src, mask_hyper(decoder, hs), hq_features(decoder, image_embeddings, interm),
-                   slice_index, conv_reach(decoder))
+def decode_prompts(decoder: nn.Module, batch: PromptBatch) -> Decoded:
+    """Everything of the mask decoder that needs the whole frame (the rest runs per window)."""
+    hs, src = decode_tokens(decoder, batch)
+    return Decoded(decoder, src, mask_hyper(decoder, hs), hq_features(decoder, batch.embeddings, batch.interm),
+                   batch.slice_index, conv_reach(decoder))
 
 
 def decode_windows(
@@ -185,7 +177,7 @@ def decode_windows(
 
 def _reaches_edge(piece: WindowLogits, frame: int) -> torch.Tensor:
     """bool [n]: a positive logit on the trusted region's border, on a side cut from the ``frame`` x ``frame`` grid."""
-    n, size, _ = piece.logits.shape
+    size = piece.logits.shape[1]
     ar = torch.arange(size, device=piece.logits.device)[None, :]
     offset = torch.stack([piece.top, piece.top, piece.left, piece.left], 1)
     r0, r1, c0, c1 = (piece.trusted - offset)[:, :, None].unbind(1)  # window-local, each [n, 1]

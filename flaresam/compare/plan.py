@@ -1,0 +1,301 @@
+"""What a comparison runs: the user's plan, every default filled in, the split, each model's training config and run.
+
+Policy only. Resolving a plan reads nothing but whether ``--data`` exists;
+:func:`reusable` reads a run folder's ``run.json`` to tell whether an earlier
+run of the same plan can be reused or resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flaresam.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    from flaresam.data.store import PreparedStore, SplitSpec
+    from flaresam.training.config import TrainConfig
+
+DISPLAY = {"hqsam": "HQ-SAM", "sam": "SAM", "unet": "U-Net", "deeplab": "DeepLabV3+"}
+PROMPTED = ("hqsam", "sam")
+DENSE = ("unet", "deeplab")
+SELECT = ("best", "last")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The built-in demo: phantoms small enough for a 2-core CPU, and the stand-in SAM (flaresam.models.standin)."""
+
+    cases: int = 10
+    size: int = 64
+    slices: int = 16
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    # fine-tuning a pretrained decoder needs few epochs; the dense networks start from scratch
+    epochs: tuple[tuple[str, int], ...] = (("hqsam", 6), ("sam", 6), ("unet", 8), ("deeplab", 8))
+    batch_size: int = 8
+    # the SAM models keep the study's rate; from-scratch dense networks on tiny data learn faster with more
+    lr: tuple[tuple[str, float], ...] = (("unet", 2e-3), ("deeplab", 2e-3))
+    encoder: str = "mobilenet_v2"
+    # CPU threads while each model trains: the SAM decoders' batched matrices gain from both cores of a laptop;
+    # the demo's small dense networks lose more to OpenMP threads spinning against each other than they gain
+    threads: tuple[tuple[str, int], ...] = (("hqsam", 2), ("sam", 2), ("unet", 1), ("deeplab", 1))
+
+
+DEMO = DemoSettings()  # read when a plan is resolved (tests replace it with a smaller demo)
+
+
+@dataclass(frozen=True)
+class ComparePlan:
+    """What the user asked for (None: the default, or the demo's setting when no --data is given)."""
+
+    models: tuple[str, ...]
+    data: str | None = None
+    out: Path = Path("flaresam-compare")
+    runs: Path = Path("runs")
+    epochs: int | None = None
+    batch_size: int | None = None
+    max_steps: int | None = None
+    arch: str | None = None
+    checkpoint: str | None = None
+    sam_checkpoint: str | None = None
+    init: str | None = None
+    trainable: str | None = None
+    loss: str | None = None
+    jitter: int | None = None
+    encoder: str | None = None
+    encoder_weights: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    val_fraction: float | None = None
+    test_fraction: float | None = None
+    val_slices: int | None = None
+    select: str = "best"
+    quiet: bool = False
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The plan with every default filled in: what actually runs (recorded in results.json)."""
+
+    plan: ComparePlan
+    demo: bool
+    epochs: dict[str, int]
+    batch_size: int
+    arch: str | None
+    checkpoints: dict[str, str | None]  # SAM model -> its base checkpoint (None: random encoders)
+    init: str | None
+    encoder: str | None
+    encoder_weights: str | None
+    lr: dict[str, float]
+    standin: bool  # the SAM checkpoints are flaresam's synthetic stand-in, not official weights
+    settings: DemoSettings = DEMO  # the demo's settings this plan was resolved with (used only when ``demo``)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.plan.models
+
+    @property
+    def prompted(self) -> list[str]:
+        return [m for m in self.plan.models if m in PROMPTED]
+
+    @property
+    def dense(self) -> list[str]:
+        return [m for m in self.plan.models if m in DENSE]
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model's run folder: its training config, where it lives, and whether an earlier run can be used."""
+
+    model: str
+    config: TrainConfig
+    dir: Path
+    status: str  # "finished" (reuse), "resume" (an interrupted run of this plan) or "" (train anew)
+
+
+def parse_models(text: str) -> tuple[str, ...]:
+    models = [m.strip().lower() for m in text.split(",") if m.strip()]
+    aliases = {"deeplabv3+": "deeplab", "deeplabv3plus": "deeplab", "hq-sam": "hqsam", "u-net": "unet"}
+    models = [aliases.get(m, m) for m in models]
+    unknown = [m for m in models if m not in DISPLAY]
+    if unknown or not models:
+        raise UsageError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(DISPLAY)}")
+    return tuple(dict.fromkeys(models))
+
+
+# ---------------------------------------------------------------------------
+# resolving the plan
+
+
+def resolve(plan: ComparePlan) -> Resolved:
+    """Every default filled in, every contradiction refused (before anything is prepared or trained)."""
+    if plan.select not in SELECT:
+        raise UsageError(f"--select {plan.select!r}: choose best or last")
+    demo = plan.data is None
+    if not demo and not Path(str(plan.data)).exists():
+        raise DataError(f"--data {plan.data}: no such folder")
+    settings = DEMO
+    prompted = [m for m in plan.models if m in PROMPTED]
+    init = plan.init
+    if init not in (None, "random"):
+        raise UsageError(f"--init {init!r}: the only choice is 'random' (or give --checkpoint)")
+    if init == "random" and (plan.checkpoint or plan.sam_checkpoint):
+        raise UsageError("--init random and --checkpoint exclude each other")
+    checkpoints: dict[str, str | None] = {m: None for m in prompted}
+    standin = False
+    arch = plan.arch
+    if prompted and init != "random":
+        if plan.checkpoint or plan.sam_checkpoint:
+            for m in prompted:
+                checkpoints[m] = plan.sam_checkpoint if (m == "sam" and plan.sam_checkpoint) else plan.checkpoint
+            missing = [m for m in prompted if not checkpoints[m]]
+            if missing:
+                raise UsageError(f"--checkpoint is needed for {', '.join(DISPLAY[m] for m in missing)} "
+                                 "(--sam-checkpoint only covers SAM)")
+        elif demo:
+            from flaresam.models.standin import STANDIN_ARCH
+
+            if arch not in (None, STANDIN_ARCH):
+                raise UsageError(f"the demo's SAM models start from the stand-in checkpoint ({STANDIN_ARCH}); "
+                                 f"--arch {arch} needs --checkpoint or --init random")
+            standin, arch = True, STANDIN_ARCH
+        else:
+            raise UsageError(
+                "the SAM models need the official weights: give --checkpoint (e.g. sam_hq_vit_b; see `flaresam weights list`), "
+                "or --init random for an untrained encoder (not a reproduction of the study)"
+            )
+    if prompted and init == "random" and arch is None:
+        from flaresam.models.standin import STANDIN_ARCH
+
+        arch = STANDIN_ARCH if demo else None  # the demo's slices need the demo-sized network
+    return Resolved(
+        plan=plan,
+        demo=demo,
+        epochs={m: plan.epochs or (dict(settings.epochs)[m] if demo else 10) for m in plan.models},
+        batch_size=plan.batch_size or (settings.batch_size if demo else 8),
+        arch=arch,
+        checkpoints=checkpoints,
+        init=init,
+        encoder=plan.encoder or (settings.encoder if demo else None),
+        encoder_weights=plan.encoder_weights or ("none" if demo else None),
+        lr=dict(settings.lr) if demo else {},
+        standin=standin,
+        settings=settings,
+    )
+
+
+def split_spec(r: Resolved) -> SplitSpec:
+    """The train/val/test split asked for (a prepared store keeps the split it was made with)."""
+    from flaresam.data.store import SplitSpec
+
+    base = SplitSpec(val_fraction=r.settings.val_fraction, test_fraction=r.settings.test_fraction) if r.demo else SplitSpec()
+    return SplitSpec(
+        val_fraction=base.val_fraction if r.plan.val_fraction is None else r.plan.val_fraction,
+        test_fraction=base.test_fraction if r.plan.test_fraction is None else r.plan.test_fraction,
+        seed=r.plan.seed,
+    )
+
+
+def given_split_options(plan: ComparePlan) -> dict[str, float]:
+    """The split fractions given on the command line (``{"val_fraction": 0.1}``)."""
+    return {k: v for k, v in (("val_fraction", plan.val_fraction), ("test_fraction", plan.test_fraction)) if v is not None}
+
+
+def training_threads(r: Resolved, model: str, cpu_count: int) -> int | None:
+    """CPU threads while ``model`` trains on the CPU: the demo's per-model setting; None: leave torch's as it is."""
+    if not r.demo:
+        return None
+    return max(1, min(dict(r.settings.threads)[model], cpu_count))
+
+
+# ---------------------------------------------------------------------------
+# configs and run reuse
+
+
+def train_config(r: Resolved, model: str, store: PreparedStore) -> TrainConfig:
+    from flaresam.training.config import TrainConfig
+
+    options: dict[str, Any]
+    if model in PROMPTED:
+        options = {"arch": r.arch, "checkpoint": r.checkpoints[model], "init": r.init, "trainable": r.plan.trainable,
+                   "loss": r.plan.loss, "jitter": r.plan.jitter, "cache_embeddings": True}
+        if model == "sam" and r.plan.trainable == "hq":
+            options["trainable"] = None  # SAM has no HQ parts: its whole decoder trains, as the study's SAM row
+    else:
+        options = {"encoder": r.encoder, "encoder_weights": r.encoder_weights}
+    options = {k: v for k, v in options.items() if v is not None}
+    return TrainConfig(
+        data=str(store.root),
+        model=model,
+        model_options=options,
+        epochs=r.epochs[model],
+        batch_size=r.batch_size,
+        max_steps=r.plan.max_steps,
+        seed=r.plan.seed,
+        device=r.plan.device,
+        val_slices=r.plan.val_slices,
+        lr=r.lr.get(model),
+    )
+
+
+def config_key(cfg: TrainConfig, store: PreparedStore) -> str:
+    """A short hash of everything that makes a run this plan's run (names its folder under ``runs``)."""
+    identity = {
+        "model": cfg.model,
+        "options": {k: v for k, v in sorted(cfg.model_options.items()) if k != "cache_embeddings"},
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "max_steps": cfg.max_steps,
+        "seed": cfg.seed,
+        "lr": cfg.lr,
+        "val_slices": cfg.val_slices,
+        "fingerprint": store.fingerprint,
+        "split": store.split,
+    }
+    return hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=5).hexdigest()
+
+
+def reusable(run_dir: Path, cfg: TrainConfig, store: PreparedStore) -> str:
+    """'finished', 'resume' (an interrupted run of the same plan), or '' (not this plan)."""
+    from flaresam.training.run_folder import RUN_FILE
+
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return ""
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return ""
+    same = (
+        info.get("dataset", {}).get("fingerprint") == store.fingerprint
+        and info.get("split") == {"train": store.train_ids, "val": store.val_ids}
+        and info.get("config", {}).get("model") == cfg.model
+        and info.get("config", {}).get("epochs") == cfg.epochs
+    )
+    if not same:
+        return ""
+    if info.get("status") == "finished" and (run_dir / "checkpoints" / "best.pt").is_file():
+        return "finished"
+    return "resume" if (run_dir / "checkpoints" / "resume.pt").is_file() else ""
+
+
+def model_runs(r: Resolved, store: PreparedStore) -> dict[str, ModelRun]:
+    """Each model's config and run folder under ``runs``, and whether a run of this plan is already there."""
+    out = {}
+    for m in r.models:
+        cfg = train_config(r, m, store)
+        run_dir = r.plan.runs / f"{m}-{config_key(cfg, store)}"
+        out[m] = ModelRun(m, cfg, run_dir, reusable(run_dir, cfg, store))
+    return out
+
+
+def min_pixels(cfg: TrainConfig) -> int:
+    """The training's small-organ rule: organs under this many pixels in a slice get no box prompt."""
+    from flaresam.data.prompts import DEFAULT_MIN_PIXELS
+
+    return int(cfg.model_options.get("min_pixels") or DEFAULT_MIN_PIXELS)

@@ -1,0 +1,119 @@
+"""Batched decoding of box prompts with the mask decoder's own submodules.
+
+The stock ``predict_masks`` repeats one image's embedding for every prompt, so
+it takes one image per call. :func:`decode` runs the same submodules on
+B slices x K prompts in one call, gathering each prompt's slice embedding by
+index; it equals the stock per-image call (tested).
+
+HQ-SAM output: the HQ token's mask alone (``hq_token_only=True``), for training
+and prediction alike. That is what the HQ-SAM authors train and score
+(``train/train.py``: loss and IoU on ``masks_hq``); the package's interactive
+default adds SAM's mask to it (``masks_sam + masks_hq``), a zero-shot blend
+that the fine-tuned decoder has no reason to keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flaresam.models.sam.mask_head import run_stack
+from flaresam.models.sam.upstream import Upstream
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """N box prompts over B images, as the mask decoder takes them.
+
+    ``embeddings`` [B, C, E, E]; ``interm`` [B, E, E, V] (the early ViT feature
+    HQ-SAM fuses; None for SAM); ``sparse`` [N, T, C] and ``dense`` [N, C, E, E]
+    from the prompt encoder; ``slice_index`` [N] the image of each prompt;
+    ``image_pe`` [1, C, E, E] the prompt encoder's dense positional encoding.
+    """
+
+    embeddings: torch.Tensor
+    interm: torch.Tensor | None
+    sparse: torch.Tensor
+    dense: torch.Tensor
+    slice_index: torch.Tensor
+    image_pe: torch.Tensor
+
+    @classmethod
+    def from_boxes(cls, prompt_encoder: Upstream, embeddings: torch.Tensor, interm: torch.Tensor | None,
+                   boxes: torch.Tensor, slice_index: torch.Tensor) -> PromptBatch:
+        """Box prompts [N, 4] in frame coordinates on images ``slice_index`` [N] through the prompt encoder."""
+        sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
+        return cls(embeddings, interm, sparse, dense, slice_index, prompt_encoder.get_dense_pe())
+
+
+def is_hq_decoder(decoder: Upstream) -> bool:
+    return hasattr(decoder, "hf_token")
+
+
+def decode(decoder: Upstream, batch: PromptBatch) -> torch.Tensor:
+    """Single-mask logits [N, 1, L, L] for N prompts over B images in one call.
+
+    Uses the decoder's own submodules in the stock order; for SAM it returns
+    mask token 0 (SAM's single-mask output), for HQ-SAM the HQ token's mask
+    (``hq_token_only``). The stock decoder's other outputs (IoU head, multimask
+    tokens) are not computed: nothing here uses them.
+    """
+    hs, src = decode_tokens(decoder, batch)
+    hq = hq_features(decoder, batch.embeddings, batch.interm)
+    features = mask_features(decoder, src, None if hq is None else torch.index_select(hq, 0, batch.slice_index))
+    return mask_from_features(mask_hyper(decoder, hs), features)
+
+
+def decode_tokens(decoder: Upstream, batch: PromptBatch, hq_token: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-way transformer for N prompts: output tokens [N, T', C] and the image embedding [N, C, E, E].
+
+    ``hq_token`` False runs an HQ-SAM decoder as a plain SAM decoder (without
+    its HQ token; the stand-in's SAM stage trains so); None: the decoder's own.
+    """
+    hq = is_hq_decoder(decoder) if hq_token is None else hq_token
+    n = batch.sparse.shape[0]
+    weights = [decoder.iou_token.weight, decoder.mask_tokens.weight] + ([decoder.hf_token.weight] if hq else [])
+    out_tokens = torch.cat(weights, dim=0).unsqueeze(0).expand(n, -1, -1)
+    tokens = torch.cat((out_tokens, batch.sparse), dim=1)
+    # gather each prompt's image where the stock code repeats one image; index_select, not x[idx]:
+    # its backward (index_add_) is deterministic on CPU, advanced indexing's (index_put_) is not
+    src = torch.index_select(batch.embeddings, 0, batch.slice_index) + batch.dense
+    b, c, h, w = src.shape
+    # the positional encoding stays [1, C, E, E]: the transformer only adds it, so it broadcasts (the stock
+    # code repeats it per prompt, and flattening that repeat copies it N times)
+    hs, src = decoder.transformer(src, batch.image_pe, tokens)
+    return hs, src.transpose(1, 2).reshape(b, c, h, w)
+
+
+def hq_features(decoder: Upstream, image_embeddings: torch.Tensor, interm: torch.Tensor | None) -> torch.Tensor | None:
+    """HQ-SAM's per-image global-local feature [B, C/8, L, L] (None for SAM's decoder)."""
+    if not is_hq_decoder(decoder):
+        return None
+    if interm is None:
+        raise ValueError("HQ-SAM decoding needs the early ViT feature (interm)")
+    return run_stack(decoder.embedding_encoder, image_embeddings) + run_stack(decoder.compress_vit_feat, interm.permute(0, 3, 1, 2))
+
+
+def mask_features(decoder: Upstream, src: torch.Tensor, hq: torch.Tensor | None) -> torch.Tensor:
+    """Per-prompt mask features [N, C/8, 4e, 4e] from a transformer output (or a crop of it) [N, C, e, e].
+
+    ``hq``: each prompt's HQ feature over the same pixels (HQ-SAM), else None.
+    Every step is per pixel except HQ-SAM's two 3 x 3 convolutions. Run
+    channels-last by :func:`flaresam.models.sam.mask_head.run_stack`.
+    """
+    upscaled = run_stack(decoder.output_upscaling, src)
+    return upscaled if hq is None else run_stack(decoder.embedding_maskfeature, upscaled) + hq
+
+
+def mask_hyper(decoder: Upstream, hs: torch.Tensor) -> torch.Tensor:
+    """Each prompt's mask vector [N, C/8]: HQ-SAM's HQ token (after iou + 4 mask tokens), else SAM's mask token 0."""
+    if is_hq_decoder(decoder):
+        return decoder.hf_mlp(hs[:, decoder.num_mask_tokens])
+    return decoder.output_hypernetworks_mlps[0](hs[:, 1])
+
+
+def mask_from_features(hyper: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Logits [N, 1, H, W]: each pixel's feature dotted with its prompt's mask vector."""
+    b, c, h, w = features.shape
+    return (hyper.unsqueeze(1) @ features.reshape(b, c, h * w)).view(b, 1, h, w)

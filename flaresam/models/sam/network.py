@@ -1,0 +1,123 @@
+"""SamNet and its builder: segment-anything-hq's parts wired for batched, box-prompted training.
+
+The networks are built here from the architecture table instead of through
+``sam_model_registry`` (which loads with ``torch.load`` without
+``weights_only`` and prints); the builder only wires parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from flaresam.errors import UsageError
+from flaresam.models.sam.archs import ArchSpec, arch_spec
+from flaresam.models.sam.decoding import PromptBatch, decode, is_hq_decoder
+from flaresam.models.sam.fast_encoder import encoder_runner
+from flaresam.models.sam.preprocess import PIXEL_MEAN, PIXEL_STD, normalise
+from flaresam.models.sam.upstream import Upstream, encoder_classes, sam_modeling
+
+MODELS = ("hqsam", "sam")
+
+
+class SamNet(nn.Module):
+    """SAM or HQ-SAM with a batched, box-prompted forward for training.
+
+    Attribute names (``image_encoder``, ``prompt_encoder``, ``mask_decoder``)
+    are the official ones, so ``state_dict()`` keys match the published files.
+    """
+
+    image_encoder: Upstream
+    prompt_encoder: Upstream
+    mask_decoder: Upstream
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module, spec: ArchSpec) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+        self.spec = spec
+        self.arch = spec.name
+        self.image_size = spec.image_size
+        self.lowres = spec.lowres
+        self.hq = is_hq_decoder(mask_decoder)
+        # how the frozen encoder runs (flaresam.models.sam.fast_encoder.encoder_runner): True, False or None = auto
+        # (fast on CUDA for the ViT encoders and everywhere for TinyViT; compiled on CUDA)
+        self.fast_encoder: bool | None = None
+        self.compile_encoder: bool | None = False
+
+    def train(self, mode: bool = True) -> SamNet:
+        """Frozen encoders stay in eval mode whatever the trainer asks (TinyViT has BatchNorm)."""
+        super().train(mode)
+        self.image_encoder.train(False)
+        self.prompt_encoder.train(False)
+        return self
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor, input_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B, S, S] frames -> image embeddings [B, C, E, E] and the early ViT feature [B, E, E, V]."""
+        x = normalise(frames, input_hw, self.pixel_mean, self.pixel_std)
+        emb, interm = encoder_runner(self, x.device)(x)
+        return emb, interm[0]
+
+    def prompt_batch(self, embeddings: torch.Tensor, interm: torch.Tensor | None, boxes: torch.Tensor,
+                     slice_index: torch.Tensor) -> PromptBatch:
+        """Box prompts [N, 4] (frame coordinates) on images ``slice_index`` [N] through the frozen prompt encoder."""
+        return PromptBatch.from_boxes(self.prompt_encoder, embeddings, interm, boxes, slice_index)
+
+    def forward(self, embeddings: torch.Tensor, interm: torch.Tensor | None, boxes: torch.Tensor,
+                slice_index: torch.Tensor) -> torch.Tensor:
+        """Box prompts [N, 4] (frame coordinates) on slices ``slice_index`` [N] -> logits [N, 1, L, L]."""
+        with torch.no_grad():  # the prompt encoder is frozen
+            batch = self.prompt_batch(embeddings, interm, boxes, slice_index)
+        return decode(self.mask_decoder, batch)
+
+
+def build_image_encoder(spec: ArchSpec) -> nn.Module:
+    """The stock image encoder of ``spec`` (ViT: with segment-anything's LayerNorm(eps=1e-6))."""
+    kwargs: dict[str, Any] = dict(spec.encoder_kwargs)
+    if spec.encoder == "vit":
+        kwargs["norm_layer"] = partial(nn.LayerNorm, eps=1e-6)
+    encoder: nn.Module = encoder_classes()[spec.encoder](**kwargs)
+    return encoder
+
+
+def build_network(model: str, arch: str, seed: int = 0, encoder_on_meta: bool = False) -> SamNet:
+    """A randomly initialised SAM (``model="sam"``) or HQ-SAM of ``arch``; the same seed gives the same tensors.
+
+    ``encoder_on_meta``: the image encoder gets shapes but no memory or values
+    (for a checkpoint that supplies every encoder tensor:
+    :func:`flaresam.models.sam.checkpoint.load_into` assigns them). Initialising
+    ViT-B at random takes about 2 s on a CPU, ViT-H far longer, all of it thrown
+    away when a checkpoint is loaded next.
+    """
+    if model not in MODELS:
+        raise UsageError(f"unknown SAM model {model!r}; choose one of: {', '.join(MODELS)}")
+    spec = arch_spec(arch)
+    m = sam_modeling()
+    transformer = partial(m.TwoWayTransformer, depth=spec.decoder_depth, embedding_dim=spec.prompt_dim,
+                          mlp_dim=spec.decoder_mlp, num_heads=spec.decoder_heads)
+    decoder_kwargs = dict(num_multimask_outputs=3, transformer_dim=spec.prompt_dim, iou_head_depth=3,
+                          iou_head_hidden_dim=spec.iou_hidden)
+    decoders = {"hqsam": partial(m.MaskDecoderHQ, vit_dim=spec.vit_dim), "sam": m.MaskDecoder}
+    e = spec.embedding_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device("meta") if encoder_on_meta else contextlib.nullcontext():
+            image_encoder = build_image_encoder(spec)
+        net = SamNet(
+            image_encoder=image_encoder,
+            prompt_encoder=m.PromptEncoder(embed_dim=spec.prompt_dim, image_embedding_size=(e, e),
+                                           input_image_size=(spec.image_size, spec.image_size), mask_in_chans=16),
+            mask_decoder=decoders[model](transformer=transformer(), **decoder_kwargs),
+            spec=spec,
+        )
+    return net.train(False)

@@ -1,0 +1,67 @@
+"""SAM's settings as a frozen dataclass: what builds and fine-tunes the network.
+
+:class:`SamOptions` fields are the command-line options of ``--model
+sam/hqsam`` (field metadata marks the few that are not, and those a
+checkpoint does not save). How a trained step predicts is
+:class:`flaresam.models.base.InferenceOptions`, passed to each call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flaresam.data.prompts import DEFAULT_JITTER_PX, DEFAULT_MIN_PIXELS, PromptConfig
+from flaresam.errors import UsageError
+from flaresam.models.options import ModelOptions, option
+from flaresam.models.sam.archs import arch_spec
+from flaresam.models.sam.loss import LOSSES
+
+TRAINABLE = ("decoder", "hq")
+INITS = ("checkpoint", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamOptions(ModelOptions):
+    """How to build and fine-tune SAM or HQ-SAM (field order is ``config()``'s key order in checkpoints)."""
+
+    arch: str | None = option(None)  # None: read off the checkpoint, else vit_b
+    checkpoint: str | None = option(None)  # registry name or file of the base weights
+    # the base file's identity: a run rebuilt later refuses a file that changed since (None: random init)
+    checkpoint_sha256: str | None = option(None, cli=False)
+    init: str = option("checkpoint")  # "checkpoint" or "random" (tests and demos)
+    trainable: str = option("decoder")  # the mask decoder, or only HQ-SAM's added parts ("hq")
+    jitter: int = option(DEFAULT_JITTER_PX)
+    min_pixels: int = option(DEFAULT_MIN_PIXELS)
+    per_component: bool = option(False)
+    loss: str = option("dice")
+    init_seed: int = option(0, cli=False)  # seeds the random tensors (a random encoder must come back identical)
+    encode_batch: int = option(4, cli=False)  # slices per encoder call on CUDA
+    # not saved: they change no tensor. A run loaded for `predict` must not fill the cache with every new
+    # volume's slices, and how the frozen encoder runs is chosen per device
+    cache_embeddings: bool | str = option(False, config=False)
+    fast_encoder: bool | None = option(None, config=False)
+    compile_encoder: bool | None = option(None, config=False)
+
+    def __post_init__(self) -> None:
+        if self.init in ("", "pretrained"):
+            object.__setattr__(self, "init", "checkpoint")
+        if self.init not in INITS:
+            raise UsageError(f"--init {self.init!r}: choose 'random' (or give --checkpoint)")
+        if self.trainable not in TRAINABLE:
+            raise UsageError(f"--trainable {self.trainable!r}: choose one of: {', '.join(TRAINABLE)}")
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss {self.loss!r} is not available for SAM models; choose {' or '.join(LOSSES)}")
+        if self.arch is not None:
+            arch_spec(self.arch)
+        if self.init == "random" and self.checkpoint:
+            raise UsageError("--init random and --checkpoint exclude each other")
+        if self.compile_encoder and self.fast_encoder is False:
+            raise UsageError("--compile compiles the fast encoder path; drop --stock-encoder (or pass --no-compile)")
+        object.__setattr__(self, "encode_batch", max(1, int(self.encode_batch)))
+        object.__setattr__(self, "init_seed", int(self.init_seed))
+        self.prompts  # validates jitter and min_pixels  # noqa: B018
+
+    @property
+    def prompts(self) -> PromptConfig:
+        """The box-prompt rule of training (jitter, small organs, per component)."""
+        return PromptConfig(jitter_px=int(self.jitter), min_pixels=int(self.min_pixels), per_component=bool(self.per_component))

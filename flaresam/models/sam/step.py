@@ -1,0 +1,327 @@
+"""SAM / HQ-SAM as a :class:`~flaresam.models.base.ModelStep`, and :func:`load_sam_step`, which builds one.
+
+Fine-tuning setting of the study: image encoder and prompt encoder frozen (and
+kept in eval mode, which matters for TinyViT's BatchNorm), the mask decoder
+trained (``--trainable decoder``), or only HQ-SAM's new parts (``--trainable
+hq``, how the HQ-SAM authors train). Box prompts only, single-mask output.
+
+:func:`load_sam_step` does the I/O (fetch, hash and read the base checkpoint,
+detect its architecture, print what was loaded); :class:`SamStep`'s
+constructor only wires a built network and its settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from flaresam.errors import UsageError
+from flaresam.models.base import ModelStep
+from flaresam.models.options import WHOLE_FRAME, InferenceOptions
+from flaresam.models.sam.archs import HQ_MODULES, arch_spec
+from flaresam.models.sam.checkpoint import LoadReport, base_sha256, load_into, read_state_dict, require_arch, resolve
+from flaresam.models.sam.dataset import SamSliceDataset, collate_sam
+from flaresam.models.sam.embedding_cache import EmbeddingCache, model_key, slice_key, tensors_digest
+from flaresam.models.sam.loss import mask_loss
+from flaresam.models.sam.mask_window import SlicePostprocess, decode_prompts, decode_windows
+from flaresam.models.sam.network import MODELS, SamNet, build_network
+from flaresam.models.sam.options import SamOptions
+from flaresam.models.sam.preprocess import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PREPROCESS_VERSION,
+    boxes_to_frame,
+    frame_mask,
+    preprocess_shape,
+    resize_slices,
+)
+from flaresam.organs import NUM_ORGANS
+
+NO_CHECKPOINT = (
+    "{model} fine-tuning starts from the official weights: pass --checkpoint NAME or PATH "
+    "(e.g. --checkpoint {example}, downloaded on first use; `flaresam weights list` shows all, docs/checkpoints.md "
+    "explains the files), or --init random to train from random weights (tests and demos only)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowStats:
+    """Box-window decoding of one call: prompts decoded, and how many fell back to the whole frame."""
+
+    prompts: int = 0
+    fallbacks: int = 0
+
+    def __add__(self, other: WindowStats) -> WindowStats:
+        return WindowStats(self.prompts + other.prompts, self.fallbacks + other.fallbacks)
+
+
+def load_sam_step(name: str, options: SamOptions, *, offline: bool = False, quiet: bool = False) -> SamStep:
+    """Build SAM (``name="sam"``) or HQ-SAM: resolve, hash and load the base checkpoint, then wire the step.
+
+    ``options.arch`` None: read off the checkpoint (vit_b without one).
+    ``options.checkpoint_sha256`` (what a run recorded): a base file whose
+    bytes changed since is refused. ``quiet``: no notes about the base weights.
+    """
+    if name not in MODELS:
+        raise UsageError(f"unknown SAM model {name!r}; choose one of: {', '.join(MODELS)}")
+    if options.trainable == "hq" and name != "hqsam":
+        raise UsageError("--trainable hq trains HQ-SAM's added parts; --model sam has none (use --trainable decoder)")
+    if options.init == "checkpoint" and not options.checkpoint:
+        example = "sam_hq_vit_b" if name == "hqsam" else "sam_vit_b"
+        raise UsageError(NO_CHECKPOINT.format(model="HQ-SAM" if name == "hqsam" else "SAM", example=example))
+
+    state, path, report = None, None, None
+    if options.checkpoint:
+        path, entry = resolve(str(options.checkpoint), offline=offline, quiet=quiet)
+        if options.arch is not None and entry is not None and entry.arch != options.arch:
+            raise UsageError(f"checkpoint {options.checkpoint} is {entry.arch} but --arch {options.arch}; "
+                             f"pass --arch {entry.arch} (or leave --arch out)")
+        sha = base_sha256(path, options.checkpoint_sha256, quiet)
+        state = read_state_dict(path)
+        detected = require_arch(state, path)
+        if options.arch is not None and detected != options.arch:
+            raise UsageError(f"checkpoint {path} is {detected} but --arch {options.arch}; pass --arch {detected} (or leave --arch out)")
+        is_registry_name = entry is not None and str(options.checkpoint) == entry.name
+        checkpoint = entry.name if entry is not None and is_registry_name else str(path.resolve())
+        options = dataclasses.replace(options, arch=detected, checkpoint=checkpoint, checkpoint_sha256=sha)
+    else:
+        options = dataclasses.replace(options, arch=options.arch or "vit_b")
+    assert options.arch is not None
+    spec = arch_spec(options.arch)
+    if options.compile_encoder and spec.encoder != "vit":
+        raise UsageError(f"--compile applies to the ViT encoders (vit_b, vit_l, vit_h); {options.arch}'s fast path is not compiled")
+    # a checkpoint supplies every ViT encoder tensor (load_into checks): skip their random init.
+    # TinyViT keeps a normal build: it derives non-saved buffers (attention-bias indices) at construction
+    net = build_network(name, options.arch, seed=options.init_seed, encoder_on_meta=state is not None and spec.encoder == "vit")
+    if state is not None and path is not None:
+        report = load_into(net, state, path)
+        del state
+        if not quiet:
+            from flaresam.ui import info, warn
+
+            lines = report.lines()
+            info(lines[0])
+            for line in lines[1:]:
+                warn(line)
+    return SamStep(name, options, net, load_report=report)
+
+
+class SamStep(ModelStep):
+    """HQ-SAM / SAM for the shared trainer: frozen encoders, trained mask decoder, box prompts."""
+
+    prompted: ClassVar[bool] = True
+    # the decoder's IoU head and its other mask tokens get no gradient from a single-mask loss
+    ddp_find_unused_parameters: ClassVar[bool] = True
+    options: SamOptions
+
+    def __init__(self, name: str, options: SamOptions, net: SamNet, load_report: LoadReport | None = None) -> None:
+        """Wire a built network (see :func:`load_sam_step`); ``options.arch`` must be the network's."""
+        super().__init__()
+        if options.arch != net.arch:
+            raise ValueError(f"options say arch {options.arch!r} but the network is {net.arch!r}")
+        self.name = name
+        self.options = options
+        self.net = net
+        self.spec = net.spec
+        self.load_report = load_report
+        # how the frozen encoder runs: --compile implies the fast path; compiling is decided per use (train_dataset)
+        net.fast_encoder = True if options.compile_encoder and options.fast_encoder is None else options.fast_encoder
+        net.compile_encoder = bool(options.compile_encoder)
+        self._trainable = self._make_trainable()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for p in self._trainable.parameters():
+            p.requires_grad_(True)
+        self._cache: EmbeddingCache | None = None
+        self._postprocess: dict[tuple[int, int, torch.device], SlicePostprocess] = {}  # per slice size: a memo
+
+    @property
+    def arch(self) -> str:
+        return self.net.arch
+
+    @property
+    def prompt_min_pixels(self) -> int:
+        """The small-organ rule of training, which evaluation's ground-truth boxes follow too."""
+        return int(self.options.min_pixels)
+
+    # -- the ModelStep contract ---------------------------------------------
+    def network(self) -> SamNet:
+        return self.net
+
+    def trainable_module(self) -> nn.Module:
+        """The mask decoder (``decoder``), or HQ-SAM's added parts as a ModuleDict (``hq``)."""
+        return self._trainable
+
+    def train_dataset(self, store: Any, case_ids: list[str], seed: int) -> SamSliceDataset:
+        if self.options.compile_encoder is None:  # training encodes thousands of slices: compiling pays (on CUDA)
+            self.net.compile_encoder = None
+        return SamSliceDataset(
+            store, case_ids, image_size=self.spec.image_size, lowres=self.spec.lowres,
+            prompts=self.options.prompts, seed=seed, cache=self.embedding_cache(), need_interm=self.net.hq,
+        )
+
+    @staticmethod
+    def collate(items: list[Any]) -> dict[str, Any]:
+        """A plain function: spawned DataLoader workers pickle it by name, not the whole network with it."""
+        return collate_sam(items)
+
+    def loss(self, batch: dict[str, Any], device: torch.device | str) -> tuple[torch.Tensor, int]:
+        dev = torch.device(device)
+        boxes = batch["boxes"].to(dev, non_blocking=True)
+        n = int(boxes.shape[0])
+        emb, interm = self._batch_embeddings(batch, dev)
+        slice_index = batch["slice_index"].to(dev, non_blocking=True)
+        logits = self.training_network()(emb, interm, boxes, slice_index)[:, 0].float()
+        if n == 0:  # every component below --min-pixels (per-component mode): a zero loss, still through the network
+            return logits.sum() * 0.0, 0
+        targets = batch["targets"].to(dev, non_blocking=True).float()
+        valid = frame_mask(batch["lowres_hw"].to(dev), self.spec.lowres)[slice_index]
+        return mask_loss(logits, targets, valid, self.options.loss), n
+
+    def predict_slices(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None,
+                       device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
+        return self.decode_slices(volume, indices, boxes, device, inference)[0]
+
+    def decode_slices(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None,
+                      device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME) -> tuple[np.ndarray, WindowStats]:
+        """Label slices and the box windows' statistics: every present box of a chunk of slices decoded in one
+        call, overlaps to the highest logit."""
+        indices = np.asarray(indices, dtype=np.int64)
+        h, w = int(volume.shape[1]), int(volume.shape[2])
+        out = np.zeros((len(indices), h, w), dtype=np.uint8)
+        stats = WindowStats()
+        if boxes is None:
+            raise UsageError(f"--model {self.name} needs box prompts to predict")
+        boxes = np.asarray(boxes)
+        present = boxes[..., 0] >= 0  # [n, 13]
+        rows = np.flatnonzero(present.any(axis=1))
+        if len(rows) == 0:
+            return out, stats
+        net = self.net
+        dev = torch.device(device)
+        was_training = net.training
+        net.train(False)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+        try:
+            with torch.no_grad(), amp:
+                # on a CPU the large intermediates of a batch cost more than batching saves
+                chunk = (inference.chunk or 8) if dev.type == "cuda" else 1
+                for start in range(0, len(rows), chunk):
+                    part = rows[start : start + chunk]
+                    out[part], part_stats = self._predict_chunk(volume, indices[part], boxes[part], present[part], dev, inference)
+                    stats = stats + part_stats
+        finally:
+            net.train(was_training)
+        return out, stats
+
+    # -- helpers ---------------------------------------------------------------
+    def _make_trainable(self) -> nn.Module:
+        if self.options.trainable == "hq":
+            return nn.ModuleDict({k: getattr(self.net.mask_decoder, k) for k in HQ_MODULES})
+        return self.net.mask_decoder
+
+    def embedding_cache(self) -> EmbeddingCache | None:
+        """The on-disk encoder cache (None unless ``cache_embeddings``); its key needs one pass over the encoder."""
+        where = self.options.cache_embeddings
+        if not where:
+            return None
+        if self._cache is None:
+            from flaresam.paths import home
+
+            root = Path(where) if isinstance(where, str) else home() / "embeddings"
+            digest = tensors_digest(self.net.image_encoder.state_dict())
+            pre = {"preprocess": PREPROCESS_VERSION, "mean": PIXEL_MEAN, "std": PIXEL_STD}
+            key = model_key(digest, self.arch, self.spec.image_size, pre)
+            info = {"arch": self.arch, "checkpoint": self.options.checkpoint or f"random:{self.options.init_seed}",
+                    "encoder_digest": digest, **pre}
+            self._cache = EmbeddingCache(root, key, info)
+        return self._cache
+
+    def _encode(self, frames: torch.Tensor, input_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out_e, out_i = [], []
+        batch = self.options.encode_batch if frames.device.type == "cuda" else 1
+        for s in range(0, frames.shape[0], batch):
+            e, i = self.net.encode(frames[s : s + batch], input_hw[s : s + batch])
+            out_e.append(e.float())
+            out_i.append(i.float())
+        return torch.cat(out_e), torch.cat(out_i)
+
+    def _batch_embeddings(self, batch: dict[str, Any], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings of every slice of a batch: cached ones from the items, the rest encoded (and cached) now."""
+        b = len(batch["slice_keys"])
+        e, v = self.spec.embedding_size, self.spec.vit_dim
+        emb = torch.empty((b, self.spec.prompt_dim, e, e), device=dev)
+        interm = torch.empty((b, e, e, v), device=dev) if self.net.hq else None
+        cached = batch["cached_rows"]
+        if len(cached):
+            rows = cached.to(dev)
+            emb[rows] = batch["embeddings"].to(dev, non_blocking=True).float()
+            if interm is not None:
+                interm[rows] = batch["interm"].to(dev, non_blocking=True).float()
+        todo = batch["image_rows"]
+        if len(todo):
+            rows = todo.to(dev)
+            fe, fi = self._encode(batch["images"].to(dev, non_blocking=True), batch["input_hw"][todo].to(dev))
+            cache = self.embedding_cache()
+            if cache is not None:
+                fe, fi = fe.half(), fi.half()  # what later epochs will read back: train on the same values
+                he, hi = fe.cpu().numpy(), fi.cpu().numpy()
+                for j, r in enumerate(todo.tolist()):
+                    cache.save(batch["slice_keys"][r], he[j], hi[j])
+            emb[rows] = fe.float()
+            if interm is not None:
+                interm[rows] = fi.float()
+        return emb, interm
+
+    def _predict_chunk(self, volume: np.ndarray, idx: np.ndarray, boxes: np.ndarray, present: np.ndarray,
+                       dev: torch.device, inference: InferenceOptions) -> tuple[np.ndarray, WindowStats]:
+        h, w = int(volume.shape[1]), int(volume.shape[2])
+        slices = np.ascontiguousarray(volume[idx])
+        emb, interm = self._slice_embeddings(slices, dev)
+        sl, org = np.nonzero(present)  # prompt -> (slice in chunk, organ index)
+        input_hw = preprocess_shape(h, w, self.spec.image_size)
+        frame_boxes = torch.from_numpy(boxes_to_frame(boxes[sl, org].astype(np.float32), (h, w), input_hw)).to(dev)
+        net = self.net
+        batch = net.prompt_batch(emb, interm, frame_boxes, torch.from_numpy(sl).to(dev))
+        lowres_boxes = frame_boxes * (self.spec.lowres / self.spec.image_size) if inference.box_windows else None
+        pieces, fallbacks = decode_windows(decode_prompts(net.mask_decoder, batch), lowres_boxes, inference.window_fallback)
+        post = self._postprocess.get((h, w, dev))
+        if post is None:
+            post = self._postprocess[(h, w, dev)] = SlicePostprocess.build((h, w), input_hw, self.spec.image_size,
+                                                                           self.spec.lowres, dev)
+        best = torch.full((len(idx), NUM_ORGANS, h, w), float("-inf"), device=dev)
+        sl_t, org_t = torch.from_numpy(sl).to(dev), torch.from_numpy(org).to(dev)
+        for piece in pieces:
+            best[sl_t[piece.prompts], org_t[piece.prompts]] = post.to_slice(piece)
+        value, organ = best.max(dim=1)
+        labels = torch.where(value > 0, organ + 1, torch.zeros_like(organ))
+        return labels.to(torch.uint8).cpu().numpy(), WindowStats(len(sl), fallbacks)
+
+    def _slice_embeddings(self, slices: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings of a chunk of slices of one volume: from the cache where present, else encoded now."""
+        cache = self.embedding_cache()
+        hits: list[Any] = [None] * len(slices)
+        keys: list[str] = []
+        if cache is not None:
+            keys = [slice_key(s) for s in slices]
+            hits = [cache.load(k, interm=True) for k in keys]
+        todo = [j for j, hit in enumerate(hits) if hit is None]
+        if todo:
+            frames, (nh, nw) = resize_slices(slices[todo], self.spec.image_size, dev)
+            input_hw = torch.tensor([[nh, nw]] * len(todo), device=dev)
+            e, i = self._encode(frames, input_hw)
+            if cache is None:
+                return e, (i if self.net.hq else None)
+            he, hi = e.half().cpu().numpy(), i.half().cpu().numpy()
+            for j, t in enumerate(todo):
+                cache.save(keys[t], he[j], hi[j])
+                hits[t] = (he[j], hi[j])
+        emb = torch.from_numpy(np.stack([hit[0] for hit in hits])).to(dev).float()
+        interm = torch.from_numpy(np.stack([hit[1] for hit in hits])).to(dev).float() if self.net.hq else None
+        return emb, interm
