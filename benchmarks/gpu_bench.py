@@ -692,7 +692,8 @@ def _window_counts(stats: dict[str, int] | None) -> dict[str, int]:
 def bench_dense(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
     import torch
 
-    from flaresam.models.dense import DenseOptions, load_dense_step
+    from flaresam.models.dense.options import DenseOptions
+    from flaresam.models.dense.step import load_dense_step
     from flaresam.organs import NUM_CLASSES
 
     dev = torch.device(sz.device)

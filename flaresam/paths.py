@@ -41,6 +41,13 @@ def demo_dir() -> Path:
     return home() / "demo"
 
 
+def is_offline(offline: bool | None = None) -> bool:
+    """True when this call (``offline``) or the process (``FLARESAM_OFFLINE``) forbids the network."""
+    if offline:
+        return True
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def set_offline() -> None:
     """Turn offline mode on for the rest of this process and its children (sets ``FLARESAM_OFFLINE=1``).
 

@@ -43,6 +43,8 @@ from flaresam.organs import NUM_ORGANS, ORGANS, Organ
 from flaresam.organs import organ as lookup_organ
 
 if TYPE_CHECKING:
+    import torch
+
     from flaresam.models.base import ModelStep
 
 DEFAULT_BATCH = 8
@@ -221,7 +223,7 @@ def _batches(indices: np.ndarray, size: int) -> list[np.ndarray]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def predict_dense(step: ModelStep, image8: np.ndarray, device: Any, batch_size: int,
+def predict_dense(step: ModelStep, image8: np.ndarray, device: torch.device | str, batch_size: int,
                   on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     label = np.zeros(image8.shape, np.uint8)
     for idx in _batches(np.arange(image8.shape[0]), batch_size):
@@ -231,7 +233,7 @@ def predict_dense(step: ModelStep, image8: np.ndarray, device: Any, batch_size: 
     return label
 
 
-def predict_with_boxes(step: ModelStep, image8: np.ndarray, boxes: np.ndarray, device: Any, batch_size: int,
+def predict_with_boxes(step: ModelStep, image8: np.ndarray, boxes: np.ndarray, device: torch.device | str, batch_size: int,
                        on_batch: Callable[[int], None] | None = None, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
     """Slices with at least one box are predicted in batches; the rest stay background."""
     label = np.zeros(image8.shape, np.uint8)
@@ -250,7 +252,7 @@ def _mask_box(mask: np.ndarray) -> np.ndarray | None:
     return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int32)
 
 
-def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, device: Any,
+def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, device: torch.device | str,
                     inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
     """Per-slice boxes from 3D boxes by propagation (MedSAM style); returns int32 [z, 13, 4]."""
     z = image8.shape[0]
@@ -302,7 +304,7 @@ def predict_volume(
     *,
     prompts: LabelPrompts | BoxPrompts | ProposerPrompts | None = None,
     organs: tuple[Organ, ...] = ORGANS,
-    device: Any = "cpu",
+    device: torch.device | str = "cpu",
     batch_size: int = DEFAULT_BATCH,
     inference: InferenceOptions = WHOLE_FRAME,
     quiet: bool = True,
@@ -445,7 +447,7 @@ def _peek_checkpoint(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def load_model(spec: str, device: Any) -> tuple[ModelStep, dict[str, Any]]:
+def load_model(spec: str, device: torch.device | str) -> tuple[ModelStep, dict[str, Any]]:
     """A model for prediction -> (ModelStep, checkpoint-like dict).
 
     ``spec`` is a flaresam run folder or checkpoint (a fine-tuned model), or an
@@ -658,7 +660,7 @@ def _check_outputs(req: PredictRequest, scans: list[Path], many: bool) -> None:
 
 
 def _predict_one(
-    req: PredictRequest, scan: Path, image: Volume, step: ModelStep, proposer_step: ModelStep | None, window: Window, device: Any,
+    req: PredictRequest, scan: Path, image: Volume, step: ModelStep, proposer_step: ModelStep | None, window: Window, device: torch.device | str,
     many: bool
 ) -> list[Path]:
     """Predict one scan and write its outputs; returns the files written."""

@@ -37,7 +37,8 @@ def sam_step(model: str = "hqsam", *, quiet: bool = False, **options):
 
 def dense_step(model: str = "unet", **options):
     """A U-Net / DeepLabV3+ step built as the registry builds one; ``options`` are :class:`DenseOptions` fields."""
-    from flaresam.models.dense import DenseOptions, load_dense_step
+    from flaresam.models.dense.options import DenseOptions
+    from flaresam.models.dense.step import load_dense_step
 
     return load_dense_step(model, DenseOptions(**options))
 

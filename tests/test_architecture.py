@@ -102,7 +102,9 @@ def layer(name: str) -> int:
     best = (-1, -1)  # (prefix length, layer): the longest matching prefix decides
     for rank, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best[0]:
+            # the root package is a layer of its own; every other entry covers its subpackages too
+            inside = name == prefix or (prefix != "flaresam" and name.startswith(prefix + "."))
+            if inside and len(prefix) > best[0]:
                 best = (len(prefix), rank)
     assert best[1] >= 0, f"{name} belongs to no layer of LAYERS"
     return best[1]
@@ -128,12 +130,18 @@ def test_a_cycle_is_found_when_there_is_one():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
+def test_every_module_has_a_layer():
+    assert layer("flaresam.data.store") == 2 and layer("flaresam.models.sam.step") == 3
+    with pytest.raises(AssertionError, match="no layer"):
+        layer("flaresam.newmodule")
+
+
 def test_modules_import_only_their_own_layer_or_lower():
     upward = sorted(f"{a} -> {b}" for a, targets in import_graph().items() for b in targets if layer(b) > layer(a))
     assert upward == [], "imports against the data flow: " + ", ".join(upward)
 
 
-@pytest.mark.parametrize("package", ["flaresam.models.sam", "flaresam.training", "flaresam.compare"])
+@pytest.mark.parametrize("package", ["flaresam.models.sam", "flaresam.models.dense", "flaresam.training", "flaresam.compare"])
 def test_package_inits_import_nothing(package):
     """Importing one module of these packages must not load the rest (the CLI stays light, no hidden cycles)."""
     assert import_graph()[package] == set()

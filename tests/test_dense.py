@@ -10,7 +10,7 @@ import torch
 
 from flaresam.data.slices import MIRROR_LUT, DenseSliceDataset, collate_dense, context_indices, resample, slice_stack, training_slices
 from flaresam.errors import DataError, UsageError
-from flaresam.models import dense
+from flaresam.models.dense import encoder_weights as dense
 from flaresam.organs import BY_NAME
 from tests.conftest import dense_step, phantom_store
 
@@ -205,7 +205,7 @@ def test_offline_is_one_switch_for_every_downloading_command(run_cli, monkeypatc
     from flaresam.cli.app import app
     from flaresam.models import weights
 
-    assert weights.OFFLINE_ENV == paths.OFFLINE_ENV == "FLARESAM_OFFLINE"
+    assert paths.OFFLINE_ENV == "FLARESAM_OFFLINE" and weights.is_offline is paths.is_offline  # one switch, one reader
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv(paths.OFFLINE_ENV, "0")  # restored after the test, whatever the commands set
     assert not weights.is_offline() and not dense._offline()

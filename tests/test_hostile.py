@@ -113,9 +113,8 @@ class _StubStep:
 
     def __init__(self, prompted: bool) -> None:
         self.prompted = prompted
-        self.mask_window = True
 
-    def predict_slices(self, volume, indices, boxes, device):
+    def predict_slices(self, volume, indices, boxes, device, inference=None):
         rng = np.random.default_rng(int(indices[0]))
         # random labels compress poorly: enough bytes to fill a tiny disk
         return rng.integers(0, 14, size=(len(indices), *volume.shape[1:]), dtype=np.uint8)

@@ -375,7 +375,7 @@ def test_weights_download_moves_a_wrong_hash_file_aside(run_cli, monkeypatch, of
 
 def test_missing_imagenet_weights_offline_name_the_path_to_put_them_at(monkeypatch, tmp_path):
     from flaresam.errors import DataError
-    from flaresam.models import dense
+    from flaresam.models.dense import encoder_weights as dense
 
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -309,3 +309,35 @@ def test_a_minimal_step_trains_in_step_under_ddp(store, tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_run(tmp_path / "run")["resolved"]["ddp"] == "DistributedDataParallel"
+
+
+# ---------------------------------------------------------------------------
+# checkpoints written by earlier versions
+
+
+# model configs exactly as flaresam 0.2.0 (before options became dataclasses) saved them, and an older SAM one
+OLD_CONFIGS = [
+    {"name": "hqsam", "arch": "test_tiny", "checkpoint": None, "checkpoint_sha256": None, "init": "random",
+     "trainable": "hq", "jitter": 5, "min_pixels": 3, "per_component": False, "loss": "dice+bce", "init_seed": 2,
+     "encode_batch": 4},
+    {"name": "sam", "arch": "test_tiny", "checkpoint": None, "init": "random", "trainable": "decoder", "jitter": 20,
+     "per_component": False, "loss": "dice", "init_seed": 0, "encode_batch": 4},
+    {"name": "unet", "encoder": "resnet18", "encoder_weights": "imagenet", "size": None, "context": 3, "augment": False,
+     "loss": "dice+ce", "empty_fraction": 0.1},
+]
+
+
+@pytest.mark.parametrize("old", OLD_CONFIGS, ids=lambda c: c["name"])
+def test_configs_saved_by_earlier_versions_rebuild_the_same_model(old):
+    from flaresam.models.registry import rebuild_step
+
+    step = rebuild_step(old, quiet=True)
+    new = step.config()
+    # every saved key comes back with its value and in its place; a key added since gets its default
+    assert [k for k in new if k in old] == list(old)
+    changed = {k: (old[k], new[k]) for k in old if new[k] != old[k]}
+    assert changed == ({"encoder_weights": ("imagenet", None)} if old["name"] == "unet" else {})  # no download on restore
+    added = {k: new[k] for k in new if k not in old}
+    assert added == ({"checkpoint_sha256": None, "min_pixels": 10} if old["name"] == "sam" else {})
+    # and the rebuilt config rebuilds itself
+    assert rebuild_step(new, quiet=True).config() == new

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flaresam.errors import DataError, UsageError
+from flaresam.models.registry import MODELS
 
 if TYPE_CHECKING:
     from flaresam.data.store import PreparedStore, SplitSpec
     from flaresam.training.config import TrainConfig
 
 DISPLAY = {"hqsam": "HQ-SAM", "sam": "SAM", "unet": "U-Net", "deeplab": "DeepLabV3+"}
-PROMPTED = ("hqsam", "sam")
-DENSE = ("unet", "deeplab")
+PROMPTED = tuple(k for k, spec in MODELS.items() if spec.prompted)  # ("hqsam", "sam")
+DENSE = tuple(k for k, spec in MODELS.items() if not spec.prompted)  # ("unet", "deeplab")
 SELECT = ("best", "last")
 
 
@@ -182,11 +183,20 @@ def resolve(plan: ComparePlan) -> Resolved:
         checkpoints=checkpoints,
         init=init,
         encoder=plan.encoder or (settings.encoder if demo else None),
-        encoder_weights=plan.encoder_weights or ("none" if demo else None),
+        encoder_weights=_encoder_weights(plan.encoder_weights, demo),
         lr=dict(settings.lr) if demo else {},
         standin=standin,
         settings=settings,
     )
+
+
+def _encoder_weights(given: str | None, demo: bool) -> str | None:
+    """None (the family's default, ImageNet), "none" (random encoders: any spelling the dense options accept), or a name."""
+    from flaresam.models.dense.options import encoder_weights_or_none
+
+    if given is None:
+        return "none" if demo else None
+    return "none" if encoder_weights_or_none(given) is None else given
 
 
 def split_spec(r: Resolved) -> SplitSpec:

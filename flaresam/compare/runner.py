@@ -144,7 +144,8 @@ def check_outputs(r: Resolved) -> None:
 
     check_writable(r.plan.out / "results.json")
     if r.dense:
-        from flaresam.models.dense import DEFAULT_ENCODER, check_encoder_weights_available
+        from flaresam.models.dense.encoder_weights import check_encoder_weights_available
+        from flaresam.models.dense.options import DEFAULT_ENCODER
 
         weights = r.encoder_weights if r.encoder_weights is not None else "imagenet"
         check_encoder_weights_available(r.encoder or DEFAULT_ENCODER, weights)

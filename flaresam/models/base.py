@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from torch.utils.data import Dataset
 from flaresam.data.prompts import DEFAULT_MIN_PIXELS
 from flaresam.errors import DataError
 from flaresam.models.options import WHOLE_FRAME, InferenceOptions, ModelOptions
+
+if TYPE_CHECKING:
+    from flaresam.data.store import PreparedStore
 
 
 class ModelStep(ABC):
@@ -58,7 +61,7 @@ class ModelStep(ABC):
         """The sub-module whose parameters are optimised and saved (e.g. the mask decoder)."""
 
     @abstractmethod
-    def train_dataset(self, store: Any, case_ids: list[str], seed: int) -> Dataset[Any]:
+    def train_dataset(self, store: PreparedStore, case_ids: list[str], seed: int) -> Dataset[Any]:
         """A dataset over the training slices of ``case_ids`` in a prepared store."""
 
     @abstractmethod

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flaresam.errors import UsageError
 
@@ -29,7 +29,11 @@ if TYPE_CHECKING:
     from flaresam.models.base import ModelStep
     from flaresam.models.options import ModelOptions
 
-    Builder = Callable[..., ModelStep]
+
+class Builder(Protocol):
+    """A family's builder: ``load_sam_step``, ``load_dense_step`` (each takes its own options class)."""
+
+    def __call__(self, name: str, options: Any, *, quiet: bool = False) -> ModelStep: ...
 
 # how an option is spelled on the command line, where that is not --kebab-case of its key
 OPTION_FLAGS = {"augment": "--augment/--no-augment", "per_component": "--per-component", "cache_embeddings": "--cache-embeddings",
@@ -51,7 +55,7 @@ def _load(target: str, key: str) -> Any:
 class ModelSpec:
     key: str
     title: str
-    builder_target: str | Callable[..., Any]  # "module:function" (imported lazily) or the function
+    builder_target: str | Builder  # "module:function" (imported lazily) or the function
     options_target: str | type[Any]  # "module:Class" of the family's ModelOptions, or the class
     lr: float  # AdamW defaults when --lr / --weight-decay are not given
     weight_decay: float
@@ -59,7 +63,8 @@ class ModelSpec:
     restore: dict[str, Any] = field(default_factory=dict)
 
     def builder(self) -> Builder:
-        return self.builder_target if callable(self.builder_target) else _load(self.builder_target, self.key)
+        target = self.builder_target
+        return target if not isinstance(target, str) else _load(target, self.key)
 
     def options_class(self) -> type[ModelOptions]:
         target = self.options_target
@@ -72,7 +77,7 @@ class ModelSpec:
 
 
 _SAM = ("flaresam.models.sam.step:load_sam_step", "flaresam.models.sam.options:SamOptions")
-_DENSE = ("flaresam.models.dense:load_dense_step", "flaresam.models.dense:DenseOptions")
+_DENSE = ("flaresam.models.dense.step:load_dense_step", "flaresam.models.dense.options:DenseOptions")
 MODELS: dict[str, ModelSpec] = {
     "hqsam": ModelSpec("hqsam", "HQ-SAM (box prompts)", *_SAM, 1e-4, 0.01, True),
     "sam": ModelSpec("sam", "SAM (box prompts)", *_SAM, 1e-4, 0.01, True),
@@ -125,18 +130,25 @@ def build_step(name: str, restore: bool = False, quiet: bool = False, **options:
     return step
 
 
-def rebuild_step(config: Mapping[str, Any], quiet: bool = False) -> ModelStep:
+def rebuild_step(config: Mapping[str, Any], quiet: bool = False, **runtime: Any) -> ModelStep:
     """Rebuild a step from a checkpoint's ``config`` (its tensors are loaded by the caller).
 
-    An option this version does not know raises :class:`TypeError`, an invalid
-    value :class:`UsageError` (the caller names the file). ``quiet``: no notes
-    about the base weights; a trained run replaces the tensors those notes are
-    about, so they would only mislead.
+    ``runtime``: command-line options that a checkpoint does not save (how the
+    frozen encoder runs, the embedding cache); others are ignored, the config
+    decides. The config's own checks apply, e.g. a SAM base checkpoint whose
+    SHA-256 differs from the recorded one is refused. An option this version
+    does not know raises :class:`TypeError`, an invalid value
+    :class:`UsageError` (the caller names the file). ``quiet``: no notes about
+    the base weights; a trained run replaces the tensors those notes are about,
+    so they would only mislead.
     """
     cfg = dict(config)
     name = cfg.pop("name", None)
     if not name:
         raise UsageError("checkpoint has no model name in its config")
     s = spec(name)
-    options = dataclasses.replace(s.options_class().from_config(cfg), **s.restore)
+    cls = s.options_class()
+    saved = cls.config_fields()
+    unsaved = {k: v for k, v in runtime.items() if v is not None and k in cls.cli_options() and k not in saved}
+    options = dataclasses.replace(cls.from_config(cfg), **unsaved, **s.restore)
     return s.builder()(name, options, quiet=quiet)

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from flaresam.errors import DataError, UsageError
+from flaresam.paths import is_offline
 
 CONNECT_TIMEOUT_S = 5.0  # no route / no DNS / firewall: fail fast, never hang
 READ_TIMEOUT_S = 30.0  # a stalled server: the .part file keeps what arrived
 CHUNK_BYTES = 1 << 20  # hashing reads
 STREAM_CHUNK_BYTES = 1 << 16  # small, so an interruption loses little of what arrived
-OFFLINE_ENV = "FLARESAM_OFFLINE"
 MIRROR_ENV = "FLARESAM_WEIGHTS_MIRROR"  # base URL; the file name is appended
 
 
@@ -110,12 +110,6 @@ def cache_state(entry: WeightsEntry | str, dest_dir: str | os.PathLike[str] | No
     if path.is_file():
         return "cached" if path.stat().st_size == _as_entry(entry).bytes else "wrong size"
     return "partial" if _part_path(path).is_file() else "missing"
-
-
-def is_offline(offline: bool | None = None) -> bool:
-    if offline:
-        return True
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def source_url(entry: WeightsEntry, url: str | None = None) -> str:

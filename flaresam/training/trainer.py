@@ -326,17 +326,29 @@ class Trainer:
             info(message)
 
     # -- setup: the order matters for exact resume (see the module docstring) ---
+    def build_model(self) -> ModelStep:
+        """A new run's model from its options; a resumed run's from the model config it recorded.
+
+        Resuming rebuilds exactly what was trained (resolved architecture and base
+        file; a base whose bytes changed since is refused by the family's builder)
+        and skips fetching weights the trained tensors replace (ImageNet encoders).
+        """
+        from flaresam.models.registry import build_step, rebuild_step
+
+        recorded = (self.prior or {}).get("model_config")
+        if self.resume is None or not recorded:
+            return build_step(self.cfg.model, restore=self.resume is not None, **self.cfg.model_options)
+        try:
+            return rebuild_step(recorded, quiet=self.quiet, **self.cfg.model_options)
+        except DataError as exc:
+            raise DataError(f"cannot resume {self.resume}: {exc}") from None
+
     def initialize(self) -> TrainState:
         """Data, model, optimiser and schedule, the resumed state, DDP, and the run folder."""
         cfg, dist, device = self.cfg, self.dist, self.device
         store, train_ids, val_ids = self.load_data()
         seed_everything(cfg.seed)
-        if self.prior is not None:
-            _check_base_unchanged(self.prior, cfg.model_options, self.resume, self.quiet)  # before the (possibly GB-sized) base is loaded
-        # resuming loads the trained tensors: skip fetching weights they replace (ImageNet encoders)
-        from flaresam.models.registry import build_step
-
-        step: ModelStep = build_step(cfg.model, restore=self.resume is not None, **cfg.model_options)
+        step = self.build_model()
         net = step.network().to(device)
         dataset = step.train_dataset(store, train_ids, cfg.seed)
         num_items = len(cast(Sized, dataset))
@@ -715,22 +727,6 @@ def _prepared_store(data: str, dist: Dist, quiet: bool) -> PreparedStore:
 
     root = dist.on_main(prepare)
     return PreparedStore(root)
-
-
-def _check_base_unchanged(prior: dict[str, Any], options: dict[str, Any], resume: Path | None, quiet: bool = True) -> None:
-    """Refuse to resume on a base checkpoint whose bytes changed: the frozen encoder would no longer be the one trained with."""
-    recorded = (prior.get("model_config") or {}).get("checkpoint_sha256")
-    spec = options.get("checkpoint")
-    if not recorded or not spec:  # runs written before the hash was recorded have nothing to compare
-        return
-    from flaresam.models.sam.checkpoint import resolve
-    from flaresam.models.weights import file_sha256
-
-    path, _ = resolve(str(spec), quiet=quiet)
-    now = file_sha256(path, quiet=quiet)
-    if now != recorded:
-        raise DataError(f"cannot resume {resume}: its base checkpoint {path} changed since the run started "
-                        f"(SHA-256 now {now}, recorded {recorded}); put the original file back at that path")
 
 
 def _finite(v: Any) -> float | None:

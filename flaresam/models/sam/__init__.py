@@ -15,7 +15,7 @@ Modules import only downward, in this order (none imports the package itself)::
     loss            the mask loss
     embedding_cache the on-disk cache of frozen-encoder outputs
     dataset         training slices with box prompts
-    options         SamOptions and SamInference (frozen settings)
+    options         SamOptions (frozen settings; how a step predicts is models.options.InferenceOptions)
     step            SamStep (the ModelStep) and load_sam_step, the one place with I/O
 
 ``--model hqsam`` is the package's HQ-SAM (``MaskDecoderHQ``), ``--model sam``

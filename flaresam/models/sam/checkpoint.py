@@ -148,12 +148,12 @@ def _looks_like_path(spec: str) -> bool:
     return any(sep in spec for sep in ("/", "\\")) or spec.startswith("~") or Path(spec).suffix in (".pth", ".pt", ".bin", ".ckpt")
 
 
-def resolve(spec: str, offline: bool = False, quiet: bool = False) -> tuple[Path, WeightsEntry | None]:
+def resolve(spec: str, quiet: bool = False) -> tuple[Path, WeightsEntry | None]:
     """A ``--checkpoint`` value -> (file, registry entry or None). Registry names are fetched on demand."""
     path = Path(spec).expanduser()
     if not path.exists() and _looks_like_path(str(spec)):
         raise DataError(f"checkpoint {spec}: file not found (official weights: `flaresam weights download NAME`, see docs/checkpoints.md)")
-    return resolve_checkpoint(str(spec), offline=offline, quiet=quiet)
+    return resolve_checkpoint(str(spec), quiet=quiet)
 
 
 def base_sha256(path: Path, expected: str | None, quiet: bool) -> str:

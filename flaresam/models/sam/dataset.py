@@ -17,7 +17,7 @@ new epoch (:meth:`SamSliceDataset.set_epoch`) draws new boxes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,11 +27,14 @@ from flaresam.errors import DataError
 from flaresam.models.sam.embedding_cache import slice_key
 from flaresam.models.sam.preprocess import boxes_to_frame, lowres_hw, lowres_targets, preprocess_shape, resize_slices
 
+if TYPE_CHECKING:
+    from flaresam.data.store import PreparedStore
+
 
 class SamSliceDataset(torch.utils.data.Dataset):
     def __init__(
         self,
-        store: Any,
+        store: PreparedStore,
         case_ids: list[str],
         *,
         image_size: int,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("dice", "dice+bce")
-
 
 def mask_loss(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, kind: str = "dice") -> torch.Tensor:
     """Mean over prompts of the soft Dice loss (+ BCE for ``dice+bce``) inside each image's unpadded area.

@@ -14,9 +14,9 @@ from flaresam.data.prompts import DEFAULT_JITTER_PX, DEFAULT_MIN_PIXELS, PromptC
 from flaresam.errors import UsageError
 from flaresam.models.options import ModelOptions, option
 from flaresam.models.sam.archs import arch_spec
-from flaresam.models.sam.loss import LOSSES
 
 TRAINABLE = ("decoder", "hq")
+LOSSES = ("dice", "dice+bce")
 INITS = ("checkpoint", "random")
 
 
@@ -43,7 +43,11 @@ class SamOptions(ModelOptions):
     compile_encoder: bool | None = option(None, config=False)
 
     def __post_init__(self) -> None:
-        if self.init in ("", "pretrained"):
+        # None or "" (a config written by hand, an older caller) means the default, as the command line's None does
+        for name, default in (("init", "checkpoint"), ("trainable", "decoder"), ("loss", "dice")):
+            if getattr(self, name) in (None, ""):
+                object.__setattr__(self, name, default)
+        if self.init == "pretrained":
             object.__setattr__(self, "init", "checkpoint")
         if self.init not in INITS:
             raise UsageError(f"--init {self.init!r}: choose 'random' (or give --checkpoint)")
@@ -57,11 +61,15 @@ class SamOptions(ModelOptions):
             raise UsageError("--init random and --checkpoint exclude each other")
         if self.compile_encoder and self.fast_encoder is False:
             raise UsageError("--compile compiles the fast encoder path; drop --stock-encoder (or pass --no-compile)")
+        # saved in checkpoints as JSON: plain ints and bools, whatever the caller passed
         object.__setattr__(self, "encode_batch", max(1, int(self.encode_batch)))
         object.__setattr__(self, "init_seed", int(self.init_seed))
-        self.prompts  # validates jitter and min_pixels  # noqa: B018
+        object.__setattr__(self, "jitter", DEFAULT_JITTER_PX if self.jitter is None else int(self.jitter))
+        object.__setattr__(self, "min_pixels", DEFAULT_MIN_PIXELS if self.min_pixels is None else int(self.min_pixels))
+        object.__setattr__(self, "per_component", bool(self.per_component))
+        PromptConfig(jitter_px=self.jitter, min_pixels=self.min_pixels)  # the prompt rule's own checks
 
     @property
     def prompts(self) -> PromptConfig:
         """The box-prompt rule of training (jitter, small organs, per component)."""
-        return PromptConfig(jitter_px=int(self.jitter), min_pixels=int(self.min_pixels), per_component=bool(self.per_component))
+        return PromptConfig(jitter_px=self.jitter, min_pixels=self.min_pixels, per_component=self.per_component)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from flaresam.models.sam.preprocess import (
 )
 from flaresam.organs import NUM_ORGANS
 
+if TYPE_CHECKING:
+    from flaresam.data.store import PreparedStore
+
 NO_CHECKPOINT = (
     "{model} fine-tuning starts from the official weights: pass --checkpoint NAME or PATH "
     "(e.g. --checkpoint {example}, downloaded on first use; `flaresam weights list` shows all, docs/checkpoints.md "
@@ -61,7 +64,7 @@ class WindowStats:
         return WindowStats(self.prompts + other.prompts, self.fallbacks + other.fallbacks)
 
 
-def load_sam_step(name: str, options: SamOptions, *, offline: bool = False, quiet: bool = False) -> SamStep:
+def load_sam_step(name: str, options: SamOptions, *, quiet: bool = False) -> SamStep:
     """Build SAM (``name="sam"``) or HQ-SAM: resolve, hash and load the base checkpoint, then wire the step.
 
     ``options.arch`` None: read off the checkpoint (vit_b without one).
@@ -78,7 +81,7 @@ def load_sam_step(name: str, options: SamOptions, *, offline: bool = False, quie
 
     state, path, report = None, None, None
     if options.checkpoint:
-        path, entry = resolve(str(options.checkpoint), offline=offline, quiet=quiet)
+        path, entry = resolve(str(options.checkpoint), quiet=quiet)
         if options.arch is not None and entry is not None and entry.arch != options.arch:
             raise UsageError(f"checkpoint {options.checkpoint} is {entry.arch} but --arch {options.arch}; "
                              f"pass --arch {entry.arch} (or leave --arch out)")
@@ -158,7 +161,7 @@ class SamStep(ModelStep):
         """The mask decoder (``decoder``), or HQ-SAM's added parts as a ModuleDict (``hq``)."""
         return self._trainable
 
-    def train_dataset(self, store: Any, case_ids: list[str], seed: int) -> SamSliceDataset:
+    def train_dataset(self, store: PreparedStore, case_ids: list[str], seed: int) -> SamSliceDataset:
         if self.options.compile_encoder is None:  # training encodes thousands of slices: compiling pays (on CUDA)
             self.net.compile_encoder = None
         return SamSliceDataset(
