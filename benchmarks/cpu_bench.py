@@ -51,7 +51,7 @@ def bench_parts(rep: gb.Report, arch: str = "vit_tiny", size: int = 512) -> None
     from flaresam.models.sam.options import SamOptions
     from flaresam.models.sam.preprocess import boxes_to_frame
     from flaresam.models.sam.step import load_sam_step
-    from flaresam.predict import LabelPrompts
+    from flaresam.predict.prompts import LabelPrompts
 
     step = load_sam_step("hqsam", SamOptions(arch=arch, init="random"), quiet=True)
     net, s = step.net, step.spec.image_size

@@ -538,7 +538,10 @@ def flaresam_predict(scan: Path, label: Path | None, model: Path, out: Path, dev
     from flaresam.io.volume import read_label, read_volume, write_label
     from flaresam.models.options import InferenceOptions
     from flaresam.models.sam.step import SamStep
-    from flaresam.predict import LabelPrompts, PredictRequest, checkpoint_window, load_model, predict_volume, run_prediction
+    from flaresam.predict.model import checkpoint_window, load_model
+    from flaresam.predict.prompts import LabelPrompts
+    from flaresam.predict.runner import PredictRequest, run_prediction
+    from flaresam.predict.volume import predict_volume
 
     inference = InferenceOptions(box_windows=mode != "full-frame", window_fallback=mode != "window, clipped")
     t0 = time.perf_counter()
@@ -578,7 +581,8 @@ def sampredictor_predict(scan: Path, label: Path, model: Path, out: Path, device
     from flaresam.data.window import apply_window
     from flaresam.io.volume import read_label, read_volume, write_label
     from flaresam.models.sam.upstream import sam_modeling
-    from flaresam.predict import LabelPrompts, checkpoint_window, load_model
+    from flaresam.predict.model import checkpoint_window, load_model
+    from flaresam.predict.prompts import LabelPrompts
 
     dev = torch.device(device)
     t0 = time.perf_counter()
@@ -625,7 +629,7 @@ def bench_predict(rep: Report, sz: Sizes, args: argparse.Namespace, work: Path, 
     model) beside SamPredictor loops."""
     import torch
 
-    from flaresam.predict import load_model
+    from flaresam.predict.model import load_model
 
     arch = arch or sz.sam_arch
     size, slices = size or sz.predict_size, slices or sz.predict_slices

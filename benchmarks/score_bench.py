@@ -148,7 +148,7 @@ def main() -> None:
     ref = reference_scores(preds, labels)
     ref_s, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
 
-    doc = json.loads(out_json.read_text())
+    doc = json.loads(out_json.read_text(encoding="utf-8"))
     max_diff = 0.0
     for case in doc["cases"]:
         for organ, vals in case["organs"].items():

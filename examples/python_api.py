@@ -47,7 +47,8 @@ def run_example(work: Path, args: argparse.Namespace) -> None:
     from flaresam.io.volume import read_label, read_volume, write_label
     from flaresam.metrics import SliceDice, flare22_case, slice_dice_pairs
     from flaresam.organs import ORGANS
-    from flaresam.predict import checkpoint_window, predict_volume
+    from flaresam.predict.model import checkpoint_window
+    from flaresam.predict.volume import predict_volume
     from flaresam.training.config import TrainConfig
     from flaresam.training.run_folder import load_run, new_run_dir
     from flaresam.training.trainer import train

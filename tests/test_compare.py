@@ -42,7 +42,7 @@ def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch, c
     assert r.code == 0, r
     assert "NOT a reproduction" in r.err and "synthetic phantom data" in r.err and "stand-in" in r.err
     out = tmp_path / "flaresam-compare"
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["synthetic_data"] is True and results["standin_sam"] is True and results["random_sam_encoders"] is False
     assert results["untrained_dense_encoders"] is True
     # baselines first: the filled box and the checkpoint before fine-tuning, then the trained rows
@@ -70,9 +70,9 @@ def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch, c
     assert sel["which"] == "best" and sel["model_config"]["checkpoint_sha256"]
     assert results["versions"]["torch"] and results["runs"]["unet"]["config"]["model"] == "unet"
     assert "U-Net" in r.out and "HQ-SAM (study)" in r.out and "Box fill" in r.out and "zero-shot" in r.out
-    md = (out / "results.md").read_text()
+    md = (out / "results.md").read_text(encoding="utf-8")
     assert "HQ-SAM (auto boxes)" in md and "published study (reference)" in md and "Kirillov" in md and "Ke et al." in md
-    csv_lines = (out / "results.csv").read_text().splitlines()
+    csv_lines = (out / "results.csv").read_text(encoding="utf-8").splitlines()
     assert csv_lines[0].startswith("model,kind,prompts,slice_dice,dsc_3d,nsd_3d") and len(csv_lines) == 1 + 5 + 4
     _png_is_a_picture(out / "organ_dice.png")
     _png_is_a_picture(out / "overlays.png")
@@ -101,7 +101,7 @@ def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch, c
     assert again.code == 0, again
     assert again.err.count("reusing finished run") == 2
     assert {p: p.stat().st_mtime_ns for p in ckpts} == ckpts  # nothing retrained
-    second = json.loads((tmp_path / "second" / "results.json").read_text())
+    second = json.loads((tmp_path / "second" / "results.json").read_text(encoding="utf-8"))
     assert {row["key"]: row["flare22"]["mean"] for row in second["rows"]} == first
     assert all(run["reused"] for run in second["runs"].values())
 
@@ -119,7 +119,7 @@ def test_demo_end_to_end_then_reuse(tiny_demo, run_cli, tmp_path, monkeypatch, c
     assert torch.get_num_threads() == threads
     assert [level for level, _ in said] == ["warn", "info"] and "NOT a reproduction" in said[0][1]
     assert said[1][1].startswith("[1/1] U-Net: reusing finished run runs")
-    assert "LAST epoch" in (tmp_path / "last" / "results.md").read_text()
+    assert "LAST epoch" in (tmp_path / "last" / "results.md").read_text(encoding="utf-8")
 
 
 def test_compare_scores_match_flaresam_score_on_written_files(tiny_demo, tmp_path, monkeypatch):
@@ -187,7 +187,7 @@ def test_provenance_of_user_data_dense_only_and_random_encoders(tiny_demo, run_c
     r = run_cli("compare", "--data", tmp_path / "raw", "--models", "unet", "--encoder-weights", "none", "--epochs", "1",
                 "--out", tmp_path / "dense", "--runs", tmp_path / "runs", "-q")
     assert r.code == 0, r
-    res = json.loads((tmp_path / "dense" / "results.json").read_text())
+    res = json.loads((tmp_path / "dense" / "results.json").read_text(encoding="utf-8"))
     assert res["synthetic_data"] is True and res["untrained_dense_encoders"] is True
     assert "SAM" not in res["note"] and "synthetic phantom data" in res["note"] and "--encoder-weights none" in res["note"]
     assert [row["key"] for row in res["rows"]] == ["unet"]  # no SAM model: no box-fill row either
@@ -196,7 +196,7 @@ def test_provenance_of_user_data_dense_only_and_random_encoders(tiny_demo, run_c
 
     r = run_cli("compare", "--models", "hqsam", "--init", "random", "--out", tmp_path / "random", "--runs", tmp_path / "runs", "-q")
     assert r.code == 0, r
-    res = json.loads((tmp_path / "random" / "results.json").read_text())
+    res = json.loads((tmp_path / "random" / "results.json").read_text(encoding="utf-8"))
     assert res["random_sam_encoders"] is True and res["standin_sam"] is False
     assert [row["key"] for row in res["rows"]] == ["boxfill", "hqsam"]  # nothing to be zero-shot about
     assert res["rows"][1]["label"] == "HQ-SAM" and "randomly initialised SAM encoders" in res["note"]
@@ -208,7 +208,7 @@ def test_hq_sam_authors_setting_runs_inside_compare(tiny_demo, run_cli, tmp_path
     r = run_cli("compare", "--models", "hqsam,sam", "--trainable", "hq", "--loss", "dice+bce", "--jitter", "5",
                 "--out", tmp_path / "out", "--runs", tmp_path / "runs", "-q")
     assert r.code == 0, r
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    res = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
     hq, sam = (res["runs"][m]["config"]["model_options"] for m in ("hqsam", "sam"))
     assert hq["trainable"] == "hq" and hq["loss"] == "dice+bce" and hq["jitter"] == 5
     assert "trainable" not in sam and sam["loss"] == "dice+bce" and sam["jitter"] == 5

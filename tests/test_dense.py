@@ -45,7 +45,7 @@ def test_network_sees_the_volume_in_batches():
     """predict_volume hands a dense model batch_size slices at a time; its network runs at most 16 at once."""
     from flaresam.data.window import Window
     from flaresam.io.volume import Geometry, Volume
-    from flaresam.predict import predict_volume
+    from flaresam.predict.volume import predict_volume
 
     torch.manual_seed(0)
     step = dense_step("unet", encoder=ENC, encoder_weights="none")

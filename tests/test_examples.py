@@ -64,9 +64,9 @@ def test_python_api_example_runs_and_prints_a_dice(tmp_path):
 def test_boxes_example_fits_the_phantom_it_names(tmp_path):
     from flaresam.data.phantom import write_demo_dataset
     from flaresam.io.volume import read_label, read_volume
-    from flaresam.predict import load_boxes_json
+    from flaresam.predict.prompts import load_boxes_json
 
-    spec = json.loads((EXAMPLES / "boxes.json").read_text())
+    spec = json.loads((EXAMPLES / "boxes.json").read_text(encoding="utf-8"))
     assert spec["space"] == "world"
     comment = spec["_comment"]
     assert "FLARE22_Tr_0001" in comment and "--size 128 --slices 32" in comment and "seed 0" in comment
@@ -139,7 +139,7 @@ def _check(where: str, documented: set[str], options: list[set[str]]) -> None:
 
 
 def test_cli_reference_documents_every_option_and_no_other():
-    sections = _sections((DOCS / "cli.md").read_text())
+    sections = _sections((DOCS / "cli.md").read_text(encoding="utf-8"))
     for command, subs in _commands().items():
         assert command in sections, f"docs/cli.md has no '## {command}' section"
         section = sections[command]
@@ -166,7 +166,7 @@ OWN_PAGES = ["docs/index.md", "docs/cli.md", "docs/data.md", "docs/prompts.md", 
 @pytest.mark.parametrize("page", OWN_PAGES)
 def test_documentation_links_resolve(page):
     path = REPO / page
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
     links = re.findall(r"\]\(([^)\s]+)\)", text)
     assert links, page
     for link in links:
@@ -176,5 +176,5 @@ def test_documentation_links_resolve(page):
         file = (path.parent / target).resolve() if target else path
         assert file.exists(), f"{page}: broken link {link}"
         if anchor and file.suffix == ".md":
-            headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", file.read_text(), flags=re.S), flags=re.M)
+            headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", file.read_text(encoding="utf-8"), flags=re.S), flags=re.M)
             assert anchor in {_slug(h) for h in headings}, f"{page}: no heading for #{anchor} in {file.name}"

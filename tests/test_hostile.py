@@ -123,7 +123,7 @@ class _StubStep:
 @pytest.fixture
 def stub_model(monkeypatch):
     """``--model dense`` / ``--model sam`` load stand-ins; ``calls`` records that a model was built."""
-    import flaresam.predict as predict_mod
+    import flaresam.predict.runner as predict_mod  # where run_prediction looks load_model up
 
     calls: list[str] = []
 
@@ -407,7 +407,7 @@ def test_score_output_under_a_file(run_cli, tmp_path):
     blocker.write_text("x")
     r = run_cli("score", files["pred"], files["gt"], "--json", blocker / "r.json", "-q", "--workers", "1")
     _one_line_error(r, 1, "is a file")
-    assert blocker.read_text() == "x"
+    assert blocker.read_text(encoding="utf-8") == "x"
 
 
 def test_write_label_to_an_unknown_format_names_the_target_not_a_temp_file(tmp_path):
@@ -494,13 +494,13 @@ def test_prepare_rerun_repairs_a_corrupted_store(run_cli, tmp_path):
         image.write_bytes(damage(good))
         r = run_cli("prepare", "--data", raw, "--out", prep, "--workers", "1", "-q", "--json", tmp_path / "s.json")
         assert r.code == 0, r
-        assert json.loads((tmp_path / "s.json").read_text())["skipped"] == 0  # re-prepared, not trusted
+        assert json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))["skipped"] == 0  # re-prepared, not trusted
         assert image.read_bytes() == good
     (prep / "cases" / "case" / "boxes.npy").unlink()
     run_cli("prepare", "--data", raw, "--out", prep, "--workers", "1", "-q", "--json", tmp_path / "s.json")
-    assert json.loads((tmp_path / "s.json").read_text())["skipped"] == 0
+    assert json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))["skipped"] == 0
     run_cli("prepare", "--data", raw, "--out", prep, "--workers", "1", "-q", "--json", tmp_path / "s.json")
-    assert json.loads((tmp_path / "s.json").read_text())["skipped"] == 1  # intact: skipped
+    assert json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))["skipped"] == 1  # intact: skipped
 
 
 def test_prepare_warns_about_a_single_case_and_windowed_intensities(run_cli, tmp_path):
@@ -608,7 +608,7 @@ def _children(pid: int) -> list[int]:
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                stat = (d / "stat").read_text()
+                stat = (d / "stat").read_text(encoding="utf-8")
             except OSError:
                 continue
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
@@ -618,7 +618,7 @@ def _children(pid: int) -> list[int]:
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
     return state not in ("Z", "X")  # a zombie has exited (nobody may reap it in a container)

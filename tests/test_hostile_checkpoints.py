@@ -225,7 +225,7 @@ def test_runs_record_the_base_checkpoints_sha256(world):
     import json
 
     sha = _sha(world["base"])
-    info = json.loads((world["run"] / "run.json").read_text())
+    info = json.loads((world["run"] / "run.json").read_text(encoding="utf-8"))
     assert info["model_config"]["checkpoint_sha256"] == sha
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(world["run"] / "checkpoints" / name, weights_only=True)

@@ -196,7 +196,7 @@ def test_demo_data_cli_writes_a_dataset(run_cli, tmp_path):
     cases = discover_cases(out)
     assert [c.case_id for c in cases] == ["FLARE22_Tr_0001", "FLARE22_Tr_0002", "FLARE22_Tr_0003"]
     assert all(c.label is not None and c.label.is_file() for c in cases)
-    assert json.loads((out / MARKER).read_text())["seed"] == 1
+    assert json.loads((out / MARKER).read_text(encoding="utf-8"))["seed"] == 1
     # rerunning into its own dataset replaces it, dropping cases no longer asked for
     res = run_cli("demo-data", out, "--cases", "2", "--size", "64", "--slices", "16")
     assert res.code == 0, res

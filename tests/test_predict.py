@@ -14,15 +14,8 @@ from flaresam.data.window import Window
 from flaresam.errors import DataError
 from flaresam.io.volume import Geometry, read_label, read_volume, write_volume
 from flaresam.organs import NUM_ORGANS
-from flaresam.predict import (
-    BoxPrompts,
-    LabelPrompts,
-    ProposerPrompts,
-    largest_components,
-    load_boxes_json,
-    organ_statistics,
-    predict_volume,
-)
+from flaresam.predict.prompts import BoxPrompts, LabelPrompts, ProposerPrompts, largest_components, load_boxes_json
+from flaresam.predict.volume import organ_statistics, predict_volume
 from tests.conftest import phantom_store
 
 ENC = "mobilenet_v2"
@@ -274,7 +267,7 @@ def test_predict_sam_with_label_prompts_preview_and_stats(trained, run_cli, tmp_
     assert not pred[~truth.reshape(truth.shape[0], -1).any(axis=1)].any()
     png = tmp_path / "p.png"
     assert png.stat().st_size > 5000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    stats = json.loads((tmp_path / "s.json").read_text())
+    stats = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     from flaresam.organs import BY_ID
 
     assert set(stats["organs"]) == {BY_ID[int(v)].name for v in np.unique(pred) if v > 0}
@@ -334,7 +327,7 @@ def test_folder_mode_names_outputs_like_flare22_labels_so_score_pairs_them(train
     assert sorted(p.name for p in out.iterdir()) == ["FLARE22_Tr_0001.nii.gz", "FLARE22_Tr_0002.nii.gz", "FLARE22_Tr_0003.nii.gz"]
     s = run_cli("score", out, trained / "raw", "--json", tmp_path / "s.json", "-q")
     assert s.code == 0, s
-    assert len(json.loads((tmp_path / "s.json").read_text())["cases"]) == 3
+    assert len(json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))["cases"]) == 3
 
 
 def test_predict_dicom_folder_keeps_geometry(trained, run_cli, tmp_path):
@@ -407,7 +400,7 @@ def test_read_ahead_reads_the_next_scan_while_the_caller_works_and_keeps_order(t
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from flaresam.predict import _read_ahead
+    from flaresam.predict.runner import _read_ahead
 
     started: list[str] = []
     first_started = threading.Event()

@@ -197,11 +197,11 @@ def test_prepare_is_idempotent_and_incremental(tmp_path: Path):
     seen: list[tuple[str, bool]] = []
     prepare_dataset(data, tmp_path / "prep", workers=1, quiet=True, on_case=lambda c, s: seen.append((c, s)))
     assert all(not s for _, s in seen)
-    first = json.loads((tmp_path / "prep" / "manifest.json").read_text())
+    first = json.loads((tmp_path / "prep" / "manifest.json").read_text(encoding="utf-8"))
     seen.clear()
     prepare_dataset(data, tmp_path / "prep", workers=1, quiet=True, on_case=lambda c, s: seen.append((c, s)))
     assert all(s for _, s in seen) and len(seen) == 3
-    assert json.loads((tmp_path / "prep" / "manifest.json").read_text()) == first
+    assert json.loads((tmp_path / "prep" / "manifest.json").read_text(encoding="utf-8")) == first
     # a changed source file is re-prepared, the others are not
     img = tmp_path / "ds" / "images" / "CASE_001_0000.nii.gz"
     os.utime(img, (1, 1))
@@ -262,7 +262,7 @@ def test_prepare_cli_summary_json_and_errors(tmp_path: Path, run_cli):
     res = run_cli("prepare", "--data", data, "--out", tmp_path / "prep", "--json", tmp_path / "s.json", "--quiet")
     assert res.code == 0, res
     assert "Prepared" in res.out and "slices with liver" in res.out
-    summary = json.loads((tmp_path / "s.json").read_text())
+    summary = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     assert summary["cases"] == 4 and summary["train"] + summary["val"] + summary["test"] == 4 and summary["test"] == 1
     assert summary["slices"] == 4 * 8
     assert PreparedStore(tmp_path / "prep").fingerprint == summary["fingerprint"]

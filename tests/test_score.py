@@ -72,7 +72,7 @@ def test_score_matches_the_official_evaluation(dataset, run_cli):
     out = dataset / "scores.json"
     res = run_cli("score", dataset / "pred", dataset / "data", "--json", out, "--csv", dataset / "scores.csv", "-q")
     assert res.code == 0, res
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["protocol"] == "flare22"
     assert [c["case"] for c in doc["cases"]] == ["case_1", "case_2", "case_3"]
     assert doc["unpaired"] == {"pred_only": [], "gt_only": []}
@@ -106,7 +106,7 @@ def test_score_files_are_the_library_documents_in_a_fixed_layout(dataset, run_cl
     res = run_cli("score", dataset / "pred", dataset / "data", "--protocol", protocol, "--json", dataset / "s.json", "--csv", dataset / "s.csv",
                   "-q", "--workers", "1", *extra)
     assert res.code == 0, res
-    text = (dataset / "s.json").read_text()
+    text = (dataset / "s.json").read_text(encoding="utf-8")
     doc = json.loads(text)
     assert text == json.dumps(doc, indent=2) + "\n"
     assert list(doc) == ["protocol", "settings", "cases", "per_organ", "mean", "unpaired"]
@@ -117,7 +117,7 @@ def test_score_files_are_the_library_documents_in_a_fixed_layout(dataset, run_cl
         assert doc["settings"] == {"crop_top_slice": False, "nsd_min_dsc": 0.1, "nsd_tolerance_mm": {o.name: o.nsd_tolerance_mm for o in ORGANS}}
     else:
         assert doc["settings"] == {"slices": "axial", "mean": "over all (slice, organ) pairs"}
-    header = (dataset / "s.csv").read_text().splitlines()[0].split(",")
+    header = (dataset / "s.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
     means = ["mean_dsc", "mean_nsd"] if protocol == "flare22" else ["mean_dsc"]
     assert header == ["case"] + [f"{o.name}_{m}" for m in metrics for o in ORGANS] + means
     # the library builds the same documents
@@ -150,7 +150,7 @@ def test_folder_pairing_lists_unpaired_cases(dataset, run_cli):
     res = run_cli("score", dataset / "pred", dataset / "data" / "labels", "--json", out, "-q")
     assert res.code == 0, res
     assert "stray" in res.err and "lonely" in res.err and "unpaired" in res.err
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["unpaired"] == {"pred_only": ["stray"], "gt_only": ["lonely"]}
     assert len(doc["cases"]) == 3
 
@@ -164,7 +164,7 @@ def test_ground_truth_as_nnunet_dataset_and_single_files(tmp_path, run_cli):
     assert res.code == 0, res
     res = run_cli("score", tmp_path / "p" / "abc_0000.nii.gz", tmp_path / "ds" / "labelsTr" / "abc.nii.gz", "--json", tmp_path / "b.json", "-q")
     assert res.code == 0, res
-    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    a, b = (json.loads((tmp_path / n).read_text(encoding="utf-8")) for n in ("a.json", "b.json"))
     assert a["per_organ"] == b["per_organ"] and a["cases"][0]["case"] == b["cases"][0]["case"] == "abc"
 
 
@@ -221,7 +221,7 @@ def test_prediction_stored_flipped_on_the_same_voxels_is_realigned(tmp_path, run
     for name in ("p1", "p2"):
         res = run_cli("score", tmp_path / name, tmp_path / "g", "--json", tmp_path / f"{name}.json", "-q")
         assert res.code == 0, res
-        docs.append(json.loads((tmp_path / f"{name}.json").read_text()))
+        docs.append(json.loads((tmp_path / f"{name}.json").read_text(encoding="utf-8")))
     assert docs[0]["cases"][0]["organs"] == docs[1]["cases"][0]["organs"]
 
 
@@ -264,7 +264,7 @@ def test_slice_protocol(tmp_path, run_cli):
     out = tmp_path / "s.json"
     res = run_cli("score", tmp_path / "p", tmp_path / "g", "--protocol", "slice", "--json", out, "--csv", tmp_path / "s.csv", "-q")
     assert res.code == 0, res
-    doc = json.loads(out.read_text())
+    doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["protocol"] == "slice"
     assert doc["mean"]["dsc"] == pytest.approx((2 / 3 + 0 + 1) / 3)
     assert doc["per_organ"]["liver"]["dsc"] == pytest.approx(1 / 3) and doc["per_organ"]["liver"]["pairs"] == 2
@@ -318,7 +318,7 @@ def test_keep_top_slice_changes_only_tubular_organs(tmp_path, run_cli):
     for flag in ((), ("--keep-top-slice",)):
         res = run_cli("score", tmp_path / "p", tmp_path / "g", "--json", tmp_path / "o.json", "-q", *flag)
         assert res.code == 0, res
-        docs[bool(flag)] = json.loads((tmp_path / "o.json").read_text())
+        docs[bool(flag)] = json.loads((tmp_path / "o.json").read_text(encoding="utf-8"))
     assert docs[False]["cases"][0]["organs"]["aorta"]["dsc"] == 1.0
     assert docs[True]["cases"][0]["organs"]["aorta"]["dsc"] < 1.0
     assert docs[False]["cases"][0]["organs"]["liver"] == docs[True]["cases"][0]["organs"]["liver"]
@@ -336,7 +336,7 @@ def test_nan_case_is_null_in_json_and_left_out_of_means(tmp_path, run_cli):
     write(tmp_path / "p" / "b.nii.gz", gt2)
     res = run_cli("score", tmp_path / "p", tmp_path / "g", "--json", tmp_path / "o.json", "-q")
     assert res.code == 0, res
-    doc = json.loads((tmp_path / "o.json").read_text())
+    doc = json.loads((tmp_path / "o.json").read_text(encoding="utf-8"))
     assert doc["cases"][0]["organs"]["esophagus"] == {"dsc": None, "nsd": None}
     assert doc["per_organ"]["esophagus"] == {"dsc": 1.0, "nsd": 1.0, "dsc_std": 0.0, "nsd_std": 0.0, "cases": 1}
     assert not math.isnan(doc["mean"]["dsc"])

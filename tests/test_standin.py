@@ -49,7 +49,7 @@ def test_standin_files_are_official_format_and_two_stage(tiny_recipe, run_cli):
 
     step = build_step("hqsam", checkpoint=str(files["hqsam"]))
     assert step.arch == standin.STANDIN_ARCH and step.config()["checkpoint_sha256"]
-    record = json.loads((files["sam"].parent / standin.RECORD).read_text())
+    record = json.loads((files["sam"].parent / standin.RECORD).read_text(encoding="utf-8"))
     assert "NOT SAM's real weights" in record["what"] and record["recipe"]["sam_steps"] == TINY.sam_steps
 
     # the command: cached files, their SHA-256, and the label
@@ -68,7 +68,7 @@ def test_standin_is_reproducible_and_cached(tiny_recipe, tmp_path):
     assert standin.standin_checkpoints(quiet=True) == a
     assert {m: p.stat().st_mtime_ns for m, p in a.items()} == stamp  # cached: not rebuilt
     record = standin.build_standin(tmp_path / "again", TINY, quiet=True)
-    first = json.loads((a["sam"].parent / standin.RECORD).read_text())
+    first = json.loads((a["sam"].parent / standin.RECORD).read_text(encoding="utf-8"))
     assert record["sha256"] == first["sha256"]  # the same recipe gives the same bytes
     other = standin.build_standin(tmp_path / "other", dataclasses.replace(TINY, seed=1), quiet=True)
     assert other["sha256"]["sam"] != first["sha256"]["sam"]
@@ -86,7 +86,7 @@ def test_standin_never_sees_the_demo_cases():
 
 
 def test_predict_says_when_a_model_is_no_segmenter():
-    from flaresam.predict import provenance_note
+    from flaresam.predict.model import provenance_note
 
     assert provenance_note({"model": {"arch": "vit_b", "init": "checkpoint"}, "synthetic_data": False}) is None
     note = provenance_note({"model": {"arch": "demo", "init": "checkpoint"}, "synthetic_data": True})

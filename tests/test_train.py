@@ -93,7 +93,7 @@ def test_finetune_cli_writes_a_complete_run_folder(store, run_cli, tmp_path):
     assert info["versions"]["torch"] == torch.__version__ and info["versions"]["segmentation-models-pytorch"]
     assert info["resolved"]["steps_per_epoch"] == 2 and info["resolved"]["lr"] == pytest.approx(3e-4)
 
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     assert all(0 <= x["val_mean_dice"] <= 1 and len(x["val_dice"]) == 13 and x["val_slices"] > 0 for x in lines)
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -105,7 +105,7 @@ def test_finetune_cli_writes_a_complete_run_folder(store, run_cli, tmp_path):
     best_epoch = max(lines, key=lambda x: x["val_mean_dice"])["epoch"]
     assert best["epoch"] == best_epoch and info["best"]["epoch"] == best_epoch
     assert {"optimizer", "scheduler", "rng", "state"} <= set(resume)
-    summary = json.loads((tmp_path / "s.json").read_text())
+    summary = json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
     assert summary["best"]["epoch"] == best_epoch
 
     # rebuilt from the checkpoint alone, the model reproduces its recorded validation Dice
@@ -182,15 +182,15 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(store, tmp_pa
         a, b = _state(tmp_path / "ref" / "checkpoints" / "last.pt"), _state(run / "checkpoints" / "last.pt")
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), f"weights differ after resuming at step {stop}"
-        ma = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
-        mb = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        ma = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        mb = [json.loads(x) for x in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
         assert [x["train_loss"] for x in ma] == [x["train_loss"] for x in mb]
         assert [x["val_mean_dice"] for x in ma] == [x["val_mean_dice"] for x in mb]
         assert read_run(run)["resumed"][0]["step"] == stop
 
     # a finished run continues with more epochs (the schedule stretches)
     more = train(resume=tmp_path / "ref", epochs=3, quiet=True)
-    assert more["epochs"] == 3 and len((tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert more["epochs"] == 3 and len((tmp_path / "ref" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()) == 3
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_finetune_under_torchrun_with_two_cpu_processes(store, tmp_path):
     info = read_run(run)
     assert info["status"] == "finished"
     assert info["resolved"]["world_size"] == 2 and info["resolved"]["ddp"] == "DistributedDataParallel"
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()) == 1
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 1
 
 

@@ -351,7 +351,7 @@ def test_cli_download_path_verify(server, run_cli, monkeypatch, tmp_path):
     assert run_cli("weights", "path", "test_tiny").out.strip() == str(cached)
     res = run_cli("weights", "verify", "-q", "--json", tmp_path / "v.json")
     assert res.code == 0, res
-    assert json.loads((tmp_path / "v.json").read_text()) [0]["status"] == "ok"
+    assert json.loads((tmp_path / "v.json").read_text(encoding="utf-8")) [0]["status"] == "ok"
     cached.write_bytes(PAYLOAD[::-1])
     res = run_cli("weights", "verify", "test_tiny", "-q")
     assert res.code == 1 and "mismatch" in res.out

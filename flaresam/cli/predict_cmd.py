@@ -43,7 +43,7 @@ def predict(
 
     from flaresam.errors import UsageError
     from flaresam.organs import parse_organs
-    from flaresam.predict import PartialPrediction, PredictRequest, run_prediction
+    from flaresam.predict.runner import PartialPrediction, PredictRequest, run_prediction
     from flaresam.ui import out as stdout
 
     if prompts_from and boxes:

@@ -162,7 +162,7 @@ def weights_standin(
     from flaresam.ui import info, literal, out, warn
 
     files = standin_checkpoints(force=force, quiet=quiet)
-    record = json.loads((files["sam"].parent / RECORD).read_text())
+    record = json.loads((files["sam"].parent / RECORD).read_text(encoding="utf-8"))
     if as_json:
         typer.echo(json.dumps({**record, "files": {m: str(p) for m, p in files.items()}}, indent=2))
         return

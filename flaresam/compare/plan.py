@@ -278,7 +278,7 @@ def reusable(run_dir: Path, cfg: TrainConfig, store: PreparedStore) -> str:
     if not path.is_file():
         return ""
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return ""
     same = (

@@ -102,7 +102,7 @@ def box_fill_predictor(min_pixels: int) -> Predictor:
 def oracle_predictor(step: ModelStep, device: torch.device) -> Predictor:
     """A SAM model prompted with the ground-truth boxes, under its own small-organ rule."""
     from flaresam.data.prompts import oracle_boxes
-    from flaresam.predict import predict_with_boxes
+    from flaresam.predict.volume import predict_with_boxes
 
     def predict(case: PreparedCase) -> np.ndarray:
         boxes = oracle_boxes(case.boxes, case.pixels, step.prompt_min_pixels)
@@ -112,7 +112,7 @@ def oracle_predictor(step: ModelStep, device: torch.device) -> Predictor:
 
 
 def dense_predictor(step: ModelStep, device: torch.device) -> Predictor:
-    from flaresam.predict import predict_dense
+    from flaresam.predict.volume import predict_dense
 
     return lambda c: predict_dense(step, np.asarray(c.image), device, BATCH_SIZE)
 
@@ -121,7 +121,8 @@ def propose_boxes(proposer: ModelStep, cases: Mapping[str, PreparedCase], device
                   min_pixels: Iterable[int]) -> dict[str, dict[int, np.ndarray]]:
     """The automatic boxes of every test case: the proposer segments one case at a time, and only its boxes
     (int32 [z, 13, 4], one table per small-organ threshold in ``min_pixels``) are kept, not its label volumes."""
-    from flaresam.predict import LabelPrompts, largest_components, predict_dense
+    from flaresam.predict.prompts import LabelPrompts, largest_components
+    from flaresam.predict.volume import predict_dense
 
     thresholds = sorted(set(min_pixels))
     out: dict[str, dict[int, np.ndarray]] = {}
@@ -133,7 +134,7 @@ def propose_boxes(proposer: ModelStep, cases: Mapping[str, PreparedCase], device
 
 def auto_box_predictor(step: ModelStep, device: torch.device, boxes: AutoBoxes) -> Predictor:
     """A SAM model prompted with the automatic boxes cut under its own small-organ rule (see :func:`propose_boxes`)."""
-    from flaresam.predict import predict_with_boxes
+    from flaresam.predict.volume import predict_with_boxes
 
     return lambda c: predict_with_boxes(step, np.asarray(c.image), boxes[c.case_id][step.prompt_min_pixels], device, BATCH_SIZE)
 

@@ -197,7 +197,7 @@ def _write_case(
         np.save(tmp / "label.npy", lab8)
         np.save(tmp / "boxes.npy", boxes)
         np.save(tmp / "pixels.npy", pixels)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         if final.exists():
             trash = cases_dir / f".{case_id}.old-{os.getpid()}"
             os.replace(final, trash)
@@ -285,7 +285,7 @@ def _case_is_current(case: Case, cases_dir: Path, window: Window) -> dict[str, A
     if not meta_path.is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     if meta.get("window") != window.to_list() or meta.get("source") != _source_stamp(case):
@@ -353,7 +353,7 @@ class PreparedStore:
         if not path.is_file():
             raise DataError(f"{self.root}: not a prepared dataset (no {MANIFEST}); run `flaresam prepare` first")
         try:
-            self.manifest: dict[str, Any] = json.loads(path.read_text())
+            self.manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: corrupt manifest ({exc})") from None
         if self.manifest.get("format") != FORMAT:
@@ -424,7 +424,7 @@ class PreparedStore:
             label=np.load(d / "label.npy", mmap_mode=mode),
             boxes=np.load(d / "boxes.npy"),
             pixels=np.load(d / "pixels.npy"),
-            meta=json.loads((d / "meta.json").read_text()),
+            meta=json.loads((d / "meta.json").read_text(encoding="utf-8")),
         )
 
 
@@ -530,7 +530,7 @@ def _check_same_split(out: Path, split: SplitSpec) -> None:
     if not path.is_file():
         return
     try:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return  # a damaged manifest is rewritten from the cases
     before = {k: old.get(k, 0.0 if k == "test_fraction" else None) for k in split.to_dict()}  # 0.0: made before the test split

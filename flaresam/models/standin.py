@@ -109,7 +109,7 @@ def standin_checkpoints(recipe: StandinRecipe | None = None, *, force: bool = Fa
 
 def _complete(folder: Path, recipe: StandinRecipe) -> bool:
     try:
-        record = json.loads((folder / RECORD).read_text())
+        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     # compared as JSON: the record holds lists where the recipe has tuples
@@ -271,7 +271,7 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
         "torch": torch.__version__,
         "sha256": {m: _sha256(out / f) for m, f in FILES.items()},
     }
-    (out / RECORD).write_text(json.dumps(record, indent=1))
+    (out / RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return record
 
 

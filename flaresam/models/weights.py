@@ -482,7 +482,7 @@ def _read_hash_cache() -> dict[str, Any]:
     import json
 
     try:
-        data = json.loads(_hash_cache_path().read_text())
+        data = json.loads(_hash_cache_path().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

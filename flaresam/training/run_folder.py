@@ -80,7 +80,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
@@ -92,7 +92,7 @@ def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{run_dir}: not a flaresam run folder (no {RUN_FILE})")
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: corrupt run file ({exc})") from None
     if info.get("format") != RUN_FORMAT:
@@ -138,7 +138,7 @@ def find_latest_run(runs_root: str | os.PathLike[str] = "runs", model: str | Non
     best: tuple[str, Path] | None = None
     for run_file in root.glob(f"*/{RUN_FILE}"):
         try:
-            info = json.loads(run_file.read_text())
+            info = json.loads(run_file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
         if info.get("status") != "finished" or (model and info.get("model") != model):

@@ -1,0 +1,185 @@
+"""One scan's label volume: which slices, with which boxes, in which batches; and the organs' statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from flaresam.data.window import Window, apply_window
+from flaresam.errors import DataError
+from flaresam.io.volume import Volume
+from flaresam.models.options import WHOLE_FRAME, InferenceOptions
+from flaresam.organs import NUM_ORGANS, ORGANS, Organ
+from flaresam.predict.prompts import Box3D, BoxPrompts, LabelPrompts, ProposerPrompts, largest_components
+
+if TYPE_CHECKING:
+    import torch
+
+    from flaresam.models.base import ModelStep
+
+DEFAULT_BATCH = 8
+
+
+def _batches(indices: np.ndarray, size: int) -> list[np.ndarray]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def predict_dense(step: ModelStep, image8: np.ndarray, device: torch.device | str, batch_size: int,
+                  on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    label = np.zeros(image8.shape, np.uint8)
+    for idx in _batches(np.arange(image8.shape[0]), batch_size):
+        label[idx] = step.predict_slices(image8, idx, None, device)
+        if on_batch:
+            on_batch(len(idx))
+    return label
+
+
+def predict_with_boxes(step: ModelStep, image8: np.ndarray, boxes: np.ndarray, device: torch.device | str, batch_size: int,
+                       on_batch: Callable[[int], None] | None = None, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
+    """Slices with at least one box are predicted in batches; the rest stay background."""
+    label = np.zeros(image8.shape, np.uint8)
+    prompted = np.nonzero((boxes[:, :, 0] >= 0).any(axis=1))[0]
+    for idx in _batches(prompted, batch_size):
+        label[idx] = step.predict_slices(image8, idx, boxes[idx], device, inference)
+        if on_batch:
+            on_batch(len(idx))
+    return label
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray | None:
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int32)
+
+
+def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, device: torch.device | str,
+                    inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
+    """Per-slice boxes from 3D boxes by propagation (MedSAM style); returns int32 [z, 13, 4]."""
+    z = image8.shape[0]
+    boxes = np.full((z, NUM_ORGANS, 4), -1, np.int32)
+    by_middle: dict[int, list[Box3D]] = {}
+    for b in prompts.boxes:
+        by_middle.setdefault(b.middle, []).append(b)
+        boxes[b.middle, b.organ.id - 1] = b.box2d
+    # middle slices first, all organs of a slice in one call
+    masks: dict[tuple[int, int], np.ndarray] = {}
+    for m, group in sorted(by_middle.items()):
+        pred = step.predict_slices(image8, np.array([m]), boxes[[m]], device, inference)[0]
+        for b in group:
+            masks[(m, b.organ.id)] = pred == b.organ.id
+    for direction in (1, -1):
+        alive = {b.organ.id: b for b in prompts.boxes}
+        start = min(by_middle) if direction > 0 else max(by_middle)
+        stop = max(b.z1 for b in prompts.boxes) if direction > 0 else min(b.z0 for b in prompts.boxes)
+        for s in range(start + direction, stop + direction, direction):
+            active: list[Box3D] = []
+            for oid, b in list(alive.items()):
+                inside = b.middle < s <= b.z1 if direction > 0 else b.z0 <= s < b.middle
+                if not inside:
+                    if (direction > 0 and s > b.z1) or (direction < 0 and s < b.z0):
+                        del alive[oid]
+                    continue
+                prev = masks.get((s - direction, oid))
+                box = _mask_box(prev) if prev is not None else None
+                if box is None:
+                    del alive[oid]  # the organ ended: stop propagating it this way
+                    continue
+                boxes[s, oid - 1] = box
+                active.append(b)
+            if not active:
+                continue
+            one = np.full((1, NUM_ORGANS, 4), -1, np.int32)
+            for b in active:
+                one[0, b.organ.id - 1] = boxes[s, b.organ.id - 1]
+            pred = step.predict_slices(image8, np.array([s]), one, device, inference)[0]
+            for b in active:
+                masks[(s, b.organ.id)] = pred == b.organ.id
+    return boxes
+
+
+def predict_volume(
+    step: ModelStep,
+    image: Volume,
+    window: Window,
+    *,
+    prompts: LabelPrompts | BoxPrompts | ProposerPrompts | None = None,
+    organs: tuple[Organ, ...] = ORGANS,
+    device: torch.device | str = "cpu",
+    batch_size: int = DEFAULT_BATCH,
+    inference: InferenceOptions = WHOLE_FRAME,
+    quiet: bool = True,
+) -> np.ndarray:
+    """Label volume uint8 [z, y, x] (canonical, the scan's grid) for one scan.
+
+    ``inference``: how a prompted model decodes (``flaresam predict`` decodes in
+    box windows unless ``--full-frame``; the default is the whole frame, what
+    validation and ``compare`` score).
+    """
+    from flaresam.ui import progress
+
+    image8 = np.ascontiguousarray(apply_window(image.array, window))
+    with progress(quiet=quiet, transient=True) as bar:
+        task = bar.add_task(f"Predicting {image.path.name if image.path else 'scan'}", total=image8.shape[0])
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+
+        if not step.prompted:
+            label = predict_dense(step, image8, device, batch_size, advance)
+        else:
+            if prompts is None:
+                raise DataError(
+                    "a prompted model (SAM/HQ-SAM) needs a prompt source: --prompts-from LABEL, --boxes BOXES.json, or a dense --proposer run"
+                )
+            if isinstance(prompts, ProposerPrompts):
+                proposal = predict_dense(prompts.proposer, image8, device, batch_size)
+                boxes = LabelPrompts(largest_components(proposal)).slice_boxes()
+            elif isinstance(prompts, BoxPrompts):
+                boxes = propagate_boxes(step, image8, prompts, device, inference)
+            else:
+                if prompts.label.shape != image8.shape:
+                    raise DataError(f"prompt label shape {prompts.label.shape} does not match the scan {image8.shape}")
+                boxes = prompts.slice_boxes()
+            keep = np.zeros(NUM_ORGANS, bool)
+            keep[[o.id - 1 for o in organs]] = True
+            boxes[:, ~keep] = -1
+            label = predict_with_boxes(step, image8, boxes, device, batch_size, advance, inference)
+    if len(organs) < NUM_ORGANS:
+        wanted = np.zeros(NUM_ORGANS + 1, bool)
+        wanted[[o.id for o in organs]] = True
+        label[~wanted[label]] = 0
+    return label
+
+
+# ---------------------------------------------------------------------------
+# statistics
+
+
+def organ_statistics(label: np.ndarray, image: Volume) -> dict[str, Any]:
+    """Per organ present: volume (ml), mean and std HU, canonical slice range and its world z (mm)."""
+    from scipy import ndimage
+
+    voxel_ml = float(np.prod(image.spacing)) / 1000.0
+    origin_z = float(image.geometry.canonical_origin[2])
+    dz = float(image.geometry.canonical_direction[2, 2] * image.spacing[0])
+    hu = np.asarray(image.array, dtype=np.float64)
+    stats: dict[str, Any] = {}
+    for idx, sl in enumerate(ndimage.find_objects(label, max_label=NUM_ORGANS)):
+        if sl is None:
+            continue
+        org = ORGANS[idx]
+        mask = label[sl] == org.id
+        vals = hu[sl][mask]
+        z0, z1 = sl[0].start, sl[0].stop - 1
+        stats[org.name] = {
+            "voxels": int(mask.sum()),
+            "volume_ml": round(float(mask.sum()) * voxel_ml, 3),
+            "mean_hu": round(float(vals.mean()), 2),
+            "std_hu": round(float(vals.std()), 2),
+            "slice_range": [int(z0), int(z1)],
+            "z_range_mm": [round(origin_z + dz * z0, 2), round(origin_z + dz * z1, 2)],
+        }
+    return stats
