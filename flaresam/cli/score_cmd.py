@@ -91,25 +91,17 @@ def score(
 
 
 def _check_outputs(pred: Path, gt: Path, pairing: Pairing, json_out: Path | None, csv_out: Path | None) -> None:
-    import os
-
     from flaresam.errors import UsageError
-    from flaresam.io.atomic import check_writable
-
-    def same(a: Path, b: Path) -> bool:
-        try:
-            return os.path.samefile(a, b) if a.exists() and b.exists() else a.resolve() == b.resolve()
-        except OSError:
-            return False
+    from flaresam.io.atomic import check_writable, same_file
 
     inputs = [pred, gt, *(p.pred for p in pairing.pairs), *(p.gt for p in pairing.pairs)]
     outputs = [(flag, o) for flag, o in (("--json", json_out), ("--csv", csv_out)) if o is not None]
     for flag, o in outputs:
         for inp in inputs:
-            if same(o, Path(inp)):
+            if same_file(o, inp):
                 raise UsageError(f"{flag} {o} is the input {inp}: refusing to overwrite an input; choose another file")
         check_writable(o)
-    if len(outputs) == 2 and same(outputs[0][1], outputs[1][1]):
+    if len(outputs) == 2 and same_file(outputs[0][1], outputs[1][1]):
         raise UsageError(f"--json and --csv name the same file {json_out}")
 
 

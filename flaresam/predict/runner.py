@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from flaresam.data.window import Window
 from flaresam.errors import DataError, UsageError
+from flaresam.io.atomic import same_file
 from flaresam.io.volume import Volume
 from flaresam.models.options import InferenceOptions
 from flaresam.organs import ORGANS, Organ
@@ -193,15 +193,6 @@ class PartialPrediction(DataError):
         super().__init__(f"{len(failed)} of {total} scans failed, {ok} written: {first}{more}")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
 def _outputs_of(req: PredictRequest, scan: Path, many: bool) -> tuple[Path, Path | None, Path | None]:
     """(label file, stats file or None, preview file or None) for ``scan``."""
     if many:
@@ -233,7 +224,7 @@ def _check_outputs(req: PredictRequest, scans: list[Path], many: bool) -> None:
             if out is None:
                 continue
             for inp in inputs:
-                if _same_file(out, inp):
+                if same_file(out, inp):
                     raise UsageError(f"output {out} is the input {inp}: refusing to overwrite an input; choose another output")
 
 
