@@ -49,6 +49,14 @@ def info(message: str | Text) -> None:
     console.print(message, soft_wrap=True)
 
 
+def notify(level: str, message: str) -> None:
+    """Print a library ``notify`` message (:mod:`flaresam.messages`): plain text, warnings as ``Warning: ...``."""
+    if level == "warn":
+        warn(message)
+    else:
+        info(Text(message))
+
+
 def warn(message: str | Text) -> None:
     """``Warning: message`` on stderr, printed literally: warnings quote paths and file contents,
     whose brackets (``[1]``, ``[/]``) must not be read as markup."""

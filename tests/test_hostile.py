@@ -662,3 +662,19 @@ def test_prepare_workers_die_when_the_parent_is_killed(tmp_path):
 # ===========================================================================
 # (end of helper A's section; checkpoint cases belong below)
 # ===========================================================================
+
+
+def test_the_prediction_library_reports_through_notify_and_never_prints(tmp_path, stub_model, capsys):
+    """run_prediction's warnings reach the caller's notify (the CLI prints them); without one it stays silent."""
+    from flaresam.predict.runner import PredictRequest, run_prediction
+
+    img = sitk.GetImageFromArray(np.random.default_rng(1).integers(0, 255, size=SHAPE).astype(np.int16))  # not HU
+    scan = _write(img, tmp_path / "in" / "mri_0000.nii.gz")
+    heard: list[tuple[str, str]] = []
+    capsys.readouterr()
+    written = run_prediction(PredictRequest(scan=scan, model="dense", out=tmp_path / "a.nii.gz", quiet=True),
+                             notify=lambda level, text: heard.append((level, text)))
+    assert written == [tmp_path / "a.nii.gz"]
+    assert [level for level, _ in heard] == ["warn"] and "Hounsfield" in heard[0][1] and str(scan) in heard[0][1]
+    run_prediction(PredictRequest(scan=scan, model="dense", out=tmp_path / "b.nii.gz", quiet=True))
+    assert capsys.readouterr() == ("", "")

@@ -9,16 +9,6 @@ import typer
 from flaresam.cli.app import app, offline_option
 
 
-def _notify(level: str, message: str) -> None:
-    """``run_compare``'s messages (plain text) on stderr: ``Warning: ...`` for warnings, info lines as they are."""
-    from flaresam.ui import info, literal, warn
-
-    if level == "warn":
-        warn(message)
-    else:
-        info(literal(message))
-
-
 @app.command("compare")
 def compare(
     models: str = typer.Option("sam,unet,deeplab,hqsam", "--models", help="Comma-separated: sam, unet, deeplab, hqsam."),
@@ -71,7 +61,7 @@ def compare(
     from flaresam.compare.report import render_table
     from flaresam.compare.runner import run_compare
     from flaresam.report import jsonable
-    from flaresam.ui import console, literal
+    from flaresam.ui import console, literal, notify
     from flaresam.ui import out as stdout
 
     started = time.time()
@@ -102,7 +92,7 @@ def compare(
         quiet=quiet,
         command=("flaresam", *sys.argv[1:]) if sys.argv and sys.argv[0].endswith("flaresam") else ("flaresam", "compare"),
     )
-    results = run_compare(plan, notify=_notify)
+    results = run_compare(plan, notify=notify)
     console.print(f"Results in {literal(str(plan.out))} ({time.time() - started:.0f} s)")
     stdout.print(render_table(results))
     if json_out:

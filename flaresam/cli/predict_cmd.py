@@ -44,6 +44,7 @@ def predict(
     from flaresam.errors import UsageError
     from flaresam.organs import parse_organs
     from flaresam.predict.runner import PartialPrediction, PredictRequest, run_prediction
+    from flaresam.ui import notify
     from flaresam.ui import out as stdout
 
     if prompts_from and boxes:
@@ -69,7 +70,7 @@ def predict(
         quiet=quiet,
     )
     try:
-        files = run_prediction(request)
+        files = run_prediction(request, notify=notify)
     except PartialPrediction as exc:  # a folder with some bad scans: say what was written, then fail
         for written in exc.written:
             stdout.print(Text(f"Wrote {written}"))

@@ -12,9 +12,9 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from flaresam.compare.plan import (
     DISPLAY,
@@ -45,6 +45,7 @@ from flaresam.compare.scoring import (
     small_organ_pairs,
 )
 from flaresam.errors import UsageError
+from flaresam.messages import Notify, silent
 
 if TYPE_CHECKING:
     import torch
@@ -52,14 +53,6 @@ if TYPE_CHECKING:
 
     from flaresam.data.store import PreparedCase, PreparedStore
     from flaresam.models.base import ModelStep
-
-Level = Literal["info", "warn"]
-Notify = Callable[[Level, str], None]  # notify(level, message): a plain-text line for the user
-
-
-def silent(level: Level, message: str) -> None:
-    """The default ``notify``: say nothing."""
-
 
 @dataclass
 class _Bar:

@@ -13,6 +13,7 @@ from flaresam.data.window import Window
 from flaresam.errors import DataError, UsageError
 from flaresam.io.atomic import same_file
 from flaresam.io.volume import Volume
+from flaresam.messages import Notify, silent
 from flaresam.models.options import InferenceOptions
 from flaresam.organs import ORGANS, Organ
 from flaresam.predict.model import checkpoint_window, load_model, provenance_note
@@ -97,17 +98,20 @@ def _read_ahead(pool: ThreadPoolExecutor, scans: list[Path], read: Callable[[Pat
     return pairs()
 
 
-def run_prediction(req: PredictRequest) -> list[Path]:
-    """Resolve the model and prompt source, predict every scan, write labels (+ preview/stats)."""
+def run_prediction(req: PredictRequest, notify: Notify = silent) -> list[Path]:
+    """Resolve the model and prompt source, predict every scan, write labels (+ preview/stats).
+
+    ``notify(level, text)`` hears which run was picked and what to beware of
+    (:mod:`flaresam.messages`); the command line prints it. Returns the files written.
+    """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flaresam-read") as pool:
-        return _run_prediction(req, pool)
+        return _run_prediction(req, pool, notify)
 
 
-def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]:
+def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notify) -> list[Path]:
     from flaresam.io.volume import read_volume
     from flaresam.training.devices import pick_device
     from flaresam.training.run_folder import find_latest_run
-    from flaresam.ui import info, literal, warn
 
     scans = _scan_inputs(Path(req.scan))
     many = len(scans) > 1 or (Path(req.scan).is_dir() and scans[0] != Path(req.scan))
@@ -137,15 +141,15 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]
                 "`flaresam finetune --data DATA --model unet`, or pass --model RUN_DIR"
             )
         model_spec = str(found)
-        info(f"Using the most recent finished run: {literal(str(found))}")
+        notify("info", f"Using the most recent finished run: {found}")
     step, ckpt = load_model(model_spec, device)
     note = provenance_note(ckpt)
     if note:
-        warn(f"{literal(str(model_spec))}: {note}")
+        notify("warn", f"{model_spec}: {note}")
 
     proposer_step = None
     if not step.prompted and (req.prompts_from or req.boxes or req.proposer):
-        warn(f"{model_spec} is a dense model ({step.name}): it needs no prompts; --prompts-from/--boxes/--proposer are ignored")
+        notify("warn", f"{model_spec} is a dense model ({step.name}): it needs no prompts; --prompts-from/--boxes/--proposer are ignored")
     if step.prompted and not (req.prompts_from or req.boxes):
         prop = req.proposer
         if prop is None:
@@ -156,7 +160,7 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]
                     f"or train a dense proposer first (`flaresam finetune --model unet`); none found under {req.runs}/"
                 )
             prop = str(found)
-            info(f"Automatic boxes from the most recent dense run: {literal(str(found))}")
+            notify("info", f"Automatic boxes from the most recent dense run: {found}")
         proposer_step, _ = load_model(prop, device)
         if proposer_step.prompted:
             raise DataError(f"--proposer {prop} is a prompted model; it must be a dense run (unet/deeplab)")
@@ -172,7 +176,7 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor) -> list[Path]
             failed.append((scan, str(image)))
             continue
         try:
-            written.extend(_predict_one(req, scan, image, step, proposer_step, window, device, many))
+            written.extend(_predict_one(req, scan, image, step, proposer_step, window, device, many, notify))
         except DataError as exc:
             if not many:
                 raise
@@ -230,17 +234,16 @@ def _check_outputs(req: PredictRequest, scans: list[Path], many: bool) -> None:
 
 def _predict_one(
     req: PredictRequest, scan: Path, image: Volume, step: ModelStep, proposer_step: ModelStep | None, window: Window, device: torch.device | str,
-    many: bool
+    many: bool, notify: Notify
 ) -> list[Path]:
     """Predict one scan and write its outputs; returns the files written."""
     from flaresam.io.atomic import atomic_write_text
     from flaresam.io.volume import read_label, write_label
-    from flaresam.ui import warn
 
     written: list[Path] = []
     problem = _check_ct(image)
     if problem:
-        warn(f"{scan}: {problem}")
+        notify("warn", f"{scan}: {problem}")
     prompts: LabelPrompts | BoxPrompts | ProposerPrompts | None = None
     if step.prompted:
         if req.prompts_from:
