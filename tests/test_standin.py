@@ -92,3 +92,5 @@ def test_predict_says_when_a_model_is_no_segmenter():
     note = provenance_note({"model": {"arch": "demo", "init": "checkpoint"}, "synthetic_data": True})
     assert "synthetic phantoms" in note and "stand-in" in note and "\n" not in note
     assert "randomly initialised" in provenance_note({"model": {"arch": "vit_b", "init": "random"}})
+    random_demo = provenance_note({"model": {"arch": "demo", "init": "random"}})  # the demo's size, not the stand-in
+    assert "randomly initialised" in random_demo and "stand-in" not in random_demo

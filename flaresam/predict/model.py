@@ -75,10 +75,10 @@ def provenance_note(ckpt: dict[str, Any]) -> str | None:
     parts = []
     if ckpt.get("synthetic_data"):
         parts.append("was trained on flaresam's synthetic phantoms")
-    if is_standin_arch(model.get("arch")):
-        parts.append("starts from the synthetic stand-in SAM (pretrained on phantoms), not the official weights")
-    elif model.get("init") == "random":
+    if model.get("init") == "random":  # the demo-sized architecture with random weights is not the stand-in either
         parts.append("has randomly initialised, untrained SAM encoders")
+    elif is_standin_arch(model.get("arch")):
+        parts.append("starts from the synthetic stand-in SAM (pretrained on phantoms), not the official weights")
     if not parts:
         return None
     return "this model " + " and ".join(parts) + ": its labels on a real CT are a demonstration, not a segmentation"
