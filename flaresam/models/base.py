@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from flaresam.data.prompts import DEFAULT_MIN_PIXELS
-from flaresam.errors import DataError
+from flaresam.errors import DataError, UsageError
 from flaresam.models.options import WHOLE_FRAME, InferenceOptions, ModelOptions
 
 if TYPE_CHECKING:
@@ -111,8 +111,6 @@ class ModelStep(ABC):
         groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
                   if g["params"]]
         if not groups:
-            from flaresam.errors import UsageError
-
             raise UsageError(f"model {self.name!r} has no trainable parameters")
         return groups
 

@@ -188,6 +188,7 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
     from flaresam.models.sam.loss import mask_loss
     from flaresam.models.sam.network import build_network
     from flaresam.models.sam.preprocess import frame_mask, normalise
+    from flaresam.models.weights import read_sha256
     from flaresam.ui import progress
 
     recipe = recipe or DEFAULT_RECIPE
@@ -269,7 +270,7 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
         "final_loss": {k: float(np.mean(v[-20:])) if v else None for k, v in history.items()},
         "seconds": round(time.time() - started, 1),
         "torch": torch.__version__,
-        "sha256": {m: _sha256(out / f) for m, f in FILES.items()},
+        "sha256": {m: read_sha256(out / f) for m, f in FILES.items()},
     }
     (out / RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return record
@@ -298,11 +299,3 @@ def _optimise(params: Sequence[torch.Tensor], lr: float, steps: int, loss_of: An
         losses.append(loss.item())
         advance()
     return losses
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

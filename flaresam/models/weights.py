@@ -447,13 +447,18 @@ def _hash_into(hasher: Any, path: Path, label: str, quiet: bool) -> None:
             bar.advance(task, len(chunk))
 
 
+def read_sha256(path: str | os.PathLike[str], quiet: bool = True) -> str:
+    """The SHA-256 of the file's bytes, read now; nothing is remembered (a file in a folder still being built)."""
+    hasher = hashlib.sha256()
+    _hash_into(hasher, Path(path), f"SHA-256 {Path(path).name}", quiet)
+    return hasher.hexdigest()
+
+
 def sha256_file(path: str | os.PathLike[str], quiet: bool = False) -> str:
-    """The SHA-256 of the whole file, read now (``verify`` uses this: it must catch silent damage)."""
+    """The SHA-256 of the whole file, read now (``verify`` uses this: it must catch silent damage), then remembered."""
     path = Path(path)
     before = _stat_key(path)
-    hasher = hashlib.sha256()
-    _hash_into(hasher, path, f"SHA-256 {path.name}", quiet)
-    digest = hasher.hexdigest()
+    digest = read_sha256(path, quiet)
     if _stat_key(path) == before:  # the file did not change while it was read
         _store_hash(path, before, digest)
     return digest

@@ -45,14 +45,23 @@ class SamNet(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
         self.spec = spec
-        self.arch = spec.name
-        self.image_size = spec.image_size
-        self.lowres = spec.lowres
         self.hq = is_hq_decoder(mask_decoder)
         # how the frozen encoder runs (flaresam.models.sam.fast_encoder.encoder_runner): True, False or None = auto
         # (fast on CUDA for the ViT encoders and everywhere for TinyViT; compiled on CUDA)
         self.fast_encoder: bool | None = None
         self.compile_encoder: bool | None = False
+
+    @property
+    def arch(self) -> str:
+        return self.spec.name
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    @property
+    def lowres(self) -> int:
+        return self.spec.lowres
 
     def train(self, mode: bool = True) -> SamNet:
         """Frozen encoders stay in eval mode whatever the trainer asks (TinyViT has BatchNorm)."""
