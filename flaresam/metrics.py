@@ -756,7 +756,10 @@ def iter_scores(
         return (score_case(pair, *args) for pair in pairs)
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context())
+    from flaresam.workers import die_with_parent
+
+    pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context(), initializer=die_with_parent,
+                               initargs=(os.getpid(),))
     try:
         futures = [pool.submit(score_case, pair, *args) for pair in pairs]
     except BaseException:

@@ -41,11 +41,14 @@ def demo_dir() -> Path:
     return home() / "demo"
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: ``1``, ``true``, ``yes`` or ``on`` (any case) is on."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def is_offline(offline: bool | None = None) -> bool:
     """True when this call (``offline``) or the process (``FLARESAM_OFFLINE``) forbids the network."""
-    if offline:
-        return True
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    return bool(offline) or env_flag(OFFLINE_ENV)
 
 
 def set_offline() -> None:

@@ -92,14 +92,12 @@ def score(
 
 def _check_outputs(pred: Path, gt: Path, pairing: Pairing, json_out: Path | None, csv_out: Path | None) -> None:
     from flaresam.errors import UsageError
-    from flaresam.io.atomic import check_writable, same_file
+    from flaresam.io.atomic import check_writable, refuse_overwrite, same_file
 
     inputs = [pred, gt, *(p.pred for p in pairing.pairs), *(p.gt for p in pairing.pairs)]
     outputs = [(flag, o) for flag, o in (("--json", json_out), ("--csv", csv_out)) if o is not None]
     for flag, o in outputs:
-        for inp in inputs:
-            if same_file(o, inp):
-                raise UsageError(f"{flag} {o} is the input {inp}: refusing to overwrite an input; choose another file")
+        refuse_overwrite(o, inputs, flag, "file")
         check_writable(o)
     if len(outputs) == 2 and same_file(outputs[0][1], outputs[1][1]):
         raise UsageError(f"--json and --csv name the same file {json_out}")

@@ -138,10 +138,10 @@ def weights_verify(
         if r.status == "missing":
             warn(f"{r.entry.name}: missing ({r.path}); `flaresam weights download {r.entry.name}` fetches it")
             continue
-        have = f"SHA-256 {r.sha256}, " if r.sha256 else ""
-        warn(f"{r.entry.name}: {r.status} ({r.path}: {have}{r.size} bytes; expected SHA-256 {r.entry.sha256}, "
-             f"{r.entry.bytes} bytes); to use it anyway, pass --checkpoint {r.path}; `flaresam weights download "
-             f"{r.entry.name}` moves it aside and fetches the official file")
+        assert r.size is not None  # only a missing file has no size
+        facts = weights.mismatch_facts(r.sha256, r.size, r.entry.sha256, r.entry.bytes)
+        warn(f"{r.entry.name}: {r.status} ({r.path}: {facts}); to use it anyway, pass --checkpoint {r.path}; "
+             f"`flaresam weights download {r.entry.name}` moves it aside and fetches the official file")
     if bad:
         raise typer.Exit(1)
 

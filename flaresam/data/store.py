@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,12 +33,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from flaresam.data.window import DEFAULT_WINDOW, Window, apply_window
+from flaresam.data.window import DEFAULT_WINDOW, Window, apply_window, looks_like_hu
 from flaresam.errors import DataError, UsageError
 from flaresam.io.atomic import WriteError, atomic_write_text
 from flaresam.io.dataset import Case, discover_cases
 from flaresam.io.volume import Geometry, read_label, read_volume
 from flaresam.organs import NUM_ORGANS
+from flaresam.workers import die_with_parent
 
 FORMAT = "flaresam-prepared/1"
 MANIFEST = "manifest.json"
@@ -219,7 +219,7 @@ def _warn_not_hounsfield(metas: dict[str, dict[str, Any]]) -> None:
     odd = sorted(
         cid for cid, m in metas.items()
         if isinstance(m.get("hu_range"), list) and len(m["hu_range"]) == 2
-        and (m["hu_range"][0] > -500 or m["hu_range"][1] < 100)  # same rule as predict._check_ct
+        and not looks_like_hu(*m["hu_range"])
     )
     if odd:
         shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
@@ -230,54 +230,6 @@ def _warn_not_hounsfield(metas: dict[str, dict[str, Any]]) -> None:
             f"(intensities {lo:g}..{hi:g}; air is near -1000, bone above 100): {shown}; "
             "they are windowed as HU all the same"
         )
-
-
-def _worker_init(parent_pid: int) -> None:
-    """Make a `prepare` worker process end when the process that started it dies.
-
-    Without this, a SIGKILLed `flaresam prepare` leaves its workers blocked for
-    good on the task queue. Linux: the kernel sends SIGKILL on the parent's death
-    (PR_SET_PDEATHSIG); everywhere: a watchdog thread checks the parent.
-    """
-    import threading
-    import time
-
-    direct_child = os.getppid() == parent_pid
-    if direct_child and sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            import signal
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if direct_child and os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-    def parent_alive() -> bool:
-        if direct_child:
-            return os.getppid() == parent_pid  # re-parented once the parent is gone, even as a zombie
-        try:
-            with open(f"/proc/{parent_pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except FileNotFoundError:
-            return False
-        except (OSError, IndexError):
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                return False
-            except OSError:
-                pass
-            return True
-
-    def watch() -> None:
-        while parent_alive():
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="flaresam-parent-watch", daemon=True).start()
 
 
 def _case_is_current(case: Case, cases_dir: Path, window: Window) -> dict[str, Any] | None:
@@ -404,7 +356,7 @@ class PreparedStore:
     @property
     def split_spec(self) -> dict[str, Any]:
         """The settings the split was made with (seed and fractions), as recorded in the manifest."""
-        return {k: self.manifest.get(k, 0.0 if k == "test_fraction" else None) for k in SplitSpec().to_dict()}
+        return recorded_split(self.manifest)
 
     @property
     def fingerprint(self) -> str:
@@ -487,7 +439,7 @@ def prepare_dataset(
                 if on_case:
                     on_case(case.case_id, False)
         elif todo:
-            with ProcessPoolExecutor(max_workers=n_workers, initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+            with ProcessPoolExecutor(max_workers=n_workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(prepare_case, c, cases_dir, window): c for c in todo}
                 for fut in as_completed(futures):
                     case = futures[fut]
@@ -525,6 +477,11 @@ def prepare_dataset(
     return PreparedStore(out)
 
 
+def recorded_split(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The split settings a manifest records (seed and fractions); test fraction 0.0: made before the test split."""
+    return {k: manifest.get(k, 0.0 if k == "test_fraction" else None) for k in SplitSpec().to_dict()}
+
+
 def _check_same_split(out: Path, split: SplitSpec) -> None:
     path = out / MANIFEST
     if not path.is_file():
@@ -533,7 +490,7 @@ def _check_same_split(out: Path, split: SplitSpec) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return  # a damaged manifest is rewritten from the cases
-    before = {k: old.get(k, 0.0 if k == "test_fraction" else None) for k in split.to_dict()}  # 0.0: made before the test split
+    before = recorded_split(old)
     if before != split.to_dict():
         raise UsageError(
             f"{out} was split with seed {before['seed']}, val fraction {before['val_fraction']}, test fraction "

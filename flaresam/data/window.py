@@ -75,3 +75,11 @@ def apply_window(hu: np.ndarray, window: Window = DEFAULT_WINDOW) -> np.ndarray:
     if hu.dtype == np.int16:
         return _int16_table(window)[hu.view(np.uint16)]
     return _window_float(hu, window)
+
+
+def looks_like_hu(lo: float, hi: float) -> bool:
+    """Whether intensities ``lo..hi`` look like CT in Hounsfield units: air near -1000 somewhere, bone above 100.
+
+    An already windowed image (0..255, 0..1) fails this: windowing it as HU would give a nearly constant image.
+    """
+    return lo <= -500 and hi >= 100

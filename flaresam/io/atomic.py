@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flaresam.errors import DataError
+from flaresam.errors import DataError, UsageError
 
 
 def _suffixes(path: Path) -> str:
@@ -88,9 +88,7 @@ def atomic_path(path: str | os.PathLike[str], verify: Callable[[Path], None] | N
         fd, tmp_name = tempfile.mkstemp(
             prefix=f".{target.name}.", suffix=".tmp" + _suffixes(target), dir=target.parent
         )
-    except FileExistsError:  # a file where a folder of the path should be
-        raise WriteError(f"cannot write {target}: a file lies on its folder path") from None
-    except NotADirectoryError:
+    except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
         raise WriteError(f"cannot write {target}: a file lies on its folder path") from None
     except OSError as exc:
         raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
@@ -103,11 +101,6 @@ def atomic_path(path: str | os.PathLike[str], verify: Callable[[Path], None] | N
         os.chmod(tmp, 0o666 & ~umask)
         try:
             yield tmp
-        except WriteError:
-            raise
-        except OSError as exc:  # ENOSPC and the like carry no file name: give the user's
-            raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
-        try:
             if verify is not None:
                 verify(tmp)
             _fsync(tmp)
@@ -115,7 +108,7 @@ def atomic_path(path: str | os.PathLike[str], verify: Callable[[Path], None] | N
             _fsync(target.parent, directory=True)
         except WriteError:
             raise
-        except OSError as exc:
+        except OSError as exc:  # ENOSPC and the like carry no file name: give the user's
             raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
     finally:
         if tmp.exists():
@@ -131,6 +124,16 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return pa.resolve() == pb.resolve()
     except OSError:
         return False
+
+
+def refuse_overwrite(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]], what: str, other: str) -> None:
+    """A :class:`UsageError` (before any work) when ``output`` is one of ``inputs``: an input is never overwritten.
+
+    ``what`` names the output in the message (``--json``, ``output``), ``other`` what to choose instead.
+    """
+    for inp in inputs:
+        if same_file(output, inp):
+            raise UsageError(f"{what} {output} is the input {inp}: refusing to overwrite an input; choose another {other}")
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -22,7 +22,6 @@ import itertools
 import os
 import struct
 import sys
-import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,44 +54,34 @@ def _sitk() -> Any:
     return sitk
 
 
-_stderr_lock = threading.Lock()
-_stderr_depth = 0
-_stderr_saved: int | None = None
-
-
 @contextlib.contextmanager
 def _c_stderr_silenced() -> Iterator[None]:
     """Drop what C libraries print straight to file descriptor 2 while SimpleITK runs.
 
     The NIfTI and MetaImage libraries print lines such as ``** ERROR: NWAD: wrote
     only 0 of ... bytes`` themselves; flaresam reports every such problem in its
-    own one line. Used around writes only (main thread): while it lasts, every
-    thread's output to descriptor 2 is dropped. Nested uses share one
-    redirection, restored by the last to leave.
+    own one line. Used around writes only, on the main thread: while it lasts,
+    every thread's output to descriptor 2 is dropped. A nested use saves and
+    restores the redirected descriptor, so the outer one still restores the original.
     """
-    global _stderr_depth, _stderr_saved
-    with _stderr_lock:
-        if _stderr_depth == 0:
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                sys.stderr.flush()
-            try:
-                saved = os.dup(2)
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, 2)
-                os.close(devnull)
-                _stderr_saved = saved
-            except OSError:
-                _stderr_saved = None
-        _stderr_depth += 1
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.flush()
+    saved: int | None = None
+    try:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:  # nothing redirected: the C libraries' lines show, flaresam's own line still follows
+        if saved is not None:
+            os.close(saved)
+            saved = None
     try:
         yield
     finally:
-        with _stderr_lock:
-            _stderr_depth -= 1
-            if _stderr_depth == 0 and _stderr_saved is not None:
-                os.dup2(_stderr_saved, 2)
-                os.close(_stderr_saved)
-                _stderr_saved = None
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def is_volume_file(path: Path) -> bool:
@@ -604,7 +593,12 @@ def check_writable_volume(path: str | os.PathLike[str]) -> None:
 
     target = Path(path)
     check_writable(target)  # first: "is a folder" says more than "not a volume file name"
-    if not any(target.name.lower().endswith(s) for s in WRITABLE_SUFFIXES) or target.name.startswith("."):
+    _require_volume_name(target, hidden_ok=False)
+
+
+def _require_volume_name(target: Path, hidden_ok: bool = True) -> None:
+    """UsageError unless ``target`` ends in a format flaresam writes (and, unless ``hidden_ok``, is no dot file)."""
+    if not any(target.name.lower().endswith(s) for s in WRITABLE_SUFFIXES) or (not hidden_ok and target.name.startswith(".")):
         raise UsageError(f"{target}: not a volume file name; use .nii.gz, .nii, .nrrd or .mha")
 
 
@@ -616,8 +610,7 @@ def _write_image(image: Any, target: Path, compress: bool) -> None:
     what keeps a truncated volume from being renamed into place.
     """
     sitk = _sitk()
-    if not any(target.name.lower().endswith(s) for s in WRITABLE_SUFFIXES):
-        raise UsageError(f"{target}: not a volume file name; use .nii.gz, .nii, .nrrd or .mha")
+    _require_volume_name(target)
 
     def verify(tmp: Path) -> None:
         try:

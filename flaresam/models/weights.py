@@ -162,7 +162,8 @@ def download(
         return final
     if is_offline(offline):
         raise DataError(_manual_message(entry.name, src, final, "offline mode (--offline or FLARESAM_OFFLINE=1) is on",
-                                        mirror_hint=False) + _in_place_note(final, expected_size, expected_sha, quiet))
+                                        mirror_hint=False)
+                        + _in_place_note(final, _mismatch_facts(final, expected_size, expected_sha, quiet) if existed else ""))
 
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -176,9 +177,10 @@ def download(
         # for the download, and back into place if the download fails, so a failure changes nothing
         aside, note, facts = None, "", ""
         if final.is_file():
-            facts = _mismatch_facts(final, expected_size, expected_sha, quiet)
-            note = _in_place_note(final, expected_size, expected_sha, quiet)
-            aside = _aside_path(final, file_sha256(final, quiet=quiet))
+            have = file_sha256(final, quiet=quiet)  # hashed once for the message, the note and the aside name
+            facts = mismatch_facts(have, final.stat().st_size, expected_sha, expected_size)
+            note = _in_place_note(final, facts)
+            aside = _aside_path(final, have)
             os.replace(final, aside)
         try:
             _fetch(entry.name, src, final, expected_size, expected_sha, quiet, timeout)
@@ -196,17 +198,22 @@ def download(
     return final
 
 
-def _in_place_note(final: Path, size: int | None, sha: str, quiet: bool) -> str:
-    """What is wrong with the file at ``final`` (both hashes), and how to use it anyway; "" when none is there."""
-    if not final.is_file():
+def _in_place_note(final: Path, facts: str) -> str:
+    """What is wrong with the file at ``final`` (``facts``: both hashes), and how to use it anyway; "" without facts."""
+    if not facts:
         return ""
-    return (f"; the file now at {final} ({_mismatch_facts(final, size, sha, quiet)}) was left as it is: "
-            f"to use it anyway, pass --checkpoint {final}")
+    return f"; the file now at {final} ({facts}) was left as it is: to use it anyway, pass --checkpoint {final}"
+
+
+def mismatch_facts(have_sha: str | None, have_bytes: int, want_sha: str, want_bytes: int | None) -> str:
+    """``SHA-256 <have>, N bytes; expected SHA-256 <want>, M bytes`` (a part that is unknown is left out)."""
+    have = (f"SHA-256 {have_sha}, " if have_sha else "") + f"{have_bytes} bytes"
+    return f"{have}; expected SHA-256 {want_sha}" + (f", {want_bytes} bytes" if want_bytes is not None else "")
 
 
 def _mismatch_facts(final: Path, size: int | None, sha: str, quiet: bool) -> str:
-    have = f"SHA-256 {file_sha256(final, quiet=quiet)}, {final.stat().st_size} bytes"
-    return f"{have}; expected SHA-256 {sha}" + (f", {size} bytes" if size is not None else "")
+    """:func:`mismatch_facts` of the file at ``final`` (its hash remembered, see :func:`file_sha256`)."""
+    return mismatch_facts(file_sha256(final, quiet=quiet), final.stat().st_size, sha, size)
 
 
 def _aside_path(final: Path, sha: str) -> Path:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from flaresam.data.window import Window
+from flaresam.data.window import Window, looks_like_hu
 from flaresam.errors import DataError, UsageError
-from flaresam.io.atomic import same_file
+from flaresam.io.atomic import refuse_overwrite
 from flaresam.io.volume import Volume
 from flaresam.messages import Notify, silent
 from flaresam.models.options import InferenceOptions
@@ -73,7 +73,7 @@ def _scan_inputs(scan: Path) -> list[Path]:
 def _check_ct(volume: Volume) -> str | None:
     a = volume.array
     lo, hi = float(a.min()), float(a.max())
-    if lo > -500 or hi < 100:
+    if not looks_like_hu(lo, hi):
         return f"intensities {lo:g}..{hi:g} do not look like CT in Hounsfield units (air near -1000, bone above 100)"
     return None
 
@@ -227,9 +227,7 @@ def _check_outputs(req: PredictRequest, scans: list[Path], many: bool) -> None:
         for out in (target, stats, png):
             if out is None:
                 continue
-            for inp in inputs:
-                if same_file(out, inp):
-                    raise UsageError(f"output {out} is the input {inp}: refusing to overwrite an input; choose another output")
+            refuse_overwrite(out, inputs, "output", "output")
 
 
 def _predict_one(

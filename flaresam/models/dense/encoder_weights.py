@@ -21,9 +21,9 @@ PROBE_TIMEOUT_S = 4.0
 
 
 def _offline() -> bool:
-    from flaresam.paths import is_offline
+    from flaresam.paths import env_flag, is_offline
 
-    return is_offline() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return is_offline() or env_flag("HF_HUB_OFFLINE")
 
 
 def _hf_cache_dir() -> Path:
