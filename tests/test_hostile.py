@@ -659,6 +659,30 @@ def test_prepare_workers_die_when_the_parent_is_killed(tmp_path):
                 os.kill(w, signal.SIGKILL)
 
 
+def test_score_workers_are_tied_to_their_parent_like_prepare_workers(tmp_path, monkeypatch):
+    """score's pool gets the same initializer as prepare's (the test above kills prepare's parent for real)."""
+    import concurrent.futures
+
+    from flaresam import metrics
+    from flaresam.workers import die_with_parent
+
+    seen: list[tuple] = []
+
+    class Recording(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            seen.append((kwargs.get("initializer"), kwargs.get("initargs")))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Recording)
+    for name in ("a", "b"):
+        _write(_label_image(), tmp_path / "pred" / f"{name}.nii.gz")
+        _write(_label_image(), tmp_path / "gt" / f"{name}.nii.gz")
+    pairing = metrics.pair_cases(tmp_path / "pred", tmp_path / "gt")
+    results = list(metrics.iter_scores(pairing.pairs, workers=2))
+    assert len(results) == 2
+    assert seen == [(die_with_parent, (os.getpid(),))]
+
+
 # ===========================================================================
 # (end of helper A's section; checkpoint cases belong below)
 # ===========================================================================
