@@ -182,6 +182,7 @@ def test_prepare_store_contents_and_alignment(tmp_path: Path):
         hu, label = _case_arrays(i)
         case = st.load_case(cid)
         assert isinstance(case.image, np.memmap)
+        assert st.num_slices(cid) == case.num_slices == label.shape[0]  # the manifest's count, without the arrays
         np.testing.assert_array_equal(case.label, label)  # flipped labels were aligned in space
         np.testing.assert_array_equal(case.image, apply_window(hu, Window()))
         boxes, pixels = slice_boxes(label)

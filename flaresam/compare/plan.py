@@ -272,14 +272,11 @@ def config_key(cfg: TrainConfig, store: PreparedStore) -> str:
 
 def reusable(run_dir: Path, cfg: TrainConfig, store: PreparedStore) -> str:
     """'finished', 'resume' (an interrupted run of the same plan), or '' (not this plan)."""
-    from flaresam.training.run_folder import RUN_FILE
+    from flaresam.training.run_folder import is_finished, read_run, resume_path
 
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        return ""
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        info = read_run(run_dir)
+    except DataError:  # no run folder yet, or one that is not flaresam's: not this plan
         return ""
     same = (
         info.get("dataset", {}).get("fingerprint") == store.fingerprint
@@ -289,9 +286,9 @@ def reusable(run_dir: Path, cfg: TrainConfig, store: PreparedStore) -> str:
     )
     if not same:
         return ""
-    if info.get("status") == "finished" and (run_dir / "checkpoints" / "best.pt").is_file():
+    if is_finished(run_dir, info):
         return "finished"
-    return "resume" if (run_dir / "checkpoints" / "resume.pt").is_file() else ""
+    return "resume" if resume_path(run_dir).is_file() else ""
 
 
 def model_runs(r: Resolved, store: PreparedStore) -> dict[str, ModelRun]:
@@ -305,7 +302,10 @@ def model_runs(r: Resolved, store: PreparedStore) -> dict[str, ModelRun]:
 
 
 def min_pixels(cfg: TrainConfig) -> int:
-    """The training's small-organ rule: organs under this many pixels in a slice get no box prompt."""
-    from flaresam.data.prompts import DEFAULT_MIN_PIXELS
+    """A prompted model's small-organ rule (organs under this many pixels in a slice get no box), as its options say."""
+    from flaresam.models.registry import parse_options
+    from flaresam.models.sam.options import SamOptions
 
-    return int(cfg.model_options.get("min_pixels") or DEFAULT_MIN_PIXELS)
+    options = parse_options(cfg.model, cfg.model_options)
+    assert isinstance(options, SamOptions), f"{cfg.model} takes no box prompts"
+    return options.min_pixels

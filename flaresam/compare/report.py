@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flaresam.compare.plan import DENSE, DISPLAY, PROMPTED, ModelRun, Resolved
+from flaresam.compare.plan import DISPLAY, PROMPTED, ModelRun, Resolved
 from flaresam.compare.scoring import Row
 from flaresam.organs import ORGANS
 
@@ -42,11 +42,10 @@ CITATIONS = (
 # provenance
 
 
-def caption(r: Resolved, store: PreparedStore, models: Sequence[str]) -> dict[str, Any]:
+def caption(r: Resolved, store: PreparedStore) -> dict[str, Any]:
     """What the numbers are made of, in words: synthetic data, stand-in or random SAM encoders, untrained dense encoders."""
     synthetic = bool(store.synthetic)
-    prompted = [m for m in models if m in PROMPTED]
-    dense = [m for m in models if m in DENSE]
+    prompted, dense = r.prompted, r.dense
     random_encoders = bool(prompted) and r.init == "random"
     issues = []
     if synthetic:

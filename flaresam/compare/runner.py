@@ -40,7 +40,6 @@ from flaresam.compare.scoring import (
     figure5_slices,
     in_table_order,
     oracle_predictor,
-    propose_boxes,
     score_row,
     small_organ_pairs,
 )
@@ -48,6 +47,7 @@ from flaresam.errors import UsageError
 from flaresam.messages import Notify, silent
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from rich.progress import Progress, TaskID
 
@@ -86,6 +86,7 @@ class _Compare:
     rows: list[Row] = field(default_factory=list)
     selected: dict[str, dict[str, Any]] = field(default_factory=dict)
     steps: dict[str, ModelStep] = field(default_factory=dict)  # each model's tested epoch, loaded once
+    proposals: dict[str, dict[str, dict[int, np.ndarray]]] = field(default_factory=dict)  # dense model -> automatic boxes
 
     def score(self, row: Row, predict: Predictor, bar: _Bar) -> None:
         self.rows.append(score_row(row, self.cases, predict, bar.on_case, self.shown))
@@ -101,7 +102,7 @@ def run_compare(plan: ComparePlan, notify: Notify = silent) -> dict[str, Any]:
     check_outputs(r)
     store = prepare_store(r, notify)
     r = with_standin_checkpoints(r)
-    cap = caption(r, store, r.models)
+    cap = caption(r, store)
     if cap["warning"]:
         notify("warn", cap["warning"])
     device = pick_device(plan.device)
@@ -199,7 +200,7 @@ def _progress_total(c: _Compare) -> int:
 
 def baselines(c: _Compare, bar: _Bar) -> None:
     """The filled box (no model), then each SAM checkpoint before fine-tuning, with the same boxes."""
-    from flaresam.models.registry import rebuild_step
+    from flaresam.models.registry import build_step
 
     r = c.r
     if r.prompted:
@@ -207,7 +208,7 @@ def baselines(c: _Compare, bar: _Bar) -> None:
                 box_fill_predictor(min_pixels(c.runs[r.prompted[0]].config)), bar)
     for m in _zero_shot(r):
         options = {k: v for k, v in c.runs[m].config.model_options.items() if k != "cache_embeddings"}
-        step = rebuild_step({"name": m, **options}, quiet=True)
+        step = build_step(m, quiet=True, **options)
         step.network().to(c.device).eval()
         row = Row(f"{m}@zeroshot", m, f"{DISPLAY[m]} (zero-shot)", "baseline", "oracle boxes", None, checkpoint=r.checkpoints[m])
         c.score(row, oracle_predictor(step, c.device), bar)
@@ -274,13 +275,18 @@ def evaluate_model(c: _Compare, m: str, bar: _Bar) -> None:
     label = f"{DISPLAY[m]} (fine-tuned)" if prompted and c.r.checkpoints.get(m) else DISPLAY[m]
     row = Row(m, m, label, "fine-tuned" if prompted else "trained", "oracle boxes" if prompted else "none (dense)",
               str(run.dir), checkpoint=f"{select} epoch ({ckpt.get('epoch')})")
-    c.score(row, oracle_predictor(step, c.device) if prompted else dense_predictor(step, c.device), bar)
+    if prompted:
+        c.score(row, oracle_predictor(step, c.device), bar)
+    else:  # the automatic rows' boxes come from this same segmentation, should this model be the proposer
+        thresholds = [min_pixels(c.runs[p].config) for p in c.r.prompted]
+        proposals = c.proposals.setdefault(m, {}) if thresholds else None
+        c.score(row, dense_predictor(step, c.device, proposals, thresholds), bar)
 
 
 def automatic_rows(c: _Compare, proposer: str, bar: _Bar) -> None:
     """Each SAM model again, with boxes from the dense model that did best on the *validation* cases."""
     prompted = c.r.prompted
-    boxes = propose_boxes(c.steps[proposer], c.cases, c.device, (c.steps[m].prompt_min_pixels for m in prompted))
+    boxes = c.proposals[proposer]  # from the proposer's own test row: it segmented each case once
     for m in prompted:
         row = Row(f"{m}@auto", m, f"{DISPLAY[m]} (auto boxes)", "automatic boxes", f"automatic boxes (from {DISPLAY[proposer]})",
                   str(c.runs[m].dir), checkpoint=f"{c.r.plan.select} epoch")

@@ -111,29 +111,26 @@ def oracle_predictor(step: ModelStep, device: torch.device) -> Predictor:
     return predict
 
 
-def dense_predictor(step: ModelStep, device: torch.device) -> Predictor:
-    from flaresam.predict.volume import predict_dense
-
-    return lambda c: predict_dense(step, np.asarray(c.image), device, BATCH_SIZE)
-
-
-def propose_boxes(proposer: ModelStep, cases: Mapping[str, PreparedCase], device: torch.device,
-                  min_pixels: Iterable[int]) -> dict[str, dict[int, np.ndarray]]:
-    """The automatic boxes of every test case: the proposer segments one case at a time, and only its boxes
-    (int32 [z, 13, 4], one table per small-organ threshold in ``min_pixels``) are kept, not its label volumes."""
-    from flaresam.predict.prompts import LabelPrompts, largest_components
-    from flaresam.predict.volume import predict_dense
+def dense_predictor(step: ModelStep, device: torch.device, proposals: dict[str, dict[int, np.ndarray]] | None = None,
+                    min_pixels: Iterable[int] = ()) -> Predictor:
+    """A dense model. With ``proposals``, each case's automatic boxes are kept from the same segmentation, should
+    the model become the proposer: int32 [z, 13, 4], one table per small-organ threshold in ``min_pixels``, not
+    its label volumes."""
+    from flaresam.predict.volume import predict_dense, proposal_boxes
 
     thresholds = sorted(set(min_pixels))
-    out: dict[str, dict[int, np.ndarray]] = {}
-    for cid, case in cases.items():
-        organs = largest_components(predict_dense(proposer, np.asarray(case.image), device, BATCH_SIZE))
-        out[cid] = {t: np.asarray(LabelPrompts(organs, min_pixels=t).slice_boxes(), dtype=np.int32) for t in thresholds}
-    return out
+
+    def predict(case: PreparedCase) -> np.ndarray:
+        segmentation = predict_dense(step, np.asarray(case.image), device, BATCH_SIZE)
+        if proposals is not None:
+            proposals[case.case_id] = {t: np.asarray(proposal_boxes(segmentation, t), dtype=np.int32) for t in thresholds}
+        return segmentation
+
+    return predict
 
 
 def auto_box_predictor(step: ModelStep, device: torch.device, boxes: AutoBoxes) -> Predictor:
-    """A SAM model prompted with the automatic boxes cut under its own small-organ rule (see :func:`propose_boxes`)."""
+    """A SAM model prompted with the automatic boxes cut under its own small-organ rule (see :func:`dense_predictor`)."""
     from flaresam.predict.volume import predict_with_boxes
 
     return lambda c: predict_with_boxes(step, np.asarray(c.image), boxes[c.case_id][step.prompt_min_pixels], device, BATCH_SIZE)

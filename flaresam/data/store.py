@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -362,10 +362,19 @@ class PreparedStore:
     def fingerprint(self) -> str:
         return str(self.manifest["fingerprint"])
 
+    def _case_record(self, case_id: str) -> dict[str, Any]:
+        try:
+            return cast(dict[str, Any], self.manifest["cases"][case_id])
+        except KeyError:
+            raise DataError(f"{self.root}: no case {case_id!r}") from None
+
     def case_dir(self, case_id: str) -> Path:
-        if case_id not in self.manifest["cases"]:
-            raise DataError(f"{self.root}: no case {case_id!r}")
+        self._case_record(case_id)
         return self.root / "cases" / case_id
+
+    def num_slices(self, case_id: str) -> int:
+        """A case's slice count, from the manifest (no array is opened)."""
+        return int(self._case_record(case_id)["slices"])
 
     def load_case(self, case_id: str, mmap: bool = True) -> PreparedCase:
         d = self.case_dir(case_id)

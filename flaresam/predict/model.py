@@ -40,11 +40,10 @@ def load_model(spec: str, device: torch.device | str) -> tuple[ModelStep, dict[s
     official SAM/HQ-SAM checkpoint file or registry name (``sam_hq_vit_b``):
     the pretrained model used zero-shot, its decoder kind read from its keys.
     """
-    from flaresam.models.weights import REGISTRY
+    from flaresam.models.weights import find_entry
     from flaresam.training.run_folder import CHECKPOINT_FORMAT, load_run
 
     path = Path(spec)
-    known = {e.name: e for e in REGISTRY}
     if path.is_dir():
         return load_run(path, device)
     if path.is_file():
@@ -56,8 +55,8 @@ def load_model(spec: str, device: torch.device | str) -> tuple[ModelStep, dict[s
         from flaresam.models.sam.checkpoint import is_hq_key
 
         name = "hqsam" if any(is_hq_key(str(k)) for k in peek) else "sam"
-    elif spec in known:
-        name = "hqsam" if known[spec].decoder == "hq" else "sam"
+    elif (entry := find_entry(spec)) is not None:
+        name = "hqsam" if entry.decoder == "hq" else "sam"
     else:
         raise DataError(f"--model {spec}: no such run folder or checkpoint file (nor a known checkpoint name)")
     from flaresam.models.registry import build_step

@@ -36,6 +36,12 @@ def predict_dense(step: ModelStep, image8: np.ndarray, device: torch.device | st
     return label
 
 
+def proposal_boxes(segmentation: np.ndarray, min_pixels: int = 1) -> np.ndarray:
+    """Automatic boxes int32 [z, 13, 4] from a dense model's segmentation: each organ's largest 3D component,
+    boxed slice by slice; organs under ``min_pixels`` pixels on a slice get none."""
+    return LabelPrompts(largest_components(segmentation), min_pixels=min_pixels).slice_boxes()
+
+
 def predict_with_boxes(step: ModelStep, image8: np.ndarray, boxes: np.ndarray, device: torch.device | str, batch_size: int,
                        on_batch: Callable[[int], None] | None = None, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
     """Slices with at least one box are predicted in batches; the rest stay background."""
@@ -135,8 +141,7 @@ def predict_volume(
                     "a prompted model (SAM/HQ-SAM) needs a prompt source: --prompts-from LABEL, --boxes BOXES.json, or a dense --proposer run"
                 )
             if isinstance(prompts, ProposerPrompts):
-                proposal = predict_dense(prompts.proposer, image8, device, batch_size)
-                boxes = LabelPrompts(largest_components(proposal)).slice_boxes()
+                boxes = proposal_boxes(predict_dense(prompts.proposer, image8, device, batch_size))
             elif isinstance(prompts, BoxPrompts):
                 boxes = propagate_boxes(step, image8, prompts, device, inference)
             else:

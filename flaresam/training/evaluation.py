@@ -1,7 +1,8 @@
-"""2D Dice on validation slices: one function for the trainer's validation and for ``compare``.
+"""2D Dice on validation slices: the trainer's validation, and :func:`evaluate` for a rebuilt run.
 
-Both score the same slices with the same metric (:class:`flaresam.metrics.SliceDice`)
-for every model family, so their numbers line up.
+Every model family is scored on the same slices with the same metric
+(:class:`flaresam.metrics.SliceDice`, the one ``compare`` and ``score`` use too),
+so the numbers line up; a run rebuilt from its checkpoint reproduces its recorded Dice.
 """
 
 from __future__ import annotations
@@ -65,12 +66,11 @@ def accumulate_dice(
 
 
 def evaluate(step: ModelStep, store: PreparedStore, case_ids: list[str], device: torch.device | str, **kwargs: Any) -> dict[str, Any]:
-    """2D Dice per organ and mean over the validation slices of ``case_ids`` (prompted models get the true boxes).
+    """2D Dice per organ and mean over the validation slices of ``case_ids`` (prompted models get the true boxes):
+    what the trainer records per epoch."""
+    return validation_result(*accumulate_dice(step, store, case_ids, device, **kwargs))
 
-    The same slices and the same metric for every model family, so ``compare``
-    and the trainer's validation line up.
-    """
-    dice, n = accumulate_dice(step, store, case_ids, device, **kwargs)
-    result = dict(dice.result())
-    result["slices"] = n
-    return result
+
+def validation_result(dice: SliceDice, slices: int) -> dict[str, Any]:
+    """The validation record: the Dice's per-organ and mean values, and how many slices were scored."""
+    return {**dice.result(), "slices": slices}

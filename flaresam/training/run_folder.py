@@ -126,6 +126,11 @@ def claim_run_dir(out: str | os.PathLike[str] | None, model: str) -> Path:
     return path
 
 
+def is_finished(run_dir: str | os.PathLike[str], info: dict[str, Any]) -> bool:
+    """Whether the run whose run.json holds ``info`` finished, with its best checkpoint in place."""
+    return info.get("status") == "finished" and (Path(run_dir) / CHECKPOINTS_DIR / "best.pt").is_file()
+
+
 def find_latest_run(runs_root: str | os.PathLike[str] = "runs", model: str | None = None, prompted: bool | None = None) -> Path | None:
     """The most recently finished run under ``runs_root``, or None.
 
@@ -141,11 +146,11 @@ def find_latest_run(runs_root: str | os.PathLike[str] = "runs", model: str | Non
             info = json.loads(run_file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        if info.get("status") != "finished" or (model and info.get("model") != model):
+        if model and info.get("model") != model:
             continue
         if prompted is not None and bool(info.get("prompted")) != prompted:
             continue
-        if not (run_file.parent / CHECKPOINTS_DIR / "best.pt").is_file():
+        if not is_finished(run_file.parent, info):
             continue
         key = str(info.get("finished") or "")
         if best is None or key > best[0]:

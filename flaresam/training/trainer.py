@@ -43,7 +43,7 @@ from flaresam.figures import training_curves
 from flaresam.io.atomic import atomic_path
 from flaresam.training.config import TrainConfig
 from flaresam.training.devices import Dist, init_distributed, rng_state, seed_everything, set_rng_state
-from flaresam.training.evaluation import accumulate_dice, validation_slices
+from flaresam.training.evaluation import accumulate_dice, validation_result, validation_slices
 from flaresam.training.run_folder import (
     CHECKPOINT_FORMAT,
     CHECKPOINTS_DIR,
@@ -575,7 +575,7 @@ class Trainer:
         mine = s.val_ids[dist.rank :: dist.world]
         s.net.eval()
         with progress_bar(quiet=self.quiet, transient=True) as bar:
-            total = sum(len(validation_slices(s.store.load_case(c).num_slices, cfg.val_slices)) for c in mine)
+            total = sum(len(validation_slices(s.store.num_slices(c), cfg.val_slices)) for c in mine)
             task = bar.add_task(f"Validating epoch {s.progress.epoch}", total=total)
             dice, n = accumulate_dice(s.step, s.store, mine, self.device, max_slices=cfg.val_slices,
                                       batch_size=max(1, cfg.batch_size), on_batch=lambda k: bar.advance(task, k))
@@ -585,9 +585,7 @@ class Trainer:
             dice.sums = np.asarray(merged[:k])
             dice.counts = np.asarray(merged[k : 2 * k]).round().astype(np.int64)
             n = round(merged[-1])
-        result = dict(dice.result())
-        result["slices"] = n
-        return result
+        return validation_result(dice, n)
 
     def save_epoch(self, stats: EpochStats, val: dict[str, Any] | None) -> dict[str, Any]:
         """Rank 0: the epoch's metrics record, last.pt (and best.pt when it improved), resume.pt, curves and run.json."""
