@@ -15,7 +15,7 @@ import numpy as np
 
 from flaresam.data.window import DEFAULT_WINDOW, Window, apply_window
 from flaresam.io.atomic import atomic_path
-from flaresam.organs import BY_ID, ORGANS
+from flaresam.organs import FLARE22, LabelSet
 
 OVERLAY_ALPHA = 0.45
 
@@ -29,29 +29,29 @@ def _pyplot() -> Any:
     return plt
 
 
-def label_colors() -> np.ndarray:
-    """RGB float table [14, 3] indexed by label id (0 = background, unused)."""
-    table = np.zeros((len(ORGANS) + 1, 3))
-    for o in ORGANS:
+def label_colors(labels: LabelSet = FLARE22) -> np.ndarray:
+    """RGB float table [num_classes, 3] indexed by label id (0 = background, unused)."""
+    table = np.zeros((labels.num_classes, 3))
+    for o in labels.organs:
         table[o.id] = np.asarray(o.color) / 255.0
     return table
 
 
-def overlay(gray: np.ndarray, label: np.ndarray | None, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+def overlay(gray: np.ndarray, label: np.ndarray | None, alpha: float = OVERLAY_ALPHA, labels: LabelSet = FLARE22) -> np.ndarray:
     """uint8 grey slice + label slice -> RGB float image with organs tinted in their colours."""
     rgb = np.repeat((gray.astype(np.float32) / 255.0)[..., None], 3, axis=-1)
     if label is not None:
         mask = label > 0
-        colors = label_colors()[label]
+        colors = label_colors(labels)[label]
         rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colors[mask]
     return rgb
 
 
-def _present_handles(labels: Sequence[np.ndarray]) -> list[Any]:
+def _present_handles(slices: Sequence[np.ndarray], labels: LabelSet) -> list[Any]:
     from matplotlib.patches import Patch
 
-    present = sorted({int(v) for lab in labels for v in np.unique(lab) if v > 0})
-    return [Patch(color=_rgb01(BY_ID[i].color), label=BY_ID[i].display) for i in present]
+    present = sorted({int(v) for lab in slices for v in np.unique(lab) if v > 0})
+    return [Patch(color=_rgb01(labels.by_id[i].color), label=labels.by_id[i].display) for i in present]
 
 
 def _rgb01(color: tuple[int, int, int]) -> tuple[float, float, float]:
@@ -76,8 +76,9 @@ def preview(
     path: str | os.PathLike[str],
     window: Window = DEFAULT_WINDOW,
     title: str | None = None,
+    labels: LabelSet = FLARE22,
 ) -> Path:
-    """Axial, coronal and sagittal views through the labelled region, labels over the CT."""
+    """Axial, coronal and sagittal views through the labelled region, labels over the CT (named and coloured by ``labels``)."""
     plt = _pyplot()
     gray = apply_window(hu, window)
     if label.any():
@@ -95,10 +96,10 @@ def preview(
     ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 5))
     for ax, (name, g, lab, aspect) in zip(axes, views):
-        ax.imshow(overlay(g, lab), aspect=aspect, interpolation="nearest")
+        ax.imshow(overlay(g, lab, labels=labels), aspect=aspect, interpolation="nearest")
         ax.set_title(name)
         ax.axis("off")
-    handles = _present_handles([v[2] for v in views])
+    handles = _present_handles([v[2] for v in views], labels)
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
     if title:
@@ -111,11 +112,12 @@ def organ_bar_chart(
     path: str | os.PathLike[str],
     metric: str = "Dice",
     title: str | None = None,
+    labels: LabelSet = FLARE22,
 ) -> Path:
-    """Grouped bars: ``values[model][organ_name] -> score`` for each organ of the table."""
+    """Grouped bars: ``values[model][organ_name] -> score`` for each organ of ``labels``."""
     plt = _pyplot()
     models = list(values)
-    organs = [o for o in ORGANS if any(o.name in values[m] for m in models)]
+    organs = [o for o in labels.organs if any(o.name in values[m] for m in models)]
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(organs))
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(organs) + 2), 4.5))
@@ -139,6 +141,7 @@ def overlay_grid(
     columns: Sequence[tuple[str, dict[str, np.ndarray] | None]],
     path: str | os.PathLike[str],
     aspect: Sequence[float] | None = None,
+    labels: LabelSet = FLARE22,
 ) -> Path:
     """A Figure-5 style grid: one row per slice, columns CT / ground truth / each model.
 
@@ -150,19 +153,19 @@ def overlay_grid(
     fig, axes = plt.subplots(n_r, n_c, figsize=(2.4 * n_c, 2.4 * n_r), squeeze=False)
     all_labels: list[np.ndarray] = []
     for r, (row_title, gray) in enumerate(rows):
-        for c, (col_title, labels) in enumerate(columns):
+        for c, (col_title, col_labels) in enumerate(columns):
             ax = axes[r][c]
-            lab = None if labels is None else labels[row_title]
+            lab = None if col_labels is None else col_labels[row_title]
             if lab is not None:
                 all_labels.append(lab)
-            ax.imshow(overlay(gray, lab), aspect=(aspect[r] if aspect else 1.0), interpolation="nearest")
+            ax.imshow(overlay(gray, lab, labels=labels), aspect=(aspect[r] if aspect else 1.0), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(col_title, fontsize=9)
             if c == 0:
                 ax.set_ylabel(row_title, fontsize=8)
-    handles = _present_handles(all_labels)
+    handles = _present_handles(all_labels, labels)
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))

@@ -49,7 +49,7 @@ import numpy as np
 
 from flaresam.errors import DataError, UsageError
 from flaresam.io.dataset import volume_files
-from flaresam.organs import MAX_LABEL, ORGANS, SLICE_RANGE_ORGANS, Organ
+from flaresam.organs import MAX_LABEL, ORGANS, Organ
 
 PROTOCOLS = ("flare22", "slice")
 # One definition under one name for every number flaresam reports (training validation, `score`,
@@ -434,8 +434,9 @@ def flare22_case(
     along their axes; ``slice_axis`` is the axis of axial slices (0 for canonical
     ``[z, y, x]`` and SimpleITK ``[k, j, i]`` arrays, 2 for nibabel ``[i, j, k]``).
     Rules of the official script: an organ in neither -> DSC 1, NSD 1; in only one
-    -> 0, 0; DSC below ``nsd_min_dsc`` -> NSD 0; aorta, inferior vena cava and
-    esophagus are scored only on the ground truth's slices along ``slice_axis``,
+    -> 0, 0; DSC below ``nsd_min_dsc`` -> NSD 0; organs marked ``slice_range``
+    (FLARE22's aorta, inferior vena cava and esophagus) are scored only on the
+    ground truth's slices along ``slice_axis``,
     and with ``crop_top_slice`` (the official behaviour) its top slice is left
     out, as the script's ``z_lower:z_upper`` does. When that leaves no slice (the
     organ is on one slice only) both numbers are NaN, as the script gives.
@@ -448,7 +449,9 @@ def flare22_case(
     if slice_axis not in (0, 1, 2, -1, -2, -3):
         raise ValueError(f"slice_axis must be an axis of a 3D array, got {slice_axis}")
     axis = slice_axis % 3
-    gt_boxes, pred_boxes = label_boxes(g), label_boxes(p)
+    organs = tuple(organs)
+    top = max((o.id for o in organs), default=0)
+    gt_boxes, pred_boxes = label_boxes(g, top), label_boxes(p, top)
     out: dict[str, dict[str, float]] = {}
     for organ in organs:
         gb, pb = gt_boxes[organ.id - 1], pred_boxes[organ.id - 1]
@@ -459,7 +462,7 @@ def flare22_case(
             out[organ.name] = {"dsc": 0.0, "nsd": 0.0}
             continue
         box = list(_box_union(gb, pb))  # type: ignore[arg-type]
-        if organ.name in SLICE_RANGE_ORGANS:
+        if organ.slice_range:
             lower, upper = gb[axis].start, gb[axis].stop - 1  # first and last slice of the ground truth
             stop = upper if crop_top_slice else upper + 1
             box[axis] = slice(max(box[axis].start, lower), min(box[axis].stop, stop))
@@ -498,7 +501,9 @@ def slice_dice_pairs(pred: Any, gt: Any, organs: Iterable[Organ] = ORGANS, *, sl
         raise ValueError(f"expected 2D slices or a 3D volume, got an array of shape {p.shape}")
     axis = slice_axis % 3
     others = tuple(a for a in range(3) if a != axis)
-    gt_boxes, pred_boxes = label_boxes(g), label_boxes(p)
+    organs = tuple(organs)
+    top = max((o.id for o in organs), default=0)
+    gt_boxes, pred_boxes = label_boxes(g, top), label_boxes(p, top)
     out: dict[str, np.ndarray] = {}
     for organ in organs:
         box = _box_union(gt_boxes[organ.id - 1], pred_boxes[organ.id - 1])
@@ -653,11 +658,12 @@ class CaseLabels:
     geometry: Any  # the ground truth's Geometry
 
 
-def read_case_labels(pair: CasePair) -> CaseLabels:
+def read_case_labels(pair: CasePair, max_label: int = MAX_LABEL) -> CaseLabels:
     """Read a case's prediction and ground truth, checking that they share one grid.
 
     The prediction must lie on the ground truth's grid (size, spacing, origin,
-    direction within header rounding). One with the same voxel centres stored
+    direction within header rounding); label values above ``max_label`` (the
+    label set's last id) are refused. One with the same voxel centres stored
     with its axes permuted or flipped is brought into the ground truth's order.
     """
     from flaresam.io.volume import Geometry, label_array, read_image
@@ -670,8 +676,8 @@ def read_case_labels(pair: CasePair) -> CaseLabels:
             f"prediction {pair.pred} does not lie on the grid of its ground truth {pair.gt}: "
             f"prediction {_grid_text(pred_geo)} vs ground truth {_grid_text(gt_geo)}"
         )
-    gt_arr = label_array(gt_image, pair.gt, MAX_LABEL)
-    pred_arr = label_array(pred_image, pair.pred, MAX_LABEL)
+    gt_arr = label_array(gt_image, pair.gt, max_label)
+    pred_arr = label_array(pred_image, pair.pred, max_label)
     if not pred_geo.same_grid(gt_geo):
         pred_arr = np.ascontiguousarray(gt_geo.from_canonical(pred_geo.to_canonical(pred_arr)))
     return CaseLabels(pred_arr, gt_arr, gt_geo)
@@ -706,8 +712,8 @@ def score_case(
     crop_top_slice: bool = True,
     nsd_min_dsc: float = NSD_MIN_DSC,
 ) -> dict[str, Any]:
-    """One case's per-organ scores from its files (runs in a worker process)."""
-    labels = read_case_labels(pair)
+    """One case's per-organ scores from its files (runs in a worker process); ``organs``: the whole label set."""
+    labels = read_case_labels(pair, max((o.id for o in organs), default=MAX_LABEL))
     pred, gt, geometry = labels.pred, labels.gt, labels.geometry
     if protocol == "flare22":
         organs_out: dict[str, dict[str, Any]] = flare22_file_order(pred, gt, geometry, organs, crop_top_slice, nsd_min_dsc)
@@ -745,7 +751,7 @@ def iter_scores(
     Cases run in parallel processes (``workers`` None or 0: one per CPU core).
     The worker processes start before this returns, so callers can open a
     progress display afterwards without forking its thread. A case that fails
-    (unreadable file, grid mismatch, labels outside 0..13) raises its error here
+    (unreadable file, grid mismatch, labels outside the label set's ids) raises its error here
     and cancels the cases not started yet.
     """
     if protocol not in PROTOCOLS:

@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("flaresam.models",),
     ("flaresam.metrics", "flaresam.report", "flaresam.figures"),
     ("flaresam.training",),
-    ("flaresam.predict",),
+    ("flaresam.predict", "flaresam.api"),
     ("flaresam.compare",),
     ("flaresam.cli", "flaresam.__main__"),
 )

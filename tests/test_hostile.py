@@ -123,7 +123,7 @@ class _StubStep:
 @pytest.fixture
 def stub_model(monkeypatch):
     """``--model dense`` / ``--model sam`` load stand-ins; ``calls`` records that a model was built."""
-    import flaresam.predict.runner as predict_mod  # where run_prediction looks load_model up
+    import flaresam.predict.segmenter as predict_mod  # where Segmenter.load looks load_model up
 
     calls: list[str] = []
 

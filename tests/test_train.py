@@ -338,6 +338,6 @@ def test_configs_saved_by_earlier_versions_rebuild_the_same_model(old):
     changed = {k: (old[k], new[k]) for k in old if new[k] != old[k]}
     assert changed == ({"encoder_weights": ("imagenet", None)} if old["name"] == "unet" else {})  # no download on restore
     added = {k: new[k] for k in new if k not in old}
-    assert added == ({"checkpoint_sha256": None, "min_pixels": 10} if old["name"] == "sam" else {})
+    assert added == {"sam": {"checkpoint_sha256": None, "min_pixels": 10}, "unet": {"classes": 14}}.get(old["name"], {})
     # and the rebuilt config rebuilds itself
     assert rebuild_step(new, quiet=True).config() == new

@@ -163,7 +163,7 @@ def _print_epoch(record: dict[str, Any], summary: dict[str, Any], header: bool) 
 def _print_best(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from flaresam.organs import ORGANS
+    from flaresam.organs import recorded_label_set
     from flaresam.ui import info, literal, out
 
     best = summary.get("best")
@@ -171,7 +171,7 @@ def _print_best(summary: dict[str, Any]) -> None:
         table = Table(title=f"Best epoch {best['epoch']}: validation 2D Dice")
         table.add_column("organ")
         table.add_column("Dice", justify="right")
-        for o in ORGANS:
+        for o in recorded_label_set(summary.get("labels")).organs:
             table.add_row(o.display, _fmt(best["val_dice"].get(o.name)))
         table.add_row("[bold]mean (all slice-organ pairs)[/bold]", f"[bold]{_fmt(best['val_mean_dice'])}[/bold]")
         out.print(table)

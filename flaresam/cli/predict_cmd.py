@@ -26,7 +26,13 @@ def predict(
         None, "--proposer", help="Dense run (unet/deeplab) that proposes boxes for a SAM model (automatic mode)."
     ),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for runs when --model/--proposer are not given."),
-    organs: str | None = typer.Option(None, "--organs", help="Only these organs, e.g. liver,spleen (default: all 13)."),
+    organs: str | None = typer.Option(None, "--organs", help="Only these organs, e.g. liver,spleen (default: all the model's organs)."),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="labels.json or nnU-Net dataset.json: the organs of a zero-shot SAM's prompts; a trained run's must match it."
+    ),
+    fmt: str | None = typer.Option(
+        None, "--format", help="nifti | dicom-seg: a DICOM Segmentation referencing the DICOM series in (default: dicom-seg when -o ends in .dcm, else nifti)."
+    ),
     preview: Path | None = typer.Option(None, "--preview", help="Write a PNG: labels over the CT, axial/coronal/sagittal."),
     stats: Path | None = typer.Option(None, "--stats", help="Write per-organ statistics (volume ml, mean HU, slice range) as JSON."),
     device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
@@ -38,21 +44,18 @@ def predict(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     offline: bool = offline_option("Never touch the network: checkpoints must already be cached."),  # sets FLARESAM_OFFLINE
 ) -> None:
-    """Segment the 13 FLARE22 organs; the output keeps the scan's size, spacing, origin and direction."""
+    """Segment the organs the model was trained on (FLARE22's 13 by default); the output keeps the scan's size, spacing, origin and direction."""
     from rich.text import Text
 
     from flaresam.errors import UsageError
-    from flaresam.organs import parse_organs
     from flaresam.predict.runner import PartialPrediction, PredictRequest, run_prediction
     from flaresam.ui import notify
     from flaresam.ui import out as stdout
 
     if prompts_from and boxes:
         raise UsageError("give either --prompts-from or --boxes, not both")
-    try:
-        organ_list = parse_organs(organs)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    if labels is not None and not labels.is_file():
+        raise UsageError(f"--labels {labels}: no such file (give a labels.json or an nnU-Net dataset.json)")
     request = PredictRequest(
         scan=scan,
         model=model,
@@ -61,7 +64,9 @@ def predict(
         boxes=boxes,
         proposer=proposer,
         runs=runs,
-        organs=organ_list,
+        organs=organs,
+        labels=labels,
+        format=fmt.strip().lower() if fmt else None,
         preview=preview,
         stats=stats,
         device=device,

@@ -20,6 +20,9 @@ def prepare(
     window: str = typer.Option("40,400", "--window", help="CT window LEVEL,WIDTH in HU."),
     force: bool = typer.Option(False, "--force", help="Re-prepare cases that are already finished."),
     workers: int = typer.Option(0, "--workers", min=0, help="Parallel processes (0: one per CPU core)."),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="labels.json or nnU-Net dataset.json naming the organs (default: one found in --data, else FLARE22's 13)."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -29,11 +32,16 @@ def prepare(
     from flaresam.data.store import SplitSpec, prepare_dataset
     from flaresam.data.window import parse_window
     from flaresam.io.atomic import atomic_write_text
-    from flaresam.organs import ORGANS
+    from flaresam.io.dataset import dataset_label_set
     from flaresam.ui import info, literal
     from flaresam.ui import out as stdout
 
     win = parse_window(window)
+    if labels is not None and not labels.is_file():
+        from flaresam.errors import UsageError
+
+        raise UsageError(f"--labels {labels}: no such file (give a labels.json or an nnU-Net dataset.json)")
+    label_set = dataset_label_set(labels) if labels is not None else None
     skipped: list[str] = []
     store = prepare_dataset(
         data,
@@ -44,7 +52,9 @@ def prepare(
         workers=workers or None,
         quiet=quiet,
         on_case=lambda cid, was_skipped: skipped.append(cid) if was_skipped else None,
+        label_set=label_set,
     )
+    organs = store.label_set.organs
     cases = store.manifest["cases"]
     if val_fraction > 0 and not store.manifest.get("split", {}).get("val"):
         # one case cannot be split: training then runs without validation, which should not pass silently
@@ -52,7 +62,7 @@ def prepare(
 
         warn(f"{len(cases)} case(s): none is held out for validation (--val-fraction {val_fraction:g}); "
              "training will run without validation")
-    organ_slices = [sum(c["organ_slices"][i] for c in cases.values()) for i in range(len(ORGANS))]
+    organ_slices = [sum(c["organ_slices"][i] for c in cases.values()) for i in range(len(organs))]
     summary = {
         "out": str(store.root),
         "cases": len(cases),
@@ -63,7 +73,8 @@ def prepare(
         "slices": sum(c["slices"] for c in cases.values()),
         "window": win.to_list(),
         "fingerprint": store.fingerprint,
-        "slices_per_organ": {o.name: n for o, n in zip(ORGANS, organ_slices)},
+        "labels": store.label_set.name,
+        "slices_per_organ": {o.name: n for o, n in zip(organs, organ_slices)},
     }
     table = Table(title=f"Prepared {literal(str(store.root))}")
     table.add_column("")
@@ -72,7 +83,8 @@ def prepare(
     table.add_row("already prepared, skipped", str(summary["skipped"]))
     table.add_row("axial slices", str(summary["slices"]))
     table.add_row("window (level, width)", f"{win.level:g}, {win.width:g} HU")
-    for o, n in zip(ORGANS, organ_slices):
+    table.add_row("label set", literal(store.label_set.describe()))
+    for o, n in zip(organs, organ_slices):
         table.add_row(f"slices with {o.display.lower()}", str(n))
     stdout.print(table)
     if json_out:

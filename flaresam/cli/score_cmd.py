@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from flaresam.cli.app import app
+from flaresam.organs import FLARE22, LabelSet
 
 if TYPE_CHECKING:
     from flaresam.metrics import Pairing
@@ -38,13 +39,16 @@ def score(
     nsd_min_dsc: float | None = typer.Option(
         None, "--nsd-min-dsc", min=0.0, max=1.0, help="flare22: NSD is 0 where DSC is below this (default 0.2, as the official script; 0 turns the rule off)."
     ),
+    labels: Path | None = typer.Option(
+        None, "--labels", help="labels.json or nnU-Net dataset.json naming the organs (default: one beside GT, else FLARE22's 13)."
+    ),
     workers: int = typer.Option(0, "--workers", min=0, help="Parallel processes (0: one per CPU core)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Score predicted label volumes against ground truth, per organ and per case."""
     from flaresam.errors import DataError, UsageError
+    from flaresam.io.dataset import dataset_label_set
     from flaresam.metrics import NSD_MIN_DSC, PROTOCOLS, in_pair_order, iter_scores, pair_cases, score_csv_rows, score_document, summarize
-    from flaresam.organs import ORGANS
     from flaresam.report import write_csv, write_json
     from flaresam.ui import info, literal, out, progress, warn
 
@@ -53,6 +57,10 @@ def score(
         raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
     if protocol != "flare22" and (keep_top_slice or nsd_min_dsc is not None):
         raise UsageError("--keep-top-slice and --nsd-min-dsc apply to the flare22 protocol only")
+    if labels is not None and not labels.is_file():
+        raise UsageError(f"--labels {labels}: no such file (give a labels.json or an nnU-Net dataset.json)")
+    label_set = dataset_label_set(labels if labels is not None else gt)
+    organs = label_set.organs
     min_dsc = NSD_MIN_DSC if nsd_min_dsc is None else nsd_min_dsc
     crop_top_slice = not keep_top_slice
 
@@ -69,7 +77,7 @@ def score(
 
     _check_outputs(pred, gt, pairing, json_out, csv_out)  # before the scoring work, never onto an input
     # the worker processes start here, before the progress display's thread
-    results = iter_scores(pairing.pairs, protocol, ORGANS, crop_top_slice, min_dsc, workers or None)
+    results = iter_scores(pairing.pairs, protocol, organs, crop_top_slice, min_dsc, workers or None)
     finished: list[dict[str, Any]] = []
     with progress(quiet=quiet, transient=True) as bar:
         task = bar.add_task("Scoring cases", total=len(pairing.pairs))
@@ -77,15 +85,17 @@ def score(
             finished.append(result)
             bar.advance(task)
     cases = in_pair_order(finished, pairing.pairs)
-    summary = summarize(cases, protocol, ORGANS)
+    summary = summarize(cases, protocol, organs)
 
-    out.print(_table(protocol, cases, summary, crop_top_slice, min_dsc))
-    document = score_document(protocol, cases, summary, pairing, ORGANS, crop_top_slice, min_dsc)
+    out.print(_table(protocol, cases, summary, crop_top_slice, min_dsc, label_set))
+    document = score_document(protocol, cases, summary, pairing, organs, crop_top_slice, min_dsc)
+    if not label_set.same_labels(FLARE22):  # (FLARE22's documents stay as they were)
+        document["labels"] = label_set.to_dict()
     if json_out:
         write_json(json_out, document)
         info(f"Scores written to {literal(str(json_out))}")
     if csv_out:
-        columns, rows = score_csv_rows(protocol, document["cases"], ORGANS)
+        columns, rows = score_csv_rows(protocol, document["cases"], organs)
         write_csv(csv_out, rows, columns)
         info(f"Per-case scores written to {literal(str(csv_out))}")
 
@@ -108,9 +118,11 @@ def _listing(names: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _table(protocol: str, cases: list[dict[str, Any]], summary: dict[str, Any], crop_top_slice: bool, min_dsc: float) -> Any:
-    from flaresam.organs import ORGANS
+def _table(protocol: str, cases: list[dict[str, Any]], summary: dict[str, Any], crop_top_slice: bool, min_dsc: float, labels: LabelSet) -> Any:
     from flaresam.report import fmt, fmt_mean_std, table
+
+    organs = labels.organs
+    of = "" if labels.same_labels(FLARE22) else f" ({labels.name})"
 
     per = summary["per_organ"]
     n = len(cases)
@@ -122,14 +134,16 @@ def _table(protocol: str, cases: list[dict[str, Any]], summary: dict[str, Any], 
                 fmt_mean_std(per[o.name]["nsd"], per[o.name]["nsd_std"]),
                 f"{o.nsd_tolerance_mm:g}",
             ]
-            for o in ORGANS
+            for o in organs
         ]
-        footer = [["Mean (13 organs)", fmt(summary["mean"]["dsc"]), fmt(summary["mean"]["nsd"]), ""]]
-        quirk = "top GT slice of aorta/IVC/esophagus left out, as the official script" if crop_top_slice else "aorta/IVC/esophagus on all GT slices"
-        caption = f"mean ± std over cases; NSD 0 where DSC < {min_dsc:g}; {quirk}"
-        return table(f"FLARE22 DSC and NSD, {n} case(s)", ["Organ", "DSC", "NSD", "tol. mm"], rows, footer, caption)
-    rows = [[o.display, fmt(per[o.name]["dsc"]), fmt(per[o.name]["dsc_std"]), str(per[o.name]["pairs"])] for o in ORGANS]
-    total = sum(per[o.name]["pairs"] for o in ORGANS)
+        footer = [[f"Mean ({len(organs)} organs)", fmt(summary["mean"]["dsc"]), fmt(summary["mean"]["nsd"]), ""]]
+        tubular = "/".join("IVC" if o.name == "inferior_vena_cava" else o.display.lower() for o in organs if o.slice_range)
+        quirk = ("" if not tubular else f"; top GT slice of {tubular} left out, as the official script" if crop_top_slice
+                 else f"; {tubular} on all GT slices")
+        caption = f"mean ± std over cases; NSD 0 where DSC < {min_dsc:g}{quirk}"
+        return table(f"FLARE22 DSC and NSD{of}, {n} case(s)", ["Organ", "DSC", "NSD", "tol. mm"], rows, footer, caption)
+    rows = [[o.display, fmt(per[o.name]["dsc"]), fmt(per[o.name]["dsc_std"]), str(per[o.name]["pairs"])] for o in organs]
+    total = sum(per[o.name]["pairs"] for o in organs)
     footer = [["Mean (all pairs)", fmt(summary["mean"]["dsc"]), "", str(total)]]
     caption = "Dice over the (axial slice, organ) pairs where the organ is in the GT or the prediction; std over cases"
-    return table(f"Slice Dice, {n} case(s)", ["Organ", "Dice", "std", "pairs"], rows, footer, caption)
+    return table(f"Slice Dice{of}, {n} case(s)", ["Organ", "Dice", "std", "pairs"], rows, footer, caption)

@@ -12,7 +12,7 @@ import numpy as np
 
 from flaresam.compare.plan import DISPLAY, PROMPTED, ModelRun, Resolved
 from flaresam.compare.scoring import Row
-from flaresam.organs import ORGANS
+from flaresam.organs import FLARE22, LabelSet, recorded_label_set
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +68,9 @@ def caption(r: Resolved, store: PreparedStore) -> dict[str, Any]:
                 "reproduction of the study.")
         warning = "this run uses " + "; ".join(issues) + ": it is NOT a reproduction of the study."
     else:
-        note = "FLARE22-style data with " + " and ".join(p for p in parts if p) + "."
+        labels = store.label_set
+        data = "FLARE22-style data" if labels.same_labels(FLARE22) else f"{labels.name} data ({labels.num_organs} organs)"
+        note = data + " with " + " and ".join(p for p in parts if p) + "."
         warning = ""
     return {"note": note, "warning": warning, "synthetic_data": synthetic, "standin_sam": r.standin,
             "random_sam_encoders": random_encoders, "untrained_dense_encoders": dense_untrained}
@@ -102,6 +104,7 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
             "source": store.manifest.get("source"),
             "fingerprint": store.fingerprint,
             "window": store.manifest.get("window"),
+            "labels": store.label_set.to_dict(),
             "split": {**store.split, "test": store.test_ids, **store.split_spec},
         },
         "resolved": {
@@ -147,9 +150,9 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
             }
             for row in rows
         ],
-        "reference": [
+        "reference": [  # the study's figures are FLARE22's: beside another dataset's rows they would compare nothing
             {"model": m, "label": f"{DISPLAY[m]} (study)", "slice_dice": v, "source": STUDY_SOURCE} for m, v in STUDY_REFERENCE
-        ],
+        ] if store.label_set.same_labels(FLARE22) else [],
         "citations": CITATIONS,
     }
     if small_organ_pairs is not None:
@@ -161,8 +164,14 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
 # outputs
 
 
+def label_set_of(results: Mapping[str, Any]) -> LabelSet:
+    """The organs a results document is about (FLARE22's for documents written before label sets were recorded)."""
+    return recorded_label_set(results["data"].get("labels"))
+
+
 def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One flat row per model row (and per study reference): what the table, CSV and Markdown show."""
+    organs = label_set_of(results).organs
     out = []
     for r in results["rows"]:
         row = {
@@ -174,9 +183,9 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             "nsd_3d": r["flare22"]["mean"]["nsd"],
             "source": "this run (test cases)",
         }
-        for o in ORGANS:
+        for o in organs:
             row[f"dsc_{o.name}"] = r["flare22"]["per_organ"][o.name]["dsc"]
-        for o in ORGANS:
+        for o in organs:
             row[f"nsd_{o.name}"] = r["flare22"]["per_organ"][o.name]["nsd"]
         out.append(row)
     for ref in results["reference"]:
@@ -220,7 +229,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     rows = results["rows"]
     lines.append("| organ | " + " | ".join(r["label"] for r in rows) + " |")
     lines.append("|---|" + "---:|" * len(rows))
-    for o in ORGANS:
+    for o in label_set_of(results).organs:
         lines.append(f"| {o.display} | " + " | ".join(fmt(r["flare22"]["per_organ"][o.name]["dsc"]) for r in rows) + " |")
     lines += ["", f"Split by case (seed {split.get('seed')}): {len(split['train'])} training, {len(split['val'])} validation "
               f"({', '.join(split['val']) or 'none'}), {len(split['test'])} test; dataset fingerprint `{results['data']['fingerprint']}`.", ""]
@@ -228,16 +237,16 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines.append("")
     for m in results["metrics"].values():
         lines.append(f"- **{m['name']}**: {m['definition']}")
-    lines += ["", "Read every SAM row against the box-fill and zero-shot rows above it. Study reference rows are the "
-              "published figures, not re-measured. Protocols: docs/protocols.md.", "", "## Cite", ""]
+    study = " Study reference rows are the published figures, not re-measured." if results["reference"] else ""
+    lines += ["", f"Read every SAM row against the box-fill and zero-shot rows above it.{study} Protocols: docs/protocols.md.", "", "## Cite", ""]
     lines += [f"- {c}" for c in results["citations"]]
     return "\n".join(lines) + "\n"
 
 
-def _organ_dsc(row: Row) -> dict[str, float]:
+def _organ_dsc(row: Row, labels: LabelSet) -> dict[str, float]:
     if row.flare22 is None:
         raise ValueError(f"row {row.key!r} was not scored")
-    return {o.name: row.flare22["per_organ"][o.name]["dsc"] for o in ORGANS}
+    return {o.name: row.flare22["per_organ"][o.name]["dsc"] for o in labels.organs}
 
 
 def write_results(results: Mapping[str, Any], rows: Sequence[Row], cases: Mapping[str, PreparedCase], out: Path,
@@ -252,11 +261,13 @@ def write_results(results: Mapping[str, Any], rows: Sequence[Row], cases: Mappin
     write_csv(out / "results.csv", summary_rows(results))
     atomic_write_text(out / "results.md", markdown(results))
     suffix = " (synthetic demo)" if results["synthetic_data"] else ""
+    labels = label_set_of(results)
     organ_bar_chart(
-        {r.label: _organ_dsc(r) for r in rows},
+        {r.label: _organ_dsc(r, labels) for r in rows},
         out / "organ_dice.png",
         metric="FLARE22 DSC",
         title="Per-organ Dice on the test volumes" + suffix,
+        labels=labels,
     )
     if picks:
         grid_rows = [(f"{cid} z{z}", np.asarray(cases[cid].image[z])) for cid, z in picks]
@@ -265,7 +276,7 @@ def write_results(results: Mapping[str, Any], rows: Sequence[Row], cases: Mappin
         for r in rows:
             columns.append((r.label, {f"{cid} z{z}": r.predictions[cid][z] for cid, z in picks}))
         aspect = [cases[cid].spacing[1] / cases[cid].spacing[2] for cid, _ in picks]
-        overlay_grid(grid_rows, columns, out / "overlays.png", aspect=aspect)
+        overlay_grid(grid_rows, columns, out / "overlays.png", aspect=aspect, labels=labels)
 
 
 def render_table(results: Mapping[str, Any]) -> Table:
@@ -284,5 +295,6 @@ def render_table(results: Mapping[str, Any]) -> Table:
         ["model", "prompts", "2D Dice", "FLARE22 DSC", "FLARE22 NSD"],
         body + refs,
         caption=results["note"] + " " + selection_line(results) + (" " + small if small else "")
-        + " Read each SAM row against Box fill and its zero-shot row. Rows marked (study) are the published figures, not measured here.",
+        + " Read each SAM row against Box fill and its zero-shot row."
+        + (" Rows marked (study) are the published figures, not measured here." if refs else ""),
     )

@@ -89,7 +89,7 @@ class _Compare:
     proposals: dict[str, dict[str, dict[int, np.ndarray]]] = field(default_factory=dict)  # dense model -> automatic boxes
 
     def score(self, row: Row, predict: Predictor, bar: _Bar) -> None:
-        self.rows.append(score_row(row, self.cases, predict, bar.on_case, self.shown))
+        self.rows.append(score_row(row, self.cases, predict, bar.on_case, self.shown, self.store.label_set.organs))
 
 
 def run_compare(plan: ComparePlan, notify: Notify = silent) -> dict[str, Any]:
@@ -108,7 +108,8 @@ def run_compare(plan: ComparePlan, notify: Notify = silent) -> dict[str, Any]:
     device = pick_device(plan.device)
     plan.runs.mkdir(parents=True, exist_ok=True)
     cases = {cid: store.load_case(cid) for cid in store.test_ids}
-    c = _Compare(r, store, device, model_runs(r, store), cases, figure5_slices(cases), notify)
+    organs = store.label_set.organs
+    c = _Compare(r, store, device, model_runs(r, store), cases, figure5_slices(cases, organs=organs), notify)
 
     with progress(quiet=plan.quiet) as bar:
         b = _Bar(bar, bar.add_task("Compare", total=_progress_total(c)))
@@ -122,7 +123,7 @@ def run_compare(plan: ComparePlan, notify: Notify = silent) -> dict[str, Any]:
         b.say("writing results")
 
     rows = in_table_order(c.rows)
-    small = small_organ_pairs(cases, min_pixels(c.runs[r.prompted[0]].config)) if r.prompted else None
+    small = small_organ_pairs(cases, min_pixels(c.runs[r.prompted[0]].config), organs) if r.prompted else None
     results = build_results(r, store, rows, c.runs, c.selected, proposer, cap, device, time.time() - started, small)
     write_results(results, rows, cases, plan.out, c.shown)
     return results
@@ -280,7 +281,7 @@ def evaluate_model(c: _Compare, m: str, bar: _Bar) -> None:
     else:  # the automatic rows' boxes come from this same segmentation, should this model be the proposer
         thresholds = [min_pixels(c.runs[p].config) for p in c.r.prompted]
         proposals = c.proposals.setdefault(m, {}) if thresholds else None
-        c.score(row, dense_predictor(step, c.device, proposals, thresholds), bar)
+        c.score(row, dense_predictor(step, c.device, proposals, thresholds, c.store.label_set.num_organs), bar)
 
 
 def automatic_rows(c: _Compare, proposer: str, bar: _Bar) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flaresam.organs import BY_NAME, ORGANS
+from flaresam.organs import FLARE22, Organ
 
 if TYPE_CHECKING:
     import torch
@@ -22,12 +22,12 @@ if TYPE_CHECKING:
     from flaresam.io.volume import Geometry
     from flaresam.models.base import ModelStep
 
-# Thin structures the Figure-5 grid makes sure to show (where HQ-SAM should differ).
+# Thin structures the Figure-5 grid makes sure to show (where HQ-SAM should differ), where the label set has them.
 THIN = ("right_adrenal_gland", "left_adrenal_gland", "esophagus")
 BATCH_SIZE = 8  # slices per forward pass when predicting a test case
 
 Predictor = Callable[["PreparedCase"], np.ndarray]
-# automatic boxes of each test case, int32 [z, 13, 4], by the small-organ threshold they were cut with
+# automatic boxes of each test case, int32 [z, organs, 4], by the small-organ threshold they were cut with
 AutoBoxes = Mapping[str, Mapping[int, np.ndarray]]
 
 
@@ -57,22 +57,22 @@ def in_table_order(rows: Iterable[Row]) -> list[Row]:
     return sorted(rows, key=lambda row: ROW_ORDER.index(row.kind))
 
 
-def file_order_flare22(pred: np.ndarray, gt: np.ndarray, geometry: Geometry) -> dict[str, dict[str, float]]:
+def file_order_flare22(pred: np.ndarray, gt: np.ndarray, geometry: Geometry, organs: tuple[Organ, ...] = FLARE22.organs) -> dict[str, dict[str, float]]:
     """FLARE22 scores of canonical arrays, computed exactly as `flaresam score` scores the written files."""
     from flaresam.metrics import flare22_file_order
 
-    return flare22_file_order(geometry.from_canonical(pred), geometry.from_canonical(gt), geometry)
+    return flare22_file_order(geometry.from_canonical(pred), geometry.from_canonical(gt), geometry, organs)
 
 
 def score_row(row: Row, cases: Mapping[str, PreparedCase], predict: Predictor, on_case: OnCase,
-              shown: list[tuple[str, int]]) -> Row:
+              shown: list[tuple[str, int]], organs: tuple[Organ, ...] = FLARE22.organs) -> Row:
     """Predict every test case with ``predict(case)`` and score it: 2D Dice and FLARE22, one definition each.
 
-    Only the slices in ``shown`` (the overlay figure's) are kept.
+    ``organs``: the store's label set. Only the slices in ``shown`` (the overlay figure's) are kept.
     """
     from flaresam.metrics import SliceDice, summarize
 
-    acc = SliceDice()
+    acc = SliceDice(organs)
     scored = []
     slices = 0
     for cid, case in cases.items():
@@ -82,9 +82,9 @@ def score_row(row: Row, cases: Mapping[str, PreparedCase], predict: Predictor, o
         row.predictions[cid] = {z: pred[z].copy() for c, z in shown if c == cid}
         acc.update(pred, label)  # every slice of the volume (docs/protocols.md, "2D Dice")
         slices += int(label.shape[0])
-        scored.append({"case": cid, "organs": file_order_flare22(pred, label, case.geometry)})
+        scored.append({"case": cid, "organs": file_order_flare22(pred, label, case.geometry, organs)})
     row.slice_dice = {**acc.result(), "slices": slices}
-    row.flare22 = {"cases": scored, **summarize(scored, "flare22")}
+    row.flare22 = {"cases": scored, **summarize(scored, "flare22", organs)}
     return row
 
 
@@ -112,9 +112,9 @@ def oracle_predictor(step: ModelStep, device: torch.device) -> Predictor:
 
 
 def dense_predictor(step: ModelStep, device: torch.device, proposals: dict[str, dict[int, np.ndarray]] | None = None,
-                    min_pixels: Iterable[int] = ()) -> Predictor:
+                    min_pixels: Iterable[int] = (), num_organs: int = FLARE22.num_organs) -> Predictor:
     """A dense model. With ``proposals``, each case's automatic boxes are kept from the same segmentation, should
-    the model become the proposer: int32 [z, 13, 4], one table per small-organ threshold in ``min_pixels``, not
+    the model become the proposer: int32 [z, organs, 4], one table per small-organ threshold in ``min_pixels``, not
     its label volumes."""
     from flaresam.predict.volume import predict_dense, proposal_boxes
 
@@ -123,7 +123,7 @@ def dense_predictor(step: ModelStep, device: torch.device, proposals: dict[str, 
     def predict(case: PreparedCase) -> np.ndarray:
         segmentation = predict_dense(step, np.asarray(case.image), device, BATCH_SIZE)
         if proposals is not None:
-            proposals[case.case_id] = {t: np.asarray(proposal_boxes(segmentation, t), dtype=np.int32) for t in thresholds}
+            proposals[case.case_id] = {t: np.asarray(proposal_boxes(segmentation, t, num_organs), dtype=np.int32) for t in thresholds}
         return segmentation
 
     return predict
@@ -155,18 +155,18 @@ def choose_proposer(dense: list[str], selected: Mapping[str, Mapping[str, Any]])
 # what the test cases hold
 
 
-def small_organ_pairs(cases: Mapping[str, PreparedCase], min_pixels: int) -> dict[str, Any]:
+def small_organ_pairs(cases: Mapping[str, PreparedCase], min_pixels: int, organs: tuple[Organ, ...] = FLARE22.organs) -> dict[str, Any]:
     """Ground-truth (slice, organ) pairs too small for a box prompt: they score 0 in every prompted row and box fill."""
     pixels = np.concatenate([np.asarray(c.pixels) for c in cases.values()])
     present = pixels > 0
     small = present & (pixels < min_pixels)
     return {"min_pixels": min_pixels, "pairs_without_box": int(small.sum()), "ground_truth_pairs": int(present.sum()),
-            "per_organ": {o.name: int(small[:, k].sum()) for k, o in enumerate(ORGANS)}}
+            "per_organ": {o.name: int(small[:, o.id - 1].sum()) for o in organs}}
 
 
-def figure5_slices(cases: Mapping[str, PreparedCase], n: int = 4) -> list[tuple[str, int]]:
-    """Test slices for the overlay grid: those showing the most thin structures, then the most organs."""
-    thin_ids = [BY_NAME[t].id - 1 for t in THIN]
+def figure5_slices(cases: Mapping[str, PreparedCase], n: int = 4, organs: tuple[Organ, ...] = FLARE22.organs) -> list[tuple[str, int]]:
+    """Test slices for the overlay grid: those showing the most thin structures (of ``organs``), then the most organs."""
+    thin_ids = [o.id - 1 for o in organs if o.name in THIN]
     scored = []
     for cid, case in cases.items():
         pixels = np.asarray(case.pixels)

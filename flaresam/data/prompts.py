@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from flaresam.errors import UsageError
-from flaresam.organs import NUM_ORGANS
 
 DEFAULT_JITTER_PX = 20
 SAM_FRAME = 1024  # the official SAM input size: jitter is counted in its pixels
@@ -46,7 +45,7 @@ class PromptConfig:
 
 @dataclass
 class SlicePrompts:
-    organs: np.ndarray  # int64 [K], organ ids 1..13
+    organs: np.ndarray  # int64 [K], organ ids 1..N
     boxes: np.ndarray  # int32 [K, 4], tight boxes in slice pixels (inclusive)
     masks: np.ndarray  # bool [K, H, W], the target of each prompt
 
@@ -73,17 +72,17 @@ def slice_prompts(
 ) -> SlicePrompts:
     """Box prompts and target masks of one label slice [H, W].
 
-    ``boxes`` [13, 4] and ``pixels`` [13] are the prepared store's per-slice
+    ``boxes`` [N, 4] and ``pixels`` [N] are the prepared store's per-slice
     tables; given, the per-organ case needs no scan of the slice for boxes.
     """
     label = np.asarray(label)
     h, w = label.shape
     if pixels is None or boxes is None:
-        counts = np.bincount(label.ravel(), minlength=NUM_ORGANS + 1)[1 : NUM_ORGANS + 1]
-        present = [o + 1 for o in range(NUM_ORGANS) if counts[o] >= config.min_pixels]
+        counts = np.bincount(label.ravel())[1:]
+        present = [o + 1 for o in range(len(counts)) if counts[o] >= config.min_pixels]
         box_of = {o: _tight_box(label == o) for o in present}
     else:
-        present = [o + 1 for o in range(NUM_ORGANS) if pixels[o] >= config.min_pixels]
+        present = [o + 1 for o in range(len(pixels)) if pixels[o] >= config.min_pixels]
         box_of = {o: _box_tuple(boxes[o - 1]) for o in present}
 
     organs: list[int] = []
@@ -121,7 +120,7 @@ def slice_prompts(
 
 
 def oracle_boxes(boxes: np.ndarray, pixels: np.ndarray, min_pixels: int = DEFAULT_MIN_PIXELS) -> np.ndarray:
-    """The ground-truth box prompts of slices: ``boxes`` int32 [n, 13, 4] with organs below ``min_pixels`` removed (-1).
+    """The ground-truth box prompts of slices: ``boxes`` int32 [n, N, 4] with organs below ``min_pixels`` removed (-1).
 
     ``boxes`` and ``pixels`` are the prepared store's tables; the rule is the one
     :func:`slice_prompts` applies in training.
@@ -134,7 +133,7 @@ def oracle_boxes(boxes: np.ndarray, pixels: np.ndarray, min_pixels: int = DEFAUL
 def box_fill(boxes: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The baseline without a model: every box prompt filled with its organ, a label volume uint8 ``shape``.
 
-    ``boxes`` int32 [z, 13, 4] (inclusive, -1 = none). Where boxes overlap, the
+    ``boxes`` int32 [z, N, 4] (inclusive, -1 = none). Where boxes overlap, the
     smaller box is painted last and wins, so a small organ inside a large one's
     box stays visible (the choice that favours the baseline).
     """

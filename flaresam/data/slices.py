@@ -1,13 +1,13 @@
 """Axial slices of the prepared store as training items for the dense models (U-Net, DeepLabV3+).
 
 An item is one windowed slice (or three adjacent slices for 2.5D context) with
-its 14-class label slice. Augmentation is light and seeded per item from
+its label slice (background + the label set's organs). Augmentation is light and seeded per item from
 ``(seed, epoch, index)``, never from a global RNG: the same epoch draws the same
 augmentations whatever the number of DataLoader workers, and a resumed run
 replays exactly what an uninterrupted one would have drawn.
 
 Left-right flips swap the paired organs (right/left kidney, right/left adrenal
-gland): a mirrored slice then still carries anatomically named labels, instead
+gland; any ``left_X``/``right_X`` pair of the store's label set): a mirrored slice then still carries anatomically named labels, instead
 of teaching the network that either kidney may be the left one.
 """
 
@@ -20,13 +20,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from flaresam.organs import BY_NAME, NUM_CLASSES
+from flaresam.organs import FLARE22
 
-# label LUT for a left-right mirror: paired organs trade names
-_PAIRS = (("right_kidney", "left_kidney"), ("right_adrenal_gland", "left_adrenal_gland"))
-MIRROR_LUT = np.arange(NUM_CLASSES, dtype=np.int64)
-for _a, _b in _PAIRS:
-    MIRROR_LUT[BY_NAME[_a].id], MIRROR_LUT[BY_NAME[_b].id] = BY_NAME[_b].id, BY_NAME[_a].id
+# the label LUT of a left-right mirror (paired organs trade names); the dataset's own comes from its label set
+MIRROR_LUT = FLARE22.mirror_lut
 
 
 def context_indices(z: int | np.ndarray, depth: int, context: int) -> np.ndarray:
@@ -72,6 +69,7 @@ def resample(
     angle: float = 0.0,
     zoom: float = 1.0,
     mirror: bool = False,
+    mirror_lut: np.ndarray = MIRROR_LUT,
 ) -> tuple[Any, Any]:
     """Rotate/scale/mirror and resize one item in a single resampling (bilinear image, nearest label).
 
@@ -92,7 +90,7 @@ def resample(
     lab = torch.from_numpy(np.array(label, dtype=np.float32))[None, None]
     out_lab = F.grid_sample(lab, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0].long()
     if mirror:
-        out_lab = torch.from_numpy(MIRROR_LUT)[out_lab]
+        out_lab = torch.from_numpy(mirror_lut)[out_lab]
     return out_img, out_lab
 
 
@@ -134,6 +132,7 @@ class DenseSliceDataset(Dataset[dict[str, Any]]):
         self.rotate_deg, self.scale, self.flip = rotate_deg, scale, flip
         self.epoch = 0
         store = PreparedStore(self.store_root)
+        self.mirror_lut = store.label_set.mirror_lut
         self.case_ids = list(case_ids)
         index: list[tuple[int, int]] = []
         for ci, cid in enumerate(self.case_ids):
@@ -173,7 +172,7 @@ class DenseSliceDataset(Dataset[dict[str, Any]]):
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, int(i)])
             angle, zoom, mirror = augment_params(rng, self.rotate_deg, self.scale, self.flip)
-            img_t, lab_t = resample(image, label, out_size, angle, zoom, mirror)
+            img_t, lab_t = resample(image, label, out_size, angle, zoom, mirror, self.mirror_lut)
         elif self.size and (h, w) != out_size:
             img_t, lab_t = resample(image, label, out_size)
         else:

@@ -2,11 +2,11 @@
 
 ``flaresam prepare`` turns a raw dataset (NIfTI, FLARE22 or nnU-Net layout) into::
 
-    PREP/manifest.json           format, source, window, split (train/val case ids), fingerprint
+    PREP/manifest.json           format, source, window, label set, split (train/val/test case ids), fingerprint
     PREP/cases/CASE/image.npy    uint8 [z, y, x], windowed, canonical orientation
     PREP/cases/CASE/label.npy    uint8 [z, y, x], aligned to the image in physical space
-    PREP/cases/CASE/boxes.npy    int32 [z, 13, 4], tight box (x0, y0, x1, y1; inclusive) per slice and organ, -1 if absent
-    PREP/cases/CASE/pixels.npy   int32 [z, 13], organ pixel count per slice
+    PREP/cases/CASE/boxes.npy    int32 [z, N, 4], tight box (x0, y0, x1, y1; inclusive) per slice and organ, -1 if absent
+    PREP/cases/CASE/pixels.npy   int32 [z, N], organ pixel count per slice (N: the label set's organs)
     PREP/cases/CASE/meta.json    geometry of the source image, spacing, window, source files, fingerprint
 
 Plain ``.npy`` files load instantly with memory mapping, so training samples
@@ -36,9 +36,9 @@ import numpy as np
 from flaresam.data.window import DEFAULT_WINDOW, Window, apply_window, looks_like_hu
 from flaresam.errors import DataError, UsageError
 from flaresam.io.atomic import WriteError, atomic_write_text
-from flaresam.io.dataset import Case, discover_cases
+from flaresam.io.dataset import Case, dataset_label_set, discover_cases
 from flaresam.io.volume import Geometry, read_label, read_volume
-from flaresam.organs import NUM_ORGANS
+from flaresam.organs import FLARE22, NUM_ORGANS, LabelSet, recorded_label_set
 from flaresam.workers import die_with_parent
 
 FORMAT = "flaresam-prepared/1"
@@ -155,15 +155,21 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def prepare_case(case: Case, cases_dir: Path, window: Window) -> dict[str, Any]:
-    """Read, align, window and box one case; write it atomically as a folder. Returns its summary."""
+def prepare_case(case: Case, cases_dir: Path, window: Window, label_set: LabelSet = FLARE22) -> dict[str, Any]:
+    """Read, align, window and box one case; write it atomically as a folder. Returns its summary.
+
+    Label values outside the label set's 0..N are refused, naming the file and the values.
+    """
     image = read_volume(case.image)
     if case.label is None:
         raise DataError(f"{case.image}: no label for case {case.case_id}")
-    label = read_label(case.label, image.geometry, reference_path=case.image)
+    try:
+        label = read_label(case.label, image.geometry, reference_path=case.image, max_label=label_set.max_label)
+    except DataError as exc:
+        raise DataError(f"{exc} ({label_set.describe()}{', from ' + label_set.source if label_set.source else ''})") from None
     img8 = np.ascontiguousarray(apply_window(image.array, window))
     lab8 = np.ascontiguousarray(label.array, dtype=np.uint8)
-    boxes, pixels = slice_boxes(lab8)
+    boxes, pixels = slice_boxes(lab8, label_set.num_organs)
     meta = {
         "case": case.case_id,
         "geometry": image.geometry.to_dict(),
@@ -232,7 +238,7 @@ def _warn_not_hounsfield(metas: dict[str, dict[str, Any]]) -> None:
         )
 
 
-def _case_is_current(case: Case, cases_dir: Path, window: Window) -> dict[str, Any] | None:
+def _case_is_current(case: Case, cases_dir: Path, window: Window, num_organs: int) -> dict[str, Any] | None:
     meta_path = cases_dir / case.case_id / "meta.json"
     if not meta_path.is_file():
         return None
@@ -245,19 +251,19 @@ def _case_is_current(case: Case, cases_dir: Path, window: Window) -> dict[str, A
     # The sources are unchanged, but the store's own files may not be (a disk error,
     # an interrupted copy, a hand edit): only a case whose arrays load with the
     # recorded shapes and hash to the recorded fingerprint counts as done.
-    if not _case_arrays_intact(cases_dir / case.case_id, meta):
+    if not _case_arrays_intact(cases_dir / case.case_id, meta, num_organs):
         return None
     return meta
 
 
-def _case_arrays_intact(case_dir: Path, meta: dict[str, Any]) -> bool:
+def _case_arrays_intact(case_dir: Path, meta: dict[str, Any], num_organs: int) -> bool:
     try:
         z, y, x = (int(v) for v in meta["shape_zyx"])
         expected = {
             "image.npy": ((z, y, x), np.uint8),
             "label.npy": ((z, y, x), np.uint8),
-            "boxes.npy": ((z, NUM_ORGANS, 4), np.int32),
-            "pixels.npy": ((z, NUM_ORGANS), np.int32),
+            "boxes.npy": ((z, num_organs, 4), np.int32),
+            "pixels.npy": ((z, num_organs), np.int32),
         }
         arrays = {}
         for name, (shape, dtype) in expected.items():
@@ -279,8 +285,8 @@ class PreparedCase:
     case_id: str
     image: np.ndarray  # uint8 [z, y, x] (memory-mapped)
     label: np.ndarray  # uint8 [z, y, x] (memory-mapped)
-    boxes: np.ndarray  # int32 [z, 13, 4]
-    pixels: np.ndarray  # int32 [z, 13]
+    boxes: np.ndarray  # int32 [z, N, 4]
+    pixels: np.ndarray  # int32 [z, N]
     meta: dict[str, Any] = field(repr=False)
 
     @property
@@ -319,6 +325,11 @@ class PreparedStore:
     def window(self) -> Window:
         level, width = self.manifest["window"]
         return Window(float(level), float(width))
+
+    @property
+    def label_set(self) -> LabelSet:
+        """The organs its labels mean (FLARE22's for a store prepared before label sets were recorded)."""
+        return recorded_label_set(self.manifest.get("labels"))
 
     @property
     def case_ids(self) -> list[str]:
@@ -389,10 +400,13 @@ class PreparedStore:
         )
 
 
-def _dataset_fingerprint(metas: dict[str, dict[str, Any]]) -> str:
+def _dataset_fingerprint(metas: dict[str, dict[str, Any]], labels: LabelSet = FLARE22) -> str:
+    """The store's content hash; a label set other than FLARE22's is part of it (the same values, other organs, are other data)."""
     h = hashlib.blake2b(digest_size=16)
     for cid in sorted(metas):
         h.update(f"{cid}:{metas[cid]['fingerprint']};".encode())
+    if not labels.same_labels(FLARE22):
+        h.update(json.dumps([[o.id, o.name] for o in labels.organs]).encode())
     return h.hexdigest()
 
 
@@ -406,11 +420,15 @@ def prepare_dataset(
     workers: int | None = None,
     quiet: bool = False,
     on_case: Callable[[str, bool], None] | None = None,
+    label_set: LabelSet | None = None,
 ) -> PreparedStore:
     """Prepare ``data_dir`` into ``out_dir`` (incremental, idempotent, crash-safe).
 
     Finished cases whose source files and window are unchanged are skipped unless
-    ``force``. ``on_case(case_id, skipped)`` is called after each case. A store
+    ``force``. ``on_case(case_id, skipped)`` is called after each case.
+    ``label_set``: the organs (default: the dataset's ``labels.json`` /
+    ``dataset.json``, else FLARE22's); when it changed since, every case is
+    prepared again (its values are checked against the new table). A store
     keeps the split it was made with: runs trained on it rely on that split, so
     preparing it again with other split settings is refused.
     """
@@ -422,6 +440,10 @@ def prepare_dataset(
         raise UsageError(f"--out {out} exists and is not a folder")
     _check_same_split(out, split)
     cases = discover_cases(data_dir)
+    labels = label_set if label_set is not None else dataset_label_set(data_dir)
+    before = _recorded_labels(out)
+    if before is not None and not labels.same_labels(before):
+        force = True  # the values mean other organs now: every case is checked and boxed again
     cases_dir = out / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
     for leftover in cases_dir.glob(".*.partial-*"):
@@ -430,7 +452,7 @@ def prepare_dataset(
     metas: dict[str, dict[str, Any]] = {}
     todo: list[Case] = []
     for case in cases:
-        meta = None if force else _case_is_current(case, cases_dir, window)
+        meta = None if force else _case_is_current(case, cases_dir, window, labels.num_organs)
         if meta is None:
             todo.append(case)
         else:
@@ -443,13 +465,13 @@ def prepare_dataset(
         task = bar.add_task("Preparing cases", total=len(cases), completed=len(metas))
         if n_workers == 1:
             for case in todo:
-                metas[case.case_id] = prepare_case(case, cases_dir, window)
+                metas[case.case_id] = prepare_case(case, cases_dir, window, labels)
                 bar.advance(task)
                 if on_case:
                     on_case(case.case_id, False)
         elif todo:
             with ProcessPoolExecutor(max_workers=n_workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-                futures = {pool.submit(prepare_case, c, cases_dir, window): c for c in todo}
+                futures = {pool.submit(prepare_case, c, cases_dir, window, labels): c for c in todo}
                 for fut in as_completed(futures):
                     case = futures[fut]
                     metas[case.case_id] = fut.result()
@@ -463,6 +485,7 @@ def prepare_dataset(
         "format": FORMAT,
         "source": str(Path(data_dir).resolve()),
         "window": window.to_list(),
+        "labels": labels.to_dict(),
         **split.to_dict(),
         "split": split_cases(ids, split),
         "synthetic": read_marker(Path(data_dir)) is not None,  # flaresam's own phantoms: every report says so
@@ -476,7 +499,7 @@ def prepare_dataset(
             }
             for cid in ids
         },
-        "fingerprint": _dataset_fingerprint(metas),
+        "fingerprint": _dataset_fingerprint(metas, labels),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     # cases that vanished from the source no longer belong to the store
@@ -484,6 +507,14 @@ def prepare_dataset(
         if d.is_dir() and not d.name.startswith(".") and d.name not in metas:
             shutil.rmtree(d)
     return PreparedStore(out)
+
+
+def _recorded_labels(out: Path) -> LabelSet | None:
+    """The label set an existing store at ``out`` was prepared with (None: no readable store there)."""
+    try:
+        return PreparedStore(out).label_set
+    except (DataError, ValueError, TypeError, KeyError):
+        return None
 
 
 def recorded_split(manifest: dict[str, Any]) -> dict[str, Any]:

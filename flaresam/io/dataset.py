@@ -6,6 +6,9 @@ Two layouts are understood:
   one or two folders down (the challenge's own ``FLARE22_LabeledCase50/``);
 * nnU-Net: ``DIR/imagesTr/NAME_0000.nii.gz`` with ``DIR/labelsTr/NAME.nii.gz``.
 
+The organs come from a ``labels.json`` or nnU-Net ``dataset.json`` at the
+dataset's root or beside its images folder; FLARE22's table when there is none.
+
 A case pairs by name: the image without its ``_0000`` channel suffix is the
 label's name. Unpaired files are an error that lists them, never skipped.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from flaresam.errors import DataError
 from flaresam.io.volume import is_volume_file, strip_volume_suffix
+from flaresam.organs import FLARE22, LabelSet, LabelSetError, find_label_file, read_label_set
 
 LAYOUTS: tuple[tuple[str, str], ...] = (("images", "labels"), ("imagesTr", "labelsTr"))
 CHANNEL_SUFFIX = "_0000"
@@ -105,3 +109,32 @@ def discover_cases(root: str | os.PathLike[str], require_labels: bool = True) ->
 def _listing(names: list[str], limit: int = 10) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def label_file(root: str | os.PathLike[str]) -> Path | None:
+    """The ``labels.json`` / ``dataset.json`` that names a dataset's organs: at ``root`` or beside its images folder.
+
+    ``root`` may be the label file itself, or a folder of labels (``labelsTr/``), whose dataset's file is one up.
+    """
+    root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".json":
+        return root
+    if root.is_file():
+        return find_label_file([root.parent, root.parent.parent])
+    if not root.is_dir():
+        return None
+    folders = [root, *(images.parent for images, _ in find_layout_roots(root))]
+    if root.name in {lab for _, lab in LAYOUTS}:
+        folders.append(root.parent)
+    return find_label_file(dict.fromkeys(folders))
+
+
+def dataset_label_set(root: str | os.PathLike[str]) -> LabelSet:
+    """The organs of the dataset at ``root`` (a folder, or the label file itself); FLARE22's when it names none."""
+    found = label_file(root)
+    if found is None:
+        return FLARE22
+    try:
+        return read_label_set(found)
+    except LabelSetError as exc:
+        raise DataError(str(exc)) from None

@@ -33,6 +33,7 @@ import numpy as np
 
 from flaresam.errors import DataError, UsageError
 from flaresam.io.atomic import atomic_path
+from flaresam.io.dicom import DicomSeries, list_series, read_series
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # outputs are single files: a .mhd/.nhdr header would point at a temporary data file
@@ -460,29 +461,34 @@ def borrowed_array(image: Any) -> np.ndarray:
     return view
 
 
-def read_image(path: str | os.PathLike[str], pixel_type: Any = None) -> Any:
-    """Read a 3D image file or a DICOM series folder with SimpleITK; clear errors otherwise."""
+def _only_series(folder: Path) -> DicomSeries:
+    """The one image series of a DICOM folder; DataError when there are several (never pick one silently)."""
+    found = list_series(folder)
+    if len(found) > 1:
+        uids = ", ".join(s.uid for s in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise DataError(
+            f"{folder}: holds {len(found)} DICOM series (uids {uids}); `flaresam predict` given this folder predicts"
+            " each series on its own, other uses need a folder holding one series"
+        )
+    return found[0]
+
+
+def read_image(path: str | os.PathLike[str] | DicomSeries, pixel_type: Any = None) -> Any:
+    """Read a 3D image file, a one-series DICOM folder or a :class:`DicomSeries` with SimpleITK; clear errors otherwise."""
     sitk = _sitk()
-    p = Path(path)
+    p = Path(path)  # a DicomSeries is path-like: its folder
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     if p.is_file():
         check_complete(p)
     try:
-        if p.is_dir():
-            # (reads are not wrapped in _c_stderr_silenced: they run in predict's read-ahead thread,
-            # and the main thread's own stderr lines must not vanish meanwhile; with ITK's warnings
-            # off and check_complete first, reads print nothing of their own)
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
-            if not series:
-                raise DataError(f"{p}: folder holds no DICOM series (nor a scan file ITK reads)")
-            # several series in one folder: take the one with the most slices
-            files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), s) for s in series), key=len)
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            if pixel_type is not None:
-                reader.SetOutputPixelType(pixel_type)
-            image = reader.Execute()
+        # (reads are not wrapped in _c_stderr_silenced: they run in predict's read-ahead thread,
+        # and the main thread's own stderr lines must not vanish meanwhile; with ITK's warnings
+        # off and check_complete first, reads print nothing of their own)
+        if isinstance(path, DicomSeries):
+            image = read_series(path, pixel_type)
+        elif p.is_dir():
+            image = read_series(_only_series(p), pixel_type)
         else:
             image = sitk.ReadImage(str(p), pixel_type) if pixel_type is not None else sitk.ReadImage(str(p))
     except DataError:

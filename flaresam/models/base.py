@@ -79,7 +79,7 @@ class ModelStep(ABC):
 
         ``volume`` is the windowed uint8 [z, y, x] case (dense models may read
         neighbouring slices for 2.5D context); ``boxes`` is int32
-        [len(indices), 13, 4] (x0, y0, x1, y1 inclusive, -1 = no prompt) for
+        [len(indices), organs, 4] (x0, y0, x1, y1 inclusive, -1 = no prompt) for
         prompted models and ignored by dense ones.
         """
 

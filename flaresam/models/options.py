@@ -42,6 +42,10 @@ class ModelOptions:
         """The JSON-serialisable settings that rebuild the network (without the family's name)."""
         return {name: getattr(self, name) for name in self.config_fields()}
 
+    def for_organs(self: OptionsT, num_organs: int) -> OptionsT:
+        """These options for a dataset of ``num_organs`` organs (a family whose outputs are per class says so here)."""
+        return self
+
     @classmethod
     def from_cli(cls: type[OptionsT], values: Mapping[str, Any]) -> OptionsT:
         """Options from command-line values: ``None`` (not given) keeps the field's default."""

@@ -120,11 +120,17 @@ def parse_options(name: str, options: Mapping[str, Any], restore: bool = False) 
     return dataclasses.replace(parsed, **s.restore) if restore else parsed
 
 
-def build_step(name: str, restore: bool = False, quiet: bool = False, **options: Any) -> ModelStep:
-    """Build the :class:`ModelStep` of family ``name`` from command-line options (None = the family's default)."""
+def build_step(name: str, restore: bool = False, quiet: bool = False, num_organs: int | None = None, **options: Any) -> ModelStep:
+    """Build the :class:`ModelStep` of family ``name`` from command-line options (None = the family's default).
+
+    ``num_organs``: the training data's label set size (a dense model's output channels); None keeps the default (FLARE22's 13).
+    """
     from flaresam.models.base import ModelStep
 
-    step = spec(name).builder()(name, parse_options(name, options, restore), quiet=quiet)
+    parsed = parse_options(name, options, restore)
+    if num_organs is not None:
+        parsed = parsed.for_organs(num_organs)
+    step = spec(name).builder()(name, parsed, quiet=quiet)
     if not isinstance(step, ModelStep):
         raise TypeError(f"{type(step).__name__} is not a ModelStep")
     return step

@@ -13,8 +13,7 @@ import numpy as np
 from flaresam.data.store import slice_boxes
 from flaresam.errors import DataError
 from flaresam.io.volume import Geometry
-from flaresam.organs import NUM_ORGANS, Organ
-from flaresam.organs import organ as lookup_organ
+from flaresam.organs import FLARE22, NUM_ORGANS, LabelSet, Organ
 
 if TYPE_CHECKING:
     from flaresam.models.base import ModelStep
@@ -25,7 +24,7 @@ def largest_components(label: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     out = np.zeros_like(label)
-    for idx, sl in enumerate(ndimage.find_objects(label, max_label=NUM_ORGANS)):
+    for idx, sl in enumerate(ndimage.find_objects(label, max_label=int(label.max(initial=0)))):
         if sl is None:
             continue
         mask = label[sl] == idx + 1
@@ -45,10 +44,11 @@ class LabelPrompts:
     label: np.ndarray
     min_pixels: int = 1
 
-    def slice_boxes(self) -> np.ndarray:
+    def slice_boxes(self, num_organs: int = NUM_ORGANS) -> np.ndarray:
+        """int32 [z, num_organs, 4]: each organ's tight box on each slice where it has ``min_pixels`` pixels."""
         from flaresam.data.prompts import oracle_boxes
 
-        return oracle_boxes(*slice_boxes(self.label), max(self.min_pixels, 1))
+        return oracle_boxes(*slice_boxes(self.label, num_organs), max(self.min_pixels, 1))
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,8 @@ def _file_index_to_world(points: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.asarray(geometry.origin) + (geometry.matrix @ (points * np.asarray(geometry.spacing)).T).T
 
 
-def load_boxes_json(path: str | os.PathLike[str], geometry: Geometry) -> BoxPrompts:
-    """Read a ``boxes.json`` (see docs/prompts.md) into canonical 3D boxes on ``geometry``'s grid.
+def load_boxes_json(path: str | os.PathLike[str], geometry: Geometry, labels: LabelSet = FLARE22) -> BoxPrompts:
+    """Read a ``boxes.json`` (see docs/prompts.md) into canonical 3D boxes on ``geometry``'s grid; organs are ``labels``'.
 
     Schema::
 
@@ -114,6 +114,12 @@ def load_boxes_json(path: str | os.PathLike[str], geometry: Geometry) -> BoxProm
         raise DataError(f"{p}: no such boxes file") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{p}: not a valid boxes JSON ({exc})") from None
+    return boxes_from_spec(spec, geometry, labels, str(p))
+
+
+def boxes_from_spec(spec: Any, geometry: Geometry, labels: LabelSet = FLARE22, source: str = "boxes") -> BoxPrompts:
+    """The boxes of a parsed ``boxes.json`` document (what the Python API takes as a dict)."""
+    p = source
     if not isinstance(spec, dict) or not isinstance(spec.get("boxes"), list):
         raise DataError(f"{p}: expected {{\"space\": ..., \"boxes\": [...]}}")
     space = spec.get("space", "world")
@@ -125,7 +131,7 @@ def load_boxes_json(path: str | os.PathLike[str], geometry: Geometry) -> BoxProm
     out: list[Box3D] = []
     seen: dict[str, int] = {}
     for n, entry in enumerate(spec["boxes"]):
-        org, lo, hi = _box_entry(p, n, entry)
+        org, lo, hi = _box_entry(p, n, entry, labels)
         if org.name in seen:  # docs/prompts.md: at most one box per organ
             raise DataError(f"{p}: box {n} is a second box for {org.name} (box {seen[org.name]} is the first); give one box per organ")
         seen[org.name] = n
@@ -144,7 +150,7 @@ def load_boxes_json(path: str | os.PathLike[str], geometry: Geometry) -> BoxProm
     return BoxPrompts(out)
 
 
-def _box_entry(p: Path, n: int, entry: Any) -> tuple[Organ, np.ndarray, np.ndarray]:
+def _box_entry(p: str, n: int, entry: Any, labels: LabelSet) -> tuple[Organ, np.ndarray, np.ndarray]:
     """One boxes.json entry, strictly typed: an organ name and two lists of three finite numbers."""
     need = f"{p}: box {n} needs 'organ' (a name), 'min' [x, y, z] and 'max' [x, y, z]"
     if not isinstance(entry, dict) or not all(k in entry for k in ("organ", "min", "max")):
@@ -153,7 +159,7 @@ def _box_entry(p: Path, n: int, entry: Any) -> tuple[Organ, np.ndarray, np.ndarr
     if isinstance(name, bool) or not isinstance(name, (str, int)):  # json true == 1 would be organ 1 (liver)
         raise DataError(f"{need}; 'organ' is {json.dumps(name)}")
     try:
-        org = lookup_organ(name)
+        org = labels.organ(name)
     except (KeyError, ValueError) as exc:
         raise DataError(f"{need} ({exc})") from None
     corners = []

@@ -7,23 +7,23 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, Union
 
-from flaresam.data.window import Window, looks_like_hu
+from flaresam.data.window import looks_like_hu
 from flaresam.errors import DataError, UsageError
 from flaresam.io.atomic import refuse_overwrite
 from flaresam.io.volume import Volume
 from flaresam.messages import Notify, silent
-from flaresam.models.options import InferenceOptions
-from flaresam.organs import ORGANS, Organ
-from flaresam.predict.model import checkpoint_window, load_model, provenance_note
-from flaresam.predict.prompts import BoxPrompts, LabelPrompts, ProposerPrompts, load_boxes_json
-from flaresam.predict.volume import DEFAULT_BATCH, organ_statistics, predict_volume
+from flaresam.organs import LabelSet, Organ
+from flaresam.predict.prompts import BoxPrompts, LabelPrompts, load_boxes_json
+from flaresam.predict.segmenter import Segmenter
+from flaresam.predict.volume import DEFAULT_BATCH, organ_statistics
 
 if TYPE_CHECKING:
     import torch
 
-    from flaresam.models.base import ModelStep
+    from flaresam.io.dicom import DicomSeries
+    from flaresam.training.devices import Dist
 
 T = TypeVar("T")
 
@@ -37,24 +37,35 @@ class PredictRequest:
     boxes: Path | None = None
     proposer: str | None = None
     runs: Path = Path("runs")
-    organs: tuple[Organ, ...] = ORGANS
+    organs: str | None = None  # "liver,spleen" or "1,3" among the model's organs; None: all
+    labels: LabelSet | Path | None = None  # the organs' table (a zero-shot SAM's; a run's must match it)
     preview: Path | None = None
     stats: Path | None = None
     device: str = "auto"
     batch_size: int = DEFAULT_BATCH
     full_frame: bool = False  # SAM: decode masks on the whole slice, not in windows around their boxes
     quiet: bool = False
+    format: str | None = None  # "nifti" or "dicom-seg"; None: from --out's suffix (.dcm: dicom-seg), else nifti
+
+    @property
+    def output_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        return DICOM_SEG if self.out is not None and self.out.suffix.lower() == ".dcm" else NIFTI
 
 
-def output_name(scan: Path) -> str:
-    """FLARE22 label naming: ``NAME_0000.nii.gz`` -> ``NAME.nii.gz`` (so `flaresam score` pairs it)."""
-    from flaresam.io.dataset import case_id_from_image
-
-    return f"{case_id_from_image(scan)}.nii.gz"
+NIFTI, DICOM_SEG = "nifti", "dicom-seg"
+FORMATS = (NIFTI, DICOM_SEG)
+Scan = Union[Path, "DicomSeries"]  # a scan file or DICOM folder, or one series of a folder that holds several
 
 
-def _scan_inputs(scan: Path) -> list[Path]:
-    """A scan file, a DICOM folder, or a folder of scan files (and DICOM sub-folders)."""
+def output_name(scan: Scan, fmt: str = NIFTI) -> str:
+    """FLARE22 label naming: ``NAME_0000.nii.gz`` -> ``NAME.nii.gz`` (so `flaresam score` pairs it); ``NAME.dcm`` for a SEG."""
+    return f"{_stem(scan)}{'.dcm' if fmt == DICOM_SEG else '.nii.gz'}"
+
+
+def _scan_inputs(scan: Path) -> list[Scan]:
+    """A scan file, a DICOM folder, or a folder of scan files (and DICOM sub-folders); a folder of several series gives each."""
     from flaresam.io.dataset import volume_files
 
     if not scan.exists():
@@ -63,11 +74,22 @@ def _scan_inputs(scan: Path) -> list[Path]:
         return [scan]
     files = [p for p in volume_files(scan) if "_seg." not in p.name]  # not our own earlier outputs
     if files:
-        return files
+        return list(files)
     subdirs = sorted(p for p in scan.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subdirs and not any(p.is_file() and p.suffix.lower() == ".dcm" for p in scan.iterdir()):
-        return subdirs
-    return [scan]  # a DICOM series folder
+        return [s for d in subdirs for s in _series_of(d)]
+    return _series_of(scan)
+
+
+def _series_of(folder: Path) -> list[Scan]:
+    """A DICOM folder: itself when it holds one series, each series on its own when several (never merged)."""
+    from flaresam.io.dicom import list_series
+
+    try:
+        series = list_series(folder)
+    except DataError:
+        return [folder]  # reading it says what is wrong, naming it (in a folder run, without stopping the others)
+    return [folder] if len(series) == 1 else list(series)
 
 
 def _check_ct(volume: Volume) -> str | None:
@@ -78,7 +100,7 @@ def _check_ct(volume: Volume) -> str | None:
     return None
 
 
-def _read_ahead(pool: ThreadPoolExecutor, scans: list[Path], read: Callable[[Path], T]) -> Iterator[tuple[Path, T]]:
+def _read_ahead(pool: ThreadPoolExecutor, scans: list[Scan], read: Callable[[Scan], T]) -> Iterator[tuple[Scan, T]]:
     """(scan, volume) pairs; each scan is read in ``pool`` while the caller works on the one before.
 
     The first read starts now, so it overlaps building the model (a 29 MB CT
@@ -87,7 +109,7 @@ def _read_ahead(pool: ThreadPoolExecutor, scans: list[Path], read: Callable[[Pat
     """
     future = pool.submit(read, scans[0])
 
-    def pairs() -> Iterator[tuple[Path, T]]:
+    def pairs() -> Iterator[tuple[Scan, T]]:
         nonlocal future
         for i, scan in enumerate(scans):
             image = future.result()
@@ -102,19 +124,61 @@ def run_prediction(req: PredictRequest, notify: Notify = silent) -> list[Path]:
     """Resolve the model and prompt source, predict every scan, write labels (+ preview/stats).
 
     ``notify(level, text)`` hears which run was picked and what to beware of
-    (:mod:`flaresam.messages`); the command line prints it. Returns the files written.
+    (:mod:`flaresam.messages`); the command line prints it. Returns the files
+    written. Under ``torchrun`` the scans are shared out between the processes
+    (each predicted once, by one of them) and rank 0 returns and reports what
+    all of them wrote.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flaresam-read") as pool:
-        return _run_prediction(req, pool, notify)
+    from flaresam.training.devices import init_distributed
+
+    dist, device = init_distributed(req.device)
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flaresam-read") as pool:
+            return _run_prediction(req, pool, notify if dist.main else silent, dist, device)
+    finally:
+        if dist.active:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
-def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notify) -> list[Path]:
-    from flaresam.io.volume import read_volume
-    from flaresam.training.devices import pick_device
+def _find_model(req: PredictRequest, notify: Notify) -> str:
+    """``--model``, or the most recent finished run under ``--runs``."""
     from flaresam.training.run_folder import find_latest_run
 
+    if req.model is not None:
+        return req.model
+    found = find_latest_run(req.runs)
+    if found is None:
+        raise DataError(
+            f"no finished run under {req.runs}/ and no --model given: train one first, e.g. "
+            "`flaresam finetune --data DATA --model unet`, or pass --model RUN_DIR"
+        )
+    notify("info", f"Using the most recent finished run: {found}")
+    return str(found)
+
+
+def _find_proposer(req: PredictRequest, notify: Notify) -> str:
+    """``--proposer``, or the most recent finished dense run under ``--runs``."""
+    from flaresam.training.run_folder import find_latest_run
+
+    if req.proposer is not None:
+        return req.proposer
+    found = find_latest_run(req.runs, prompted=False)
+    if found is None:
+        raise DataError(
+            "this SAM-family model needs prompts: give --prompts-from LABEL or --boxes BOXES.json, "
+            f"or train a dense proposer first (`flaresam finetune --model unet`); none found under {req.runs}/"
+        )
+    notify("info", f"Automatic boxes from the most recent dense run: {found}")
+    return str(found)
+
+
+def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notify, dist: Dist, device: torch.device) -> list[Path]:
+    from flaresam.io.volume import read_volume
+
     scans = _scan_inputs(Path(req.scan))
-    many = len(scans) > 1 or (Path(req.scan).is_dir() and scans[0] != Path(req.scan))
+    many = len(scans) > 1 or (Path(req.scan).is_dir() and not (isinstance(scans[0], Path) and scans[0] == Path(req.scan)))
     if many and req.out is not None and req.out.suffix:
         raise DataError(f"{req.scan} holds {len(scans)} scans: --out must be a folder, not {req.out}")
     one_file = req.prompts_from or req.boxes
@@ -122,53 +186,29 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notif
         raise DataError("--prompts-from/--boxes name one file: predict scans one at a time, or use a dense --proposer")
 
     _check_outputs(req, scans, many)  # a bad -o fails now, not after the whole prediction
+    mine = scans[dist.rank :: dist.world]  # under torchrun each process predicts its share; alone, all of them
 
-    def read_or_error(path: Path) -> Volume | DataError:
+    def read_or_error(path: Scan) -> Volume | DataError:
         # in a folder run one bad scan must not stop the others: its error is kept and reported
         try:
             return read_volume(path)
         except DataError as exc:
             return exc
 
-    device = pick_device(req.device)
-    reads = _read_ahead(pool, scans, read_or_error)
-    model_spec = req.model
-    if model_spec is None:
-        found = find_latest_run(req.runs)
-        if found is None:
-            raise DataError(
-                f"no finished run under {req.runs}/ and no --model given: train one first, e.g. "
-                "`flaresam finetune --data DATA --model unet`, or pass --model RUN_DIR"
-            )
-        model_spec = str(found)
-        notify("info", f"Using the most recent finished run: {found}")
-    step, ckpt = load_model(model_spec, device)
-    note = provenance_note(ckpt)
-    if note:
-        notify("warn", f"{model_spec}: {note}")
+    reads = _read_ahead(pool, mine, read_or_error) if mine else iter(())
+    model_spec = _find_model(req, notify)
+    segmenter = Segmenter.load(model_spec, device=str(device), labels=req.labels)
+    if segmenter.note:
+        notify("warn", f"{model_spec}: {segmenter.note}")
+    if not segmenter.step.prompted and (req.prompts_from or req.boxes or req.proposer):
+        notify("warn", f"{model_spec} is a dense model ({segmenter.step.name}): it needs no prompts; --prompts-from/--boxes/--proposer are ignored")
+    if segmenter.step.prompted and not (req.prompts_from or req.boxes):
+        segmenter = segmenter.with_proposer(_find_proposer(req, notify))
+    organs = segmenter.organs(req.organs)
+    quiet = req.quiet or not dist.main
 
-    proposer_step = None
-    if not step.prompted and (req.prompts_from or req.boxes or req.proposer):
-        notify("warn", f"{model_spec} is a dense model ({step.name}): it needs no prompts; --prompts-from/--boxes/--proposer are ignored")
-    if step.prompted and not (req.prompts_from or req.boxes):
-        prop = req.proposer
-        if prop is None:
-            found = find_latest_run(req.runs, prompted=False)
-            if found is None:
-                raise DataError(
-                    "this SAM-family model needs prompts: give --prompts-from LABEL or --boxes BOXES.json, "
-                    f"or train a dense proposer first (`flaresam finetune --model unet`); none found under {req.runs}/"
-                )
-            prop = str(found)
-            notify("info", f"Automatic boxes from the most recent dense run: {found}")
-        proposer_step, _ = load_model(prop, device)
-        if proposer_step.prompted:
-            raise DataError(f"--proposer {prop} is a prompted model; it must be a dense run (unet/deeplab)")
-
-    window = checkpoint_window(ckpt)
-
-    written: list[Path] = []
-    failed: list[tuple[Path, str]] = []
+    written: list[tuple[Scan, list[Path]]] = []  # (scan, its outputs)
+    failed: list[tuple[Scan, str]] = []
     for scan, image in reads:
         if isinstance(image, DataError):
             if not many:
@@ -176,20 +216,28 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notif
             failed.append((scan, str(image)))
             continue
         try:
-            written.extend(_predict_one(req, scan, image, step, proposer_step, window, device, many, notify))
-        except DataError as exc:
+            written.append((scan, _predict_one(req, scan, image, segmenter, organs, many, quiet, notify)))
+        except Exception as exc:  # a folder keeps going past a bad scan, and reports it by name
             if not many:
                 raise
-            failed.append((scan, str(exc)))
+            failed.append((scan, str(exc) if isinstance(exc, DataError) else f"{scan}: {type(exc).__name__}: {exc}"))
+    if dist.active:  # rank 0 reports for all
+        parts = dist.gather((written, failed))
+        if not dist.main:
+            return []
+        written = [w for part, _ in parts for w in part]
+        failed = [f for _, part in parts for f in part]
+    order = {scan: i for i, scan in enumerate(scans)}  # in the folder's order, whoever predicted what
+    files = [f for _, fs in sorted(written, key=lambda w: order[w[0]]) for f in fs]
     if failed:
-        raise PartialPrediction(written, failed, len(scans))
-    return written
+        raise PartialPrediction(files, sorted(failed, key=lambda f: order[f[0]]), len(scans))
+    return files
 
 
 class PartialPrediction(DataError):
     """Some scans of a folder failed; ``written`` lists what the others produced (exit 1)."""
 
-    def __init__(self, written: list[Path], failed: list[tuple[Path, str]], total: int) -> None:
+    def __init__(self, written: list[Path], failed: list[tuple[Scan, str]], total: int) -> None:
         self.written, self.failed = written, failed
         first = failed[0][1]
         more = f" (and {len(failed) - 1} more: {', '.join(p.name for p, _ in failed[1:4])}{', ...' if len(failed) > 4 else ''})" if len(failed) > 1 else ""
@@ -197,30 +245,44 @@ class PartialPrediction(DataError):
         super().__init__(f"{len(failed)} of {total} scans failed, {ok} written: {first}{more}")
 
 
-def _outputs_of(req: PredictRequest, scan: Path, many: bool) -> tuple[Path, Path | None, Path | None]:
+def _outputs_of(req: PredictRequest, scan: Scan, many: bool) -> tuple[Path, Path | None, Path | None]:
     """(label file, stats file or None, preview file or None) for ``scan``."""
+    fmt = req.output_format
+    beside = Path(scan).parent / f"{_stem(scan)}_seg{'.dcm' if fmt == DICOM_SEG else '.nii.gz'}"
     if many:
-        target = req.out / output_name(scan) if req.out else scan.parent / f"{_stem(scan)}_seg.nii.gz"
+        target = req.out / output_name(scan, fmt) if req.out else beside
     else:
-        target = req.out or scan.parent / f"{_stem(scan)}_seg.nii.gz"
+        target = req.out or beside
     stats = None if not req.stats else (req.stats if not many else req.stats.parent / f"{_stem(scan)}_{req.stats.name}")
     png = None if not req.preview else (req.preview if not many else req.preview.parent / f"{_stem(scan)}_{req.preview.name}")
     return target, stats, png
 
 
-def _check_outputs(req: PredictRequest, scans: list[Path], many: bool) -> None:
+def _check_outputs(req: PredictRequest, scans: list[Scan], many: bool) -> None:
     """Refuse, before any work, outputs that cannot be written or that would overwrite an input."""
     from flaresam.io.atomic import check_writable
     from flaresam.io.volume import check_writable_volume
 
+    fmt = req.output_format
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if many and req.out is not None and req.out.exists() and not req.out.is_dir():
         raise UsageError(f"{req.scan} holds {len(scans)} scans: --out must be a folder, and {req.out} is a file")
-    inputs = [*scans, *(Path(p) for p in (req.prompts_from, req.boxes) if p)]
+    if fmt == DICOM_SEG:
+        not_dicom = [s for s in scans if Path(s).is_file()]
+        if not_dicom:
+            raise UsageError(f"--format dicom-seg references the DICOM series it segments: {not_dicom[0]} is no DICOM series folder")
+    inputs = [*(Path(s) for s in scans), *(Path(p) for p in (req.prompts_from, req.boxes) if p)]
     if req.model and Path(req.model).is_file():
         inputs.append(Path(req.model))
     for scan in scans:
         target, stats, png = _outputs_of(req, scan, many)
-        check_writable_volume(target)
+        if fmt == DICOM_SEG:
+            if target.suffix.lower() != ".dcm":
+                raise UsageError(f"{target}: a DICOM-SEG output is a .dcm file")
+            check_writable(target)
+        else:
+            check_writable_volume(target)
         for extra in (stats, png):
             if extra is not None:
                 check_writable(extra)
@@ -231,8 +293,7 @@ def _check_outputs(req: PredictRequest, scans: list[Path], many: bool) -> None:
 
 
 def _predict_one(
-    req: PredictRequest, scan: Path, image: Volume, step: ModelStep, proposer_step: ModelStep | None, window: Window, device: torch.device | str,
-    many: bool, notify: Notify
+    req: PredictRequest, scan: Scan, image: Volume, segmenter: Segmenter, organs: tuple[Organ, ...], many: bool, quiet: bool, notify: Notify
 ) -> list[Path]:
     """Predict one scan and write its outputs; returns the files written."""
     from flaresam.io.atomic import atomic_write_text
@@ -242,40 +303,38 @@ def _predict_one(
     problem = _check_ct(image)
     if problem:
         notify("warn", f"{scan}: {problem}")
-    prompts: LabelPrompts | BoxPrompts | ProposerPrompts | None = None
-    if step.prompted:
+    prompts: LabelPrompts | BoxPrompts | None = None
+    labels = segmenter.labels
+    if segmenter.step.prompted:
         if req.prompts_from:
-            prompts = LabelPrompts(read_label(req.prompts_from, image.geometry, reference_path=scan).array)
+            prompts = LabelPrompts(read_label(req.prompts_from, image.geometry, reference_path=scan, max_label=labels.max_label).array)
         elif req.boxes:
-            prompts = load_boxes_json(req.boxes, image.geometry)
-        elif proposer_step is not None:
-            prompts = ProposerPrompts(proposer_step)
-    label = predict_volume(
-        step,
-        image,
-        window,
-        prompts=prompts,
-        organs=req.organs,
-        device=device,
-        batch_size=req.batch_size,
-        inference=InferenceOptions(box_windows=not req.full_frame),
-        quiet=req.quiet,
-    )
+            prompts = load_boxes_json(req.boxes, image.geometry, labels)
+    label = segmenter.segment_volume(image, prompts, organs=organs, batch_size=req.batch_size, full_frame=req.full_frame, quiet=quiet)
     target, stats_path, png = _outputs_of(req, scan, many)
-    write_label(label, image.geometry, target)
+    if req.output_format == DICOM_SEG:
+        from flaresam.io.dicom import DicomSeries, list_series
+        from flaresam.io.dicom_seg import write_dicom_seg
+
+        series = scan if isinstance(scan, DicomSeries) else list_series(Path(scan))[0]
+        write_dicom_seg(label, image.geometry, series, labels.organs, target)
+    else:
+        write_label(label, image.geometry, target)
     written.append(target)
     if stats_path:
-        atomic_write_text(stats_path, json.dumps({"scan": str(scan), "organs": organ_statistics(label, image)}, indent=2))
+        atomic_write_text(stats_path, json.dumps({"scan": str(scan), "organs": organ_statistics(label, image, labels)}, indent=2))
         written.append(stats_path)
     if png:
         from flaresam.figures import preview
 
-        preview(image.array, label, image.spacing, png, title=scan.name)
+        preview(image.array, label, image.spacing, png, title=scan.name, labels=labels)
         written.append(png)
     return written
 
 
-def _stem(scan: Path) -> str:
+def _stem(scan: Scan) -> str:
+    """A scan's name in output names: its case id (``NAME_0000.nii.gz`` -> ``NAME``), folder name, or series name."""
     from flaresam.io.dataset import case_id_from_image
 
-    return case_id_from_image(scan) if scan.is_file() else scan.name
+    path = Path(scan)
+    return case_id_from_image(path) if path.is_file() else scan.name

@@ -11,7 +11,7 @@ from flaresam.data.window import Window, apply_window
 from flaresam.errors import DataError
 from flaresam.io.volume import Volume
 from flaresam.models.options import WHOLE_FRAME, InferenceOptions
-from flaresam.organs import NUM_ORGANS, ORGANS, Organ
+from flaresam.organs import FLARE22, NUM_ORGANS, LabelSet, Organ
 from flaresam.predict.prompts import Box3D, BoxPrompts, LabelPrompts, ProposerPrompts, largest_components
 
 if TYPE_CHECKING:
@@ -36,10 +36,10 @@ def predict_dense(step: ModelStep, image8: np.ndarray, device: torch.device | st
     return label
 
 
-def proposal_boxes(segmentation: np.ndarray, min_pixels: int = 1) -> np.ndarray:
-    """Automatic boxes int32 [z, 13, 4] from a dense model's segmentation: each organ's largest 3D component,
+def proposal_boxes(segmentation: np.ndarray, min_pixels: int = 1, num_organs: int = NUM_ORGANS) -> np.ndarray:
+    """Automatic boxes int32 [z, num_organs, 4] from a dense model's segmentation: each organ's largest 3D component,
     boxed slice by slice; organs under ``min_pixels`` pixels on a slice get none."""
-    return LabelPrompts(largest_components(segmentation), min_pixels=min_pixels).slice_boxes()
+    return LabelPrompts(largest_components(segmentation), min_pixels=min_pixels).slice_boxes(num_organs)
 
 
 def predict_with_boxes(step: ModelStep, image8: np.ndarray, boxes: np.ndarray, device: torch.device | str, batch_size: int,
@@ -62,10 +62,10 @@ def _mask_box(mask: np.ndarray) -> np.ndarray | None:
 
 
 def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, device: torch.device | str,
-                    inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
-    """Per-slice boxes from 3D boxes by propagation (MedSAM style); returns int32 [z, 13, 4]."""
+                    inference: InferenceOptions = WHOLE_FRAME, num_organs: int = NUM_ORGANS) -> np.ndarray:
+    """Per-slice boxes from 3D boxes by propagation (MedSAM style); returns int32 [z, num_organs, 4]."""
     z = image8.shape[0]
-    boxes = np.full((z, NUM_ORGANS, 4), -1, np.int32)
+    boxes = np.full((z, num_organs, 4), -1, np.int32)
     by_middle: dict[int, list[Box3D]] = {}
     for b in prompts.boxes:
         by_middle.setdefault(b.middle, []).append(b)
@@ -97,7 +97,7 @@ def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, de
                 active.append(b)
             if not active:
                 continue
-            one = np.full((1, NUM_ORGANS, 4), -1, np.int32)
+            one = np.full((1, num_organs, 4), -1, np.int32)
             for b in active:
                 one[0, b.organ.id - 1] = boxes[s, b.organ.id - 1]
             pred = step.predict_slices(image8, np.array([s]), one, device, inference)[0]
@@ -112,7 +112,8 @@ def predict_volume(
     window: Window,
     *,
     prompts: LabelPrompts | BoxPrompts | ProposerPrompts | None = None,
-    organs: tuple[Organ, ...] = ORGANS,
+    organs: tuple[Organ, ...] | None = None,
+    labels: LabelSet = FLARE22,
     device: torch.device | str = "cpu",
     batch_size: int = DEFAULT_BATCH,
     inference: InferenceOptions = WHOLE_FRAME,
@@ -120,12 +121,16 @@ def predict_volume(
 ) -> np.ndarray:
     """Label volume uint8 [z, y, x] (canonical, the scan's grid) for one scan.
 
+    ``labels``: the model's label set; ``organs``: those of it to keep (None: all).
+
     ``inference``: how a prompted model decodes (``flaresam predict`` decodes in
     box windows unless ``--full-frame``; the default is the whole frame, what
     validation and ``compare`` score).
     """
     from flaresam.ui import progress
 
+    n = labels.num_organs
+    organs = labels.organs if organs is None else organs
     image8 = np.ascontiguousarray(apply_window(image.array, window))
     with progress(quiet=quiet, transient=True) as bar:
         task = bar.add_task(f"Predicting {image.path.name if image.path else 'scan'}", total=image8.shape[0])
@@ -141,19 +146,19 @@ def predict_volume(
                     "a prompted model (SAM/HQ-SAM) needs a prompt source: --prompts-from LABEL, --boxes BOXES.json, or a dense --proposer run"
                 )
             if isinstance(prompts, ProposerPrompts):
-                boxes = proposal_boxes(predict_dense(prompts.proposer, image8, device, batch_size))
+                boxes = proposal_boxes(predict_dense(prompts.proposer, image8, device, batch_size), num_organs=n)
             elif isinstance(prompts, BoxPrompts):
-                boxes = propagate_boxes(step, image8, prompts, device, inference)
+                boxes = propagate_boxes(step, image8, prompts, device, inference, n)
             else:
                 if prompts.label.shape != image8.shape:
                     raise DataError(f"prompt label shape {prompts.label.shape} does not match the scan {image8.shape}")
-                boxes = prompts.slice_boxes()
-            keep = np.zeros(NUM_ORGANS, bool)
+                boxes = prompts.slice_boxes(n)
+            keep = np.zeros(n, bool)
             keep[[o.id - 1 for o in organs]] = True
             boxes[:, ~keep] = -1
             label = predict_with_boxes(step, image8, boxes, device, batch_size, advance, inference)
-    if len(organs) < NUM_ORGANS:
-        wanted = np.zeros(NUM_ORGANS + 1, bool)
+    if len(organs) < n:
+        wanted = np.zeros(max(n, int(label.max(initial=0))) + 1, bool)
         wanted[[o.id for o in organs]] = True
         label[~wanted[label]] = 0
     return label
@@ -163,7 +168,7 @@ def predict_volume(
 # statistics
 
 
-def organ_statistics(label: np.ndarray, image: Volume) -> dict[str, Any]:
+def organ_statistics(label: np.ndarray, image: Volume, labels: LabelSet = FLARE22) -> dict[str, Any]:
     """Per organ present: volume (ml), mean and std HU, canonical slice range and its world z (mm)."""
     from scipy import ndimage
 
@@ -172,10 +177,10 @@ def organ_statistics(label: np.ndarray, image: Volume) -> dict[str, Any]:
     dz = float(image.geometry.canonical_direction[2, 2] * image.spacing[0])
     hu = np.asarray(image.array, dtype=np.float64)
     stats: dict[str, Any] = {}
-    for idx, sl in enumerate(ndimage.find_objects(label, max_label=NUM_ORGANS)):
+    for idx, sl in enumerate(ndimage.find_objects(label, max_label=labels.num_organs)):
         if sl is None:
             continue
-        org = ORGANS[idx]
+        org = labels.organs[idx]
         mask = label[sl] == org.id
         vals = hu[sl][mask]
         z0, z1 = sl[0].start, sl[0].stop - 1

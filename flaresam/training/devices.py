@@ -50,6 +50,14 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order (picklable objects; a list of one without torchrun)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def any(self, flags: list[bool]) -> list[bool]:
         return [v > 0 for v in self.sum([float(f) for f in flags])] if self.active else list(flags)
 

@@ -49,7 +49,7 @@ def accumulate_dice(
     from flaresam.data.prompts import oracle_boxes
     from flaresam.metrics import SliceDice
 
-    dice = SliceDice()
+    dice = SliceDice(store.label_set.organs)
     n = 0
     for cid in case_ids:
         case = store.load_case(cid)

@@ -326,18 +326,19 @@ class Trainer:
             info(message)
 
     # -- setup: the order matters for exact resume (see the module docstring) ---
-    def build_model(self) -> ModelStep:
+    def build_model(self, store: PreparedStore) -> ModelStep:
         """A new run's model from its options; a resumed run's from the model config it recorded.
 
         Resuming rebuilds exactly what was trained (resolved architecture and base
         file; a base whose bytes changed since is refused by the family's builder)
         and skips fetching weights the trained tensors replace (ImageNet encoders).
+        A new dense model gets one output per organ of the store's label set.
         """
         from flaresam.models.registry import build_step, rebuild_step
 
         recorded = (self.prior or {}).get("model_config")
         if self.resume is None or not recorded:
-            return build_step(self.cfg.model, restore=self.resume is not None, **self.cfg.model_options)
+            return build_step(self.cfg.model, restore=self.resume is not None, num_organs=store.label_set.num_organs, **self.cfg.model_options)
         try:
             return rebuild_step(recorded, quiet=self.quiet, **self.cfg.model_options)
         except DataError as exc:
@@ -348,7 +349,7 @@ class Trainer:
         cfg, dist, device = self.cfg, self.dist, self.device
         store, train_ids, val_ids = self.load_data()
         seed_everything(cfg.seed)
-        step = self.build_model()
+        step = self.build_model(store)
         net = step.network().to(device)
         dataset = step.train_dataset(store, train_ids, cfg.seed)
         num_items = len(cast(Sized, dataset))
@@ -464,6 +465,7 @@ class Trainer:
                 "source": store.manifest.get("source"),
                 "synthetic": bool(store.synthetic),
                 "split_spec": store.split_spec,
+                "labels": store.label_set.to_dict(),
             },
             "split": {"train": s.train_ids, "val": s.val_ids},
         }
@@ -639,6 +641,7 @@ class Trainer:
             "data_fingerprint": s.store.fingerprint,
             "window": s.store.manifest.get("window"),  # predict windows new scans the same way
             "synthetic_data": bool(s.store.synthetic),  # predict says so: a phantom-trained model is no segmenter
+            "labels": s.store.label_set.to_dict(),  # predict names, colours and checks organs by it
             "created": timestamp(),
             "flaresam_version": __version__,
         }
@@ -703,6 +706,7 @@ class Trainer:
             "steps": p.global_step,
             "best": best_record,
             "last": hist[-1] if hist else None,
+            "labels": s.store.label_set.to_dict(),
             "checkpoints": {
                 "best": str(s.run_dir / CHECKPOINTS_DIR / "best.pt"),
                 "last": str(s.run_dir / CHECKPOINTS_DIR / "last.pt"),

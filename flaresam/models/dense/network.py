@@ -8,7 +8,6 @@ from torch import nn
 
 from flaresam.errors import DataError, UsageError
 from flaresam.models.dense.encoder_weights import encoder_weights_file
-from flaresam.organs import NUM_CLASSES
 
 ARCHS = {"unet": "Unet", "deeplab": "DeepLabV3Plus"}
 # grey-level ImageNet statistics (mean of the RGB ones): harmless for random init, right for pretrained
@@ -32,8 +31,8 @@ class DenseNet(nn.Module):
         return self.net(x)[..., :h, :w]
 
 
-def build_network(name: str, encoder: str, encoder_weights: str | None, in_channels: int) -> DenseNet:
-    """An smp Unet/DeepLabV3Plus with 14 classes; pretrained encoder tensors from the hub cache."""
+def build_network(name: str, encoder: str, encoder_weights: str | None, in_channels: int, classes: int = 14) -> DenseNet:
+    """An smp Unet/DeepLabV3Plus with ``classes`` outputs (background + organs); pretrained encoder tensors from the hub cache."""
     import segmentation_models_pytorch as smp
 
     if name not in ARCHS:
@@ -45,7 +44,7 @@ def build_network(name: str, encoder: str, encoder_weights: str | None, in_chann
     weights_path = encoder_weights_file(encoder, encoder_weights) if encoder_weights else None
     cls = getattr(smp, ARCHS[name])
     # built at 3 input channels so pretrained tensors load as published, then adapted like smp does
-    net = cls(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=NUM_CLASSES)
+    net = cls(encoder_name=encoder, encoder_weights=None, in_channels=3, classes=classes)
     if weights_path is not None:
         from safetensors.torch import load_file
 

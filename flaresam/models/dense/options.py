@@ -27,6 +27,11 @@ class DenseOptions(ModelOptions):
     augment: bool = option(True)
     loss: str = option("dice")
     empty_fraction: float = option(0.1, cli=False)  # share of organ-free slices kept in training
+    classes: int = option(14, cli=False)  # output channels: background + the label set's organs (FLARE22: 14)
+
+    def for_organs(self, num_organs: int) -> DenseOptions:
+        """One output channel per organ, plus background."""
+        return dataclasses.replace(self, classes=num_organs + 1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_weights", encoder_weights_or_none(self.encoder_weights))
@@ -36,5 +41,7 @@ class DenseOptions(ModelOptions):
             raise UsageError(f"--context must be 1 or 3 (adjacent slices as channels), got {self.context}")
         if self.size is not None and self.size < 16:
             raise UsageError(f"--size must be at least 16 pixels, got {self.size}")
+        if self.classes < 2:
+            raise UsageError(f"a dense model needs background and at least one organ, got {self.classes} classes")
         if self.loss not in LOSSES:
             raise UsageError(f"--loss {self.loss!r} is not available for dense models; choose {' or '.join(LOSSES)}")

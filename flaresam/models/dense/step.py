@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def load_dense_step(name: str, options: DenseOptions, *, quiet: bool = False) -> DenseStep:
     """Build U-Net (``name="unet"``) or DeepLabV3+, fetching ImageNet encoder weights if asked (``quiet``: unused)."""
-    return DenseStep(name, options, build_network(name, options.encoder, options.encoder_weights, options.context))
+    return DenseStep(name, options, build_network(name, options.encoder, options.encoder_weights, options.context, options.classes))
 
 
 class DenseStep(ModelStep):

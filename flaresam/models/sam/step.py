@@ -41,7 +41,6 @@ from flaresam.models.sam.preprocess import (
     preprocess_shape,
     resize_slices,
 )
-from flaresam.organs import NUM_ORGANS
 
 if TYPE_CHECKING:
     from flaresam.data.store import PreparedStore
@@ -202,7 +201,7 @@ class SamStep(ModelStep):
         if boxes is None:
             raise UsageError(f"--model {self.name} needs box prompts to predict")
         boxes = np.asarray(boxes)
-        present = boxes[..., 0] >= 0  # [n, 13]
+        present = boxes[..., 0] >= 0  # [n, organs]
         rows = np.flatnonzero(present.any(axis=1))
         if len(rows) == 0:
             return out, stats
@@ -298,7 +297,7 @@ class SamStep(ModelStep):
         if post is None:
             post = self._postprocess[(h, w, dev)] = SlicePostprocess.build((h, w), input_hw, self.spec.image_size,
                                                                            self.spec.lowres, dev)
-        best = torch.full((len(idx), NUM_ORGANS, h, w), float("-inf"), device=dev)
+        best = torch.full((len(idx), boxes.shape[1], h, w), float("-inf"), device=dev)
         sl_t, org_t = torch.from_numpy(sl).to(dev), torch.from_numpy(org).to(dev)
         for piece in pieces:
             best[sl_t[piece.prompts], org_t[piece.prompts]] = post.to_slice(piece)

@@ -1,0 +1,151 @@
+"""DICOM series in a folder: which series it holds, and reading one of them.
+
+A folder may hold several series (a scan exported with its scout, a second
+reconstruction, a DICOM SEG written beside it). Reading "the folder" would have
+to pick one of them silently; instead :func:`list_series` names every image
+series, and :func:`read_series` reads exactly one. Files that hold no image
+(SEG, RTSTRUCT, SR, ...) are left out of the list, so an output written next to
+its scan does not turn the folder into a two-series folder.
+
+pydicom is imported inside the functions: this module is loaded when the
+command line starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flaresam.errors import DataError
+
+# Series of these modalities hold no CT slices: derived objects that tools write beside a scan.
+NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "FID", "DOC", "RWV"})
+
+# shortest tail of a SeriesInstanceUID used to tell series of one folder apart in names
+_MIN_TAG_CHARS = 6
+
+
+def _sitk() -> Any:
+    import SimpleITK as sitk
+
+    # as in flaresam.io.volume: ITK's own warnings would print before flaresam's one-line error
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk
+
+
+def _itk_message(exc: BaseException) -> str:
+    """The useful line of an ITK exception (its text starts with a file/line preamble)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Description:" in ln:
+            return ln.split("Description:", 1)[1].strip()
+    return lines[-1] if lines else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder, its files in the slice order SimpleITK/GDCM reads them.
+
+    A path-like (``os.fspath`` gives the folder), so code that takes a scan path
+    (``read_volume``, messages, output names) accepts a series as it is;
+    :func:`flaresam.io.volume.read_image` reads exactly this series.
+    """
+
+    folder: Path
+    uid: str  # SeriesInstanceUID
+    files: tuple[Path, ...]
+    tag: str = ""  # a short, distinct tail of ``uid`` when the folder holds several series; "" when alone
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.folder)
+
+    @property
+    def name(self) -> str:
+        """A file-name-safe name: the folder's name, plus the uid's tail when the folder holds several series."""
+        return f"{self.folder.name}_{self.tag}" if self.tag else self.folder.name
+
+    @property
+    def description(self) -> str:
+        """For messages: the folder, the series uid when it is one of several, and the slice count."""
+        which = f" series {self.uid}" if self.tag else ""
+        return f"{self.folder}{which} ({len(self.files)} files)"
+
+
+def _tags(uids: list[str]) -> list[str]:
+    """The shortest uid tails (at least ``_MIN_TAG_CHARS`` long) that differ between all ``uids``; dots become dashes."""
+    if len(uids) < 2:
+        return [""] * len(uids)
+    longest = max(len(u) for u in uids)
+    tails = uids
+    for n in range(min(_MIN_TAG_CHARS, longest), longest + 1):
+        tails = [u[-n:] for u in uids]
+        if len(set(tails)) == len(tails):
+            break
+    return [t.replace(".", "-").lstrip("-") for t in tails]
+
+
+def _modality(path: Path) -> str | None:
+    """The Modality of one DICOM file (header only); None when pydicom cannot tell: the read decides then."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+    except (InvalidDicomError, OSError, ValueError, EOFError):
+        return None
+    value = ds.get("Modality")
+    return str(value).strip().upper() if value else None
+
+
+def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
+    """Every DICOM image series directly in ``folder``, sorted by SeriesInstanceUID; DataError when there is none."""
+    sitk = _sitk()
+    p = Path(folder)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    if not p.is_dir():
+        raise DataError(f"{p}: not a folder")
+    try:
+        uids = sorted(str(u) for u in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
+        found = [(u, tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), u))) for u in uids]
+    except RuntimeError as exc:
+        raise DataError(f"{p}: cannot list its DICOM series ({_itk_message(exc)})") from None
+    except OSError as exc:
+        raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    skipped: list[str] = []
+    images: list[tuple[str, tuple[Path, ...]]] = []
+    for uid, files in found:
+        if not files:
+            continue
+        modality = _modality(files[0])
+        if modality in NON_IMAGE_MODALITIES:
+            skipped.append(modality)
+        else:
+            images.append((uid, files))
+    if not images:
+        if skipped:
+            raise DataError(f"{p}: folder holds no DICOM series of images (only {', '.join(sorted(set(skipped)))})")
+        raise DataError(f"{p}: folder holds no DICOM series (nor a scan file ITK reads)")
+    tags = _tags([uid for uid, _ in images])
+    return [DicomSeries(folder=p, uid=uid, files=files, tag=tag) for (uid, files), tag in zip(images, tags)]
+
+
+def read_series(series: DicomSeries, pixel_type: Any = None) -> Any:
+    """Read one series as a 3D SimpleITK image (its files in the listed order); DataError naming the folder."""
+    sitk = _sitk()
+    # (not wrapped in _c_stderr_silenced, see flaresam.io.volume.read_image: reads run in predict's read-ahead thread)
+    try:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(f) for f in series.files])
+        if pixel_type is not None:
+            reader.SetOutputPixelType(pixel_type)
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise DataError(f"{series.folder}: cannot read DICOM series {series.uid} ({_itk_message(exc)})") from None
+    except OSError as exc:
+        raise DataError(f"{series.folder}: cannot read ({exc.strerror or exc})") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(f"{series.folder}: series {series.uid} has {image.GetNumberOfComponentsPerPixel()} components per voxel, expected a scalar volume")
+    return image

@@ -1,0 +1,249 @@
+"""A loaded model that segments CT volumes: the one path ``flaresam predict`` and the Python API share.
+
+Load once, segment many: :meth:`Segmenter.load` reads the weights (and the
+label set the run was trained with); :meth:`Segmenter.segment` takes a
+``SimpleITK.Image``, a file or DICOM folder, or a numpy array with its spacing,
+and gives the labels back on the input's grid. Nothing is printed, nothing is
+written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from flaresam.data.window import Window
+from flaresam.errors import DataError, UsageError
+from flaresam.io.volume import Geometry, Volume
+from flaresam.messages import Notify, silent
+from flaresam.models.options import InferenceOptions
+from flaresam.organs import FLARE22, LabelSet, Organ, recorded_label_set
+from flaresam.predict.model import checkpoint_window, load_model, provenance_note
+from flaresam.predict.prompts import BoxPrompts, LabelPrompts, ProposerPrompts, boxes_from_spec, load_boxes_json
+from flaresam.predict.volume import DEFAULT_BATCH, predict_volume
+
+if TYPE_CHECKING:
+    import torch
+
+    from flaresam.models.base import ModelStep
+
+PromptSource = LabelPrompts | BoxPrompts | ProposerPrompts
+# what segment() accepts as an image or a prompt label: an image in memory, a file or DICOM folder, or voxels
+ImageLike = Any | str | os.PathLike | np.ndarray  # Any: a SimpleITK.Image (SimpleITK ships no types)
+
+
+@dataclass
+class Segmenter:
+    """A model ready to segment: its step, CT window, label set and device (and a proposer for automatic boxes)."""
+
+    step: ModelStep
+    window: Window
+    labels: LabelSet
+    device: torch.device
+    model: str  # what was loaded, as named
+    proposer: ModelStep | None = None
+    note: str | None = None  # one line when the model is no segmenter of real CT (phantom-trained, stand-in encoders)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str],
+        *,
+        proposer: str | os.PathLike[str] | None = None,
+        device: str = "auto",
+        labels: LabelSet | str | os.PathLike[str] | None = None,
+        notify: Notify = silent,
+    ) -> Segmenter:
+        """Load ``model`` (a run folder or checkpoint, or an official SAM/HQ-SAM file or name) once.
+
+        ``proposer``: a dense run whose segmentation gives a SAM model its boxes
+        when no other prompt is given. ``labels``: a label set (or its
+        ``labels.json`` / ``dataset.json``); a trained run brings its own, and
+        one that does not match it is refused. A zero-shot SAM takes ``labels``
+        (default FLARE22's) to name the organs of its prompts.
+        """
+        from flaresam.training.devices import pick_device
+
+        dev = pick_device(device) if isinstance(device, str) else device
+        step, ckpt = load_model(str(model), dev)
+        given = _label_set(labels)
+        recorded = ckpt.get("labels")
+        if recorded is not None or not ckpt.get("pretrained_only"):
+            run_labels = recorded_label_set(recorded)  # a run from before label sets: FLARE22's
+            if given is not None and (diff := run_labels.differences(given)) is not None:
+                raise DataError(f"{model} was trained on {run_labels.describe()}, not on the label set given ({diff})")
+        else:
+            run_labels = given or FLARE22
+        segmenter = cls(step, checkpoint_window(ckpt), run_labels, dev, str(model), None, provenance_note(ckpt))
+        if proposer is None:
+            return segmenter
+        if not step.prompted:
+            notify("warn", f"{model} is a dense model ({step.name}): it needs no prompts; the proposer is not used")
+            return segmenter
+        return segmenter.with_proposer(proposer)
+
+    def with_proposer(self, proposer: str | os.PathLike[str]) -> Segmenter:
+        """This segmenter with a dense run (trained on the same organs) proposing a SAM model's boxes."""
+        proposer_step, proposer_ckpt = load_model(str(proposer), self.device)
+        if proposer_step.prompted:
+            raise DataError(f"--proposer {proposer} is a prompted model; it must be a dense run (unet/deeplab)")
+        theirs = recorded_label_set(proposer_ckpt.get("labels"))
+        if (diff := self.labels.differences(theirs)) is not None:
+            raise DataError(f"--proposer {proposer} was trained on other organs than {self.model}: {diff}")
+        return dataclasses.replace(self, proposer=proposer_step)
+
+    # ---- segmenting -------------------------------------------------------
+    def organs(self, text: str | Sequence[str | int] | None) -> tuple[Organ, ...]:
+        """The organs named (``'liver,spleen'``, ``['liver', 3]``) among this model's; None: all of them."""
+        if text is not None and not isinstance(text, str):
+            text = ",".join(str(t) for t in text)
+        try:
+            return self.labels.parse(text)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    def segment_volume(
+        self,
+        volume: Volume,
+        prompts: PromptSource | None = None,
+        *,
+        organs: tuple[Organ, ...] | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        full_frame: bool = False,
+        quiet: bool = True,
+    ) -> np.ndarray:
+        """Canonical uint8 labels [z, y, x] of ``volume``; a SAM model without ``prompts`` uses the proposer."""
+        if self.step.prompted and prompts is None:
+            if self.proposer is None:
+                raise DataError(
+                    "a prompted model (SAM/HQ-SAM) needs a prompt source: boxes, a prompt label, or a dense proposer run"
+                )
+            prompts = ProposerPrompts(self.proposer)
+        return predict_volume(
+            self.step,
+            volume,
+            self.window,
+            prompts=prompts if self.step.prompted else None,
+            organs=organs,
+            labels=self.labels,
+            device=self.device,
+            batch_size=batch_size,
+            inference=InferenceOptions(box_windows=not full_frame),
+            quiet=quiet,
+        )
+
+    def segment(
+        self,
+        image: ImageLike,
+        *,
+        spacing: Sequence[float] | None = None,
+        boxes: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        prompt_label: ImageLike | None = None,
+        organs: str | Sequence[str | int] | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        full_frame: bool = False,
+        quiet: bool = True,
+    ) -> Any:
+        """Segment one image; the labels come back on its grid, as the same kind of thing.
+
+        ``image``: a ``SimpleITK.Image`` (-> a ``SimpleITK.Image`` with its size,
+        spacing, origin and direction), a path to a scan or DICOM folder (-> a
+        ``SimpleITK.Image``), or a numpy array [z, y, x] in HU with ``spacing``,
+        mm along its axes (-> a uint8 array of its shape). Prompts for a SAM
+        model: ``boxes`` (a ``boxes.json`` file or its parsed dict),
+        ``prompt_label`` (a label on the image's grid, same kinds as ``image``),
+        or neither, when the segmenter has a proposer.
+        """
+        volume, as_array = _as_volume(image, spacing)
+        if boxes is not None and prompt_label is not None:
+            raise UsageError("give either boxes or prompt_label, not both")
+        prompts: PromptSource | None = None
+        if self.step.prompted and boxes is not None:
+            if isinstance(boxes, Mapping):
+                prompts = boxes_from_spec(dict(boxes), volume.geometry, self.labels)
+            else:
+                prompts = load_boxes_json(boxes, volume.geometry, self.labels)
+        elif self.step.prompted and prompt_label is not None:
+            prompts = LabelPrompts(self.prompt_label(prompt_label, volume))
+        label = self.segment_volume(volume, prompts, organs=self.organs(organs), batch_size=batch_size,
+                                    full_frame=full_frame, quiet=quiet)
+        file_order = np.ascontiguousarray(volume.geometry.from_canonical(label))
+        if as_array:
+            return file_order
+        import SimpleITK as sitk
+
+        return volume.geometry.apply_to(sitk.GetImageFromArray(file_order))
+
+    def prompt_label(self, label: ImageLike, volume: Volume) -> np.ndarray:
+        """A prompt label as canonical values on ``volume``'s grid (aligned in physical space, values checked)."""
+        from flaresam.io.volume import label_array, read_image
+
+        if isinstance(label, np.ndarray):  # voxels in the image's own array order: they take its geometry
+            import SimpleITK as sitk
+
+            if tuple(label.shape) != tuple(volume.geometry.size[::-1]):
+                raise DataError(f"prompt label of shape {label.shape} does not match the image's {tuple(volume.geometry.size[::-1])}")
+            image = volume.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(label)))
+            name = Path("prompt label (array)")
+        elif isinstance(label, (str, os.PathLike)):
+            image, name = read_image(label), Path(label)
+        else:
+            image, name = label, Path("prompt label (image)")
+        geometry = Geometry.from_image(image)
+        if not geometry.same_physical_grid(volume.geometry):
+            raise DataError(f"{name} does not lie on the image's grid: label {geometry.describe()} vs image {volume.geometry.describe()}")
+        values = label_array(image, name, self.labels.max_label)
+        return np.ascontiguousarray(geometry.to_canonical(values))
+
+
+def _label_set(labels: LabelSet | str | os.PathLike[str] | None) -> LabelSet | None:
+    if labels is None or isinstance(labels, LabelSet):
+        return labels
+    from flaresam.io.dataset import dataset_label_set
+
+    path = Path(labels)
+    if not path.exists():
+        raise UsageError(f"--labels {path}: no such file (give a labels.json or an nnU-Net dataset.json)")
+    return dataset_label_set(path)
+
+
+def _image_from_array(array: np.ndarray, spacing: Sequence[float]) -> Any:
+    """A SimpleITK image of voxels [z, y, x] with ``spacing`` mm along those axes (identity direction, origin 0)."""
+    import SimpleITK as sitk
+
+    if array.ndim != 3:
+        raise DataError(f"expected a 3D array [z, y, x], got shape {array.shape}")
+    sp = [float(v) for v in spacing]
+    if len(sp) != 3 or not all(np.isfinite(v) and v > 0 for v in sp):
+        raise UsageError(f"spacing must be three positive distances in mm along the array's axes (z, y, x), got {list(spacing)}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(sp[::-1])  # ITK's order is x, y, z
+    return image
+
+
+def _as_volume(image: ImageLike, spacing: Sequence[float] | None) -> tuple[Volume, bool]:
+    """(canonical Volume, whether the caller gave an array) for any image ``segment`` accepts."""
+    from flaresam.io.volume import borrowed_array, read_volume
+
+    if isinstance(image, np.ndarray):
+        if spacing is None:
+            raise UsageError("a numpy image needs spacing=(z, y, x) in mm along its axes")
+        sitk_image = _image_from_array(image, spacing)
+        path = None
+        as_array = True
+    elif isinstance(image, (str, os.PathLike)):
+        return read_volume(image), False
+    else:
+        if not hasattr(image, "GetDimension"):
+            raise UsageError(f"cannot segment a {type(image).__name__}: give a SimpleITK.Image, a path or a numpy array")
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise DataError(f"expected a scalar 3D image, got {image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} components")
+        sitk_image, path, as_array = image, None, False
+    geometry = Geometry.from_image(sitk_image)
+    return Volume(array=geometry.to_canonical(borrowed_array(sitk_image)), geometry=geometry, path=path), as_array
