@@ -46,7 +46,6 @@ def run_example(work: Path, args: argparse.Namespace) -> None:
     from flaresam.data.store import SplitSpec, prepare_dataset
     from flaresam.io.volume import read_label, read_volume, write_label
     from flaresam.metrics import SliceDice, flare22_case, slice_dice_pairs
-    from flaresam.organs import ORGANS
     from flaresam.predict.model import checkpoint_window
     from flaresam.predict.volume import predict_volume
     from flaresam.training.config import TrainConfig
@@ -56,13 +55,15 @@ def run_example(work: Path, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
 
     # 1. A FLARE22-layout dataset: images/FLARE22_Tr_000N_0000.nii.gz + labels/FLARE22_Tr_000N.nii.gz.
-    #    With FLARE22 itself, skip this and point prepare_dataset at its folder.
+    #    With FLARE22 itself, or your own dataset (an nnU-Net dataset.json names its organs),
+    #    skip this and point prepare_dataset at its folder.
     raw = work / "raw"
     write_demo_dataset(raw, cases=args.cases, size=args.size, slices=args.slices, seed=0, quiet=True)
 
     # 2. The prepared store: windowed uint8 slices, labels and per-slice organ boxes, split by case.
     store = prepare_dataset(raw, work / "prepared", split=SplitSpec(val_fraction=0.34, test_fraction=0.0, seed=0), workers=1, quiet=True)
-    print(f"prepared {len(store.case_ids)} cases: train {store.train_ids}, validation {store.val_ids}")
+    organs = store.label_set.organs  # the dataset's organs: FLARE22's 13 here
+    print(f"prepared {len(store.case_ids)} cases ({store.label_set.describe()}): train {store.train_ids}, validation {store.val_ids}")
 
     # 3. Train a small U-Net with the shared trainer (the same loop `flaresam finetune` runs).
     #    encoder_weights "none": random initialisation, no ImageNet download.
@@ -86,22 +87,22 @@ def run_example(work: Path, args: argparse.Namespace) -> None:
     case_id = store.val_ids[0]
     image = read_volume(raw / "images" / f"{case_id}_0000.nii.gz")  # canonical [z, y, x] + the file's geometry
     with torch.no_grad():
-        pred = predict_volume(step, image, checkpoint_window(ckpt), device="cpu", batch_size=8)
+        pred = predict_volume(step, image, checkpoint_window(ckpt), labels=store.label_set, device="cpu", batch_size=8)
     out_file = write_label(pred, image.geometry, work / "predictions" / f"{case_id}.nii.gz")  # the scan's geometry
     print(f"wrote {out_file} ({pred.shape[0]} slices, organs present: {len(set(pred.ravel().tolist()) - {0})})")
 
     # 5. Score it: FLARE22's official DSC/NSD, and the study's slice Dice.
-    gt = read_label(raw / "labels" / f"{case_id}.nii.gz", image.geometry)
-    scores = flare22_case(pred, gt.array, image.spacing)  # canonical arrays: slice_axis=0 (the default)
-    acc = SliceDice()
-    acc.add(slice_dice_pairs(pred, gt.array))
+    gt = read_label(raw / "labels" / f"{case_id}.nii.gz", image.geometry, max_label=store.label_set.max_label)
+    scores = flare22_case(pred, gt.array, image.spacing, organs)  # canonical arrays: slice_axis=0 (the default)
+    acc = SliceDice(organs)
+    acc.add(slice_dice_pairs(pred, gt.array, organs))
     print(f"{'organ':<22} {'DSC':>7} {'NSD':>7}")
-    for organ in ORGANS:
+    for organ in organs:
         s = scores[organ.name]
         print(f"{organ.display:<22} {s['dsc']:7.4f} {s['nsd']:7.4f}")
-    mean_dsc = sum(scores[o.name]["dsc"] for o in ORGANS) / len(ORGANS)
-    mean_nsd = sum(scores[o.name]["nsd"] for o in ORGANS) / len(ORGANS)
-    print(f"{case_id}: mean Dice (DSC, 13 organs) {mean_dsc:.4f}, mean NSD {mean_nsd:.4f}, "
+    mean_dsc = sum(scores[o.name]["dsc"] for o in organs) / len(organs)
+    mean_nsd = sum(scores[o.name]["nsd"] for o in organs) / len(organs)
+    print(f"{case_id}: mean Dice (DSC, {len(organs)} organs) {mean_dsc:.4f}, mean NSD {mean_nsd:.4f}, "
           f"slice Dice {acc.result()['mean']:.4f}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
 

@@ -8,7 +8,7 @@ organ's channel everywhere (store, models, outputs) and no remapping happens.
 FLARE22's ids are the values of its ground truth, and its NSD tolerances (mm)
 those of the challenge's official evaluation. An organ a dataset names without
 a tolerance takes FLARE22's tolerance for the same organ, else
-:data:`DEFAULT_NSD_TOLERANCE_MM` (docs/datasets.md).
+:data:`DEFAULT_NSD_TOLERANCE_MM` (docs/data.md, "Label sets").
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 DEFAULT_NSD_TOLERANCE_MM = 2.0  # FLARE22's tolerance for its small and tubular structures
+MAX_ORGANS = 255  # label volumes are uint8
 LABELS_FILE = "labels.json"
 DATASET_FILE = "dataset.json"  # nnU-Net's
 
@@ -59,7 +60,9 @@ class LabelSet:
 
     def __post_init__(self) -> None:
         if not self.organs:
-            raise LabelSetError(f"label set {self.name!r} has no organs")
+            raise LabelSetError(f"label set {self.name!r}{self._from()} has no organs")
+        if len(self.organs) > MAX_ORGANS:
+            raise LabelSetError(f"label set {self.name!r}{self._from()} has {len(self.organs)} organs; labels are stored as uint8, at most {MAX_ORGANS}")
         ids = [o.id for o in self.organs]
         if ids != list(range(1, len(ids) + 1)):
             have = sorted(ids)
@@ -101,17 +104,16 @@ class LabelSet:
         return {o.name: o for o in self.organs}
 
     def organ(self, key: int | str) -> Organ:
-        """An organ by id, snake_case name or display name ('ivc' and 'gall_bladder' are aliases)."""
+        """An organ by id, snake_case name or display name, in any case ('ivc', 'gall_bladder', 'kidney_left' are aliases)."""
         if isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit()):
             try:
                 return self.by_id[int(key)]
             except KeyError:
                 raise ValueError(f"no {self.name} organ with id {key} (ids are 1..{self.max_label})") from None
-        norm = snake(key)
-        norm = _ALIASES.get(norm, norm) if norm not in self.by_name else norm
-        if norm in self.by_name:
-            return self.by_name[norm]
-        raise ValueError(f"unknown organ '{key}' in {self.name}; known: {', '.join(self.by_name)}")
+        found = find_organ(self.organs, str(key))
+        if found is None:
+            raise ValueError(f"unknown organ '{key}' in {self.name}; known: {', '.join(self.by_name)}")
+        return found
 
     def parse(self, text: str | None) -> tuple[Organ, ...]:
         """A comma-separated organ list ('liver,spleen' or '1,3'), sorted by id; None or '' means all."""
@@ -174,6 +176,23 @@ class LabelSet:
 
 
 _ALIASES = {"ivc": "inferior_vena_cava", "gall_bladder": "gallbladder", "postcava": "inferior_vena_cava"}
+
+
+def canonical_name(name: str) -> str:
+    """The name FLARE22 would give the organ: 'IVC' -> 'inferior_vena_cava', 'kidney_left' -> 'left_kidney'."""
+    key = snake(name)
+    return _side_first(_ALIASES.get(key, key))
+
+
+def find_organ(organs: Sequence[Organ], key: str) -> Organ | None:
+    """The organ of ``organs`` that ``key`` names: its name or display name (any case, spaces, hyphens), or an alias of it."""
+    norm = snake(key)
+    for match in (lambda o: o.name == norm, lambda o: snake(o.display) == norm,
+                  lambda o: canonical_name(o.name) == canonical_name(norm)):
+        hits = [o for o in organs if match(o)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
 
 
 def _side_first(name: str) -> str:
@@ -257,7 +276,7 @@ def recorded_label_set(record: Mapping[str, Any] | None) -> LabelSet:
 def _default_organ(oid: int, name: str, display: str | None = None) -> Organ:
     """An organ known only by name: FLARE22's colour, tolerance and display for the same organ, else defaults."""
     key = snake(name)
-    known = FLARE22.by_name.get(_ALIASES.get(key, key)) or FLARE22.by_name.get(_side_first(key))
+    known = FLARE22.by_name.get(canonical_name(key))
     if known is not None:
         return Organ(oid, key, display or known.display, known.color, known.nsd_tolerance_mm)  # FLARE22's slice-range rule is opt-in elsewhere
     shown = display or str(name).strip().replace("_", " ")
@@ -276,6 +295,8 @@ def _from_mapping(labels: Mapping[str, Any], name: str, source: str) -> LabelSet
     pairs: list[tuple[int, str]] = []
     v1 = all(str(k).strip().isdigit() for k in labels) and all(isinstance(v, str) for v in labels.values())
     for k, v in labels.items():
+        if str(k).strip().lower() == "ignore" or (v1 and str(v).strip().lower() == "ignore"):
+            raise LabelSetError(f"{source}: an 'ignore' label (voxels left out of training and scoring) is not supported; relabel them")
         if v1:
             pairs.append((_int_id(k, source), str(v)))
         else:
@@ -299,7 +320,11 @@ def _checked(name: str, organs: Sequence[Organ], source: str) -> LabelSet:
         raise
     except (TypeError, ValueError) as exc:
         raise LabelSetError(f"{source}: {exc}") from None
-    if all(replace(o, slice_range=f.slice_range) == f for o, f in zip(found.organs, FLARE22.organs)) and found.same_labels(FLARE22):
+    flare = len(organs) == FLARE22.num_organs and all(
+        canonical_name(o.name) == f.name and (o.color, o.nsd_tolerance_mm) == (f.color, f.nsd_tolerance_mm) and o.id == f.id
+        for o, f in zip(found.organs, FLARE22.organs)
+    )
+    if flare:
         return FLARE22
     return found
 

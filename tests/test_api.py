@@ -119,3 +119,23 @@ def test_the_in_memory_example_segments_twice_with_one_load(tmp_path):
     assert proc.stdout.count("Loaded ") == 1
     assert "same grid: True" in proc.stdout and "numpy (12, 48, 48)" in proc.stdout
     assert "(liver and spleen only)" in proc.stdout
+
+
+def test_a_numpy_array_with_a_direction_is_placed_like_the_image_it_came_from(loads):
+    """An array in SimpleITK's order with ITK's direction and origin: the same labels as the SimpleITK image itself."""
+    from flaresam.api import Segmenter
+
+    calls, steps = loads
+    flipped = make_phantom(size=32, slices=8, seed=3, flip=True)
+    steps["truth"] = TruthStep(flipped.label)
+    seg = Segmenter.load("truth", device="cpu")
+    image = _sitk_image(flipped)
+    array = sitk.GetArrayFromImage(image)
+    out = seg.segment(array, spacing=image.GetSpacing()[::-1], origin=image.GetOrigin(), direction=image.GetDirection())
+    np.testing.assert_array_equal(out, sitk.GetArrayFromImage(seg.segment(image)))
+    # without its direction the same voxels are read as lying elsewhere: the canonical slices differ, so do the labels
+    assert not np.array_equal(seg.segment(array, spacing=image.GetSpacing()[::-1]), out)
+    from flaresam.errors import UsageError
+
+    with pytest.raises(UsageError, match="orthonormal"):
+        seg.segment(array, spacing=(1, 1, 1), direction=(1, 0, 0, 0, 2, 0, 0, 0, 1))

@@ -76,6 +76,8 @@ def test_a_table_of_exactly_flare22s_organs_is_flare22(tmp_path):
         ({"background": 0, "whole": [1, 2], "core": 2}, "region"),
         ({"background": 0, "liver": "one"}, "not an integer"),
         ({"background": 0}, "no organs"),
+        ({"background": 0, "liver": 1, "ignore": 2}, "'ignore' label"),
+        ({"background": 0, **{f"o{i}": i for i in range(1, 257)}}, "at most 255"),
     ],
 )
 def test_unusable_tables_are_refused_with_the_reason(tmp_path, labels, needle):
@@ -122,6 +124,38 @@ def test_label_values_outside_the_declared_set_are_refused_by_prepare(tmp_path, 
     assert r.code == 1 and "three_001" in r.err and "[7]" in r.err and "outside 0..3" in r.err and "Traceback" not in r.err
 
 
+def test_a_store_is_not_silently_relabelled(tmp_path, run_cli):
+    from flaresam.data.store import PreparedStore
+
+    root = write_nnunet_dataset(tmp_path / "ds", cases=3, size=32, slices=8)
+    assert run_cli("prepare", "--data", root, "--out", tmp_path / "prep", "-q", "--workers", "1").code == 0
+    (root / "dataset.json").unlink()  # the same values now read as FLARE22's spleen, liver... : refused
+    r = run_cli("prepare", "--data", root, "--out", tmp_path / "prep", "-q", "--workers", "1")
+    assert r.code == 2 and "was prepared with the label set Dataset901_Three" in r.err and "--labels" in r.err
+    assert PreparedStore(tmp_path / "prep").label_set.name == "Dataset901_Three"
+    flare = _write_json(tmp_path / "flare.json", {"labels": {"background": 0, **{o.name: o.id for o in FLARE22.organs}}})
+    r = run_cli("prepare", "--data", root, "--out", tmp_path / "prep", "-q", "--workers", "1", "--labels", flare)
+    assert r.code == 0 and PreparedStore(tmp_path / "prep").label_set is FLARE22  # asked for: prepared again
+
+
+def test_a_zero_shot_sam_names_organs_by_its_prompt_labels_dataset(tmp_path, run_cli, monkeypatch):
+    import flaresam.predict.segmenter as segmenter
+    from tests.test_predict import BoxFillStep
+
+    monkeypatch.setattr(segmenter, "load_model", lambda spec, device: (BoxFillStep(), {"window": [40, 400], "pretrained_only": True}))
+    root = write_nnunet_dataset(tmp_path / "ds", cases=1, size=32, slices=8)
+    scan, label = root / "imagesTr" / "three_000_0000.nii.gz", root / "labelsTr" / "three_000.nii.gz"
+    r = run_cli("predict", scan, "--model", "sam_vit_b", "--prompts-from", label, "-o", tmp_path / "a.nii.gz",
+                "--stats", tmp_path / "stats.json", "-q")
+    assert r.code == 0, r
+    assert set(json.loads((tmp_path / "stats.json").read_text(encoding="utf-8"))["organs"]) == {"spleen", "liver", "kidney_left"}
+    r = run_cli("predict", scan, "--model", "sam_vit_b", "--prompts-from", label, "-o", tmp_path / "b.nii.gz", "--organs", "spleen", "-q")
+    assert r.code == 0, r
+    from flaresam.io.volume import read_volume
+
+    assert set(np.unique(np.asarray(read_volume(tmp_path / "b.nii.gz").array))) == {0, 1}  # spleen is 1 in this dataset
+
+
 # ---------------------------------------------------------------------------
 # end to end on a 3-organ nnU-Net dataset
 
@@ -140,7 +174,7 @@ def test_three_organ_nnunet_dataset_end_to_end(tmp_path, run_cli, monkeypatch):
     assert store.load_case(store.case_ids[0]).boxes.shape[1] == 3
     assert set(json.loads((tmp_path / "prep.json").read_text(encoding="utf-8"))["slices_per_organ"]) == {"spleen", "liver", "kidney_left"}
 
-    r = run_cli("finetune", "--data", tmp_path / "prep", "--model", "unet", "--encoder", "resnet18", "--encoder-weights", "none",
+    r = run_cli("finetune", "--data", root, "--model", "unet", "--encoder", "resnet18", "--encoder-weights", "none",
                 "--epochs", "1", "--batch-size", "4", "--max-steps", "2", "--out", tmp_path / "unet")
     assert r.code == 0, r
     assert "Left kidney" in r.out and "Pancreas" not in r.out  # the best epoch's table names this dataset's organs
@@ -164,6 +198,19 @@ def test_three_organ_nnunet_dataset_end_to_end(tmp_path, run_cli, monkeypatch):
     assert r.code == 1 and "1: spleen vs liver" in r.err and not (tmp_path / "x.nii.gz").exists()
     r = run_cli("predict", scan, "--model", tmp_path / "unet", "-o", tmp_path / "x.nii.gz", "--organs", "pancreas", "-q")
     assert r.code == 2 and "unknown organ 'pancreas'" in r.err and "kidney_left" in r.err
+
+    # a folder of predictions carries its label set (labels.json), which score reads where the ground truth has none
+    r = run_cli("predict", root / "imagesTr", "--model", tmp_path / "unet", "-o", tmp_path / "preds", "-q")
+    assert r.code == 0, r
+    assert read_label_set(tmp_path / "preds" / "labels.json").same_labels(store.label_set)
+    import shutil
+
+    shutil.copytree(root / "labelsTr", tmp_path / "bare_gt")  # no dataset.json beside these
+    r = run_cli("score", tmp_path / "preds", tmp_path / "bare_gt", "-q")
+    assert r.code == 0 and "Mean (3 organs)" in r.out, r
+    _write_json(tmp_path / "bare_gt" / "labels.json", {"labels": {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3}})
+    r = run_cli("score", tmp_path / "preds", tmp_path / "bare_gt", "-q")
+    assert r.code == 1 and "name other organs" in r.err
 
     # score finds the dataset.json beside labelsTr/ and names the organs
     r = run_cli("score", tmp_path / "pred", root / "labelsTr", "--json", tmp_path / "scores.json", "-q")

@@ -41,7 +41,7 @@ class BoxFillStep:
         out = np.zeros((len(indices), volume.shape[1], volume.shape[2]), np.uint8)
         n_prompts = 0
         for i in range(len(indices)):
-            for k in range(NUM_ORGANS):
+            for k in range(boxes.shape[1]):
                 x0, y0, x1, y1 = boxes[i, k]
                 if x0 >= 0:
                     out[i, y0 : y1 + 1, x0 : x1 + 1] = k + 1

@@ -85,6 +85,35 @@ def test_a_folder_of_two_series_is_predicted_series_by_series(tmp_path, run_cli,
     assert r.code == 0 and len(list((tmp_path / "niftis").glob("exam_*.nii.gz"))) == 2
 
 
+def test_a_seg_names_and_colours_segments_by_the_runs_own_label_set(tmp_path, run_cli, monkeypatch):
+    import flaresam.predict.segmenter as segmenter
+    from flaresam.organs import LabelSet, Organ
+
+    own = LabelSet("Vessels", (Organ(1, "hepar", "Hepar", (10, 200, 10), 4.0), Organ(2, "kidney_right", "Kidney (right)", (0, 0, 250), 3.0),
+                               Organ(3, "lien", "Lien", (250, 0, 0), 3.0)))
+    monkeypatch.setattr(segmenter, "load_model", lambda spec, device: (PatternStep(), {"window": [40, 400], "labels": own.to_dict()}))
+    write_ct_series(tmp_path / "ct", ct_pattern(organ_pattern()), DIRECTIONS["axial"])
+    r = run_cli("predict", tmp_path / "ct", "--model", "run", "-o", tmp_path / "seg.dcm", "-q")
+    assert r.code == 0, r
+    seg = _read_seg(tmp_path / "seg.dcm")
+    described = {str(s.SegmentLabel): tuple(int(v) for v in s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence}
+    assert set(described) == {"Hepar", "Kidney (right)", "Lien"}
+    from flaresam.io.dicom_seg import rgb_to_dicom_lab
+
+    assert described["Lien"] == tuple(rgb_to_dicom_lab((250, 0, 0)))
+
+
+def test_two_scans_with_one_output_name_are_refused_before_any_work(tmp_path, run_cli, pattern_model):
+    from flaresam.data.phantom import make_phantom
+    from flaresam.io.volume import write_volume
+
+    ph = make_phantom(size=32, slices=8, seed=1)
+    write_volume(ph.hu, ph.geometry, tmp_path / "scans" / "x.nii.gz")
+    write_volume(ph.hu, ph.geometry, tmp_path / "scans" / "x_0000.nii.gz")
+    r = run_cli("predict", tmp_path / "scans", "--model", "pattern", "-o", tmp_path / "out", "-q")
+    assert r.code == 1 and "would both be written to" in r.err and not (tmp_path / "out").exists()
+
+
 def test_dicom_seg_needs_a_dicom_series_in(tmp_path, run_cli, pattern_model):
     from flaresam.data.phantom import make_phantom
     from flaresam.io.volume import write_volume
@@ -130,16 +159,17 @@ def test_torchrun_predict_shares_the_scans_and_writes_what_one_process_writes(ti
     for i in range(5):
         ph = make_phantom(size=32, slices=8, seed=20 + i, flip=i % 2 == 0)
         write_volume(ph.hu, ph.geometry, scans / f"case{i}_0000.nii.gz")
-    (scans / "broken_0000.nii.gz").write_bytes(b"not a volume")  # one bad scan: named, and the others still written
+    # one bad scan, second in the folder's order: rank 1's, so its failure must come through the gather
+    (scans / "case0b_0000.nii.gz").write_bytes(b"not a volume")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "flaresam", "predict", str(scans), "--model", str(tiny_unet_run), "-o", str(tmp_path / "one"),
                           "--device", "cpu", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert one.returncode == 1 and "broken_0000.nii.gz" in one.stderr and "1 of 6 scans failed, 5 written" in one.stderr, one.stderr[-2000:]
+    assert one.returncode == 1 and "case0b_0000.nii.gz" in one.stderr and "1 of 6 scans failed, 5 written" in one.stderr, one.stderr[-2000:]
     two = _torchrun(["-m", "flaresam", "predict", str(scans), "--model", str(tiny_unet_run), "-o", str(tmp_path / "two"),
                      "--device", "cpu", "-q"], tmp_path)
     assert two.returncode != 0, two.stdout[-2000:]
     # rank 0 reports for both processes, once
-    assert two.stderr.count("1 of 6 scans failed, 5 written") == 1 and "broken_0000.nii.gz" in two.stderr, two.stderr[-3000:]
+    assert two.stderr.count("1 of 6 scans failed, 5 written") == 1 and "case0b_0000.nii.gz" in two.stderr, two.stderr[-3000:]
     assert two.stdout.count("Wrote ") == 5 and one.stdout.count("Wrote ") == 5
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert names == [f"case{i}.nii.gz" for i in range(5)]

@@ -47,7 +47,6 @@ def score(
 ) -> None:
     """Score predicted label volumes against ground truth, per organ and per case."""
     from flaresam.errors import DataError, UsageError
-    from flaresam.io.dataset import dataset_label_set
     from flaresam.metrics import NSD_MIN_DSC, PROTOCOLS, in_pair_order, iter_scores, pair_cases, score_csv_rows, score_document, summarize
     from flaresam.report import write_csv, write_json
     from flaresam.ui import info, literal, out, progress, warn
@@ -59,7 +58,7 @@ def score(
         raise UsageError("--keep-top-slice and --nsd-min-dsc apply to the flare22 protocol only")
     if labels is not None and not labels.is_file():
         raise UsageError(f"--labels {labels}: no such file (give a labels.json or an nnU-Net dataset.json)")
-    label_set = dataset_label_set(labels if labels is not None else gt)
+    label_set = _label_set(labels, pred, gt)
     organs = label_set.organs
     min_dsc = NSD_MIN_DSC if nsd_min_dsc is None else nsd_min_dsc
     crop_top_slice = not keep_top_slice
@@ -98,6 +97,24 @@ def score(
         columns, rows = score_csv_rows(protocol, document["cases"], organs)
         write_csv(csv_out, rows, columns)
         info(f"Per-case scores written to {literal(str(csv_out))}")
+
+
+def _label_set(labels: Path | None, pred: Path, gt: Path) -> LabelSet:
+    """--labels; else the label file beside the ground truth, or beside the predictions (``predict`` writes one into
+    a folder of another label set than FLARE22's); both there and differing is an error; else FLARE22's."""
+    from flaresam.errors import DataError
+    from flaresam.io.dataset import dataset_label_set, label_file
+
+    if labels is not None:
+        return dataset_label_set(labels)
+    at_gt, at_pred = label_file(gt), label_file(pred)
+    if at_gt is not None and at_pred is not None:
+        ours, theirs = dataset_label_set(at_gt), dataset_label_set(at_pred)
+        if (diff := ours.differences(theirs)) is not None:
+            raise DataError(f"the predictions' {at_pred} and the ground truth's {at_gt} name other organs ({diff}); give --labels to choose")
+        return ours
+    found = at_gt or at_pred
+    return dataset_label_set(found) if found is not None else FLARE22
 
 
 def _check_outputs(pred: Path, gt: Path, pairing: Pairing, json_out: Path | None, csv_out: Path | None) -> None:

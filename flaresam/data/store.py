@@ -427,8 +427,10 @@ def prepare_dataset(
     Finished cases whose source files and window are unchanged are skipped unless
     ``force``. ``on_case(case_id, skipped)`` is called after each case.
     ``label_set``: the organs (default: the dataset's ``labels.json`` /
-    ``dataset.json``, else FLARE22's); when it changed since, every case is
-    prepared again (its values are checked against the new table). A store
+    ``dataset.json``, else FLARE22's). A store prepared with another label set
+    is prepared again, every case checked against the new table, only when
+    asked (``label_set`` given, or ``force``): otherwise it is refused, as the
+    same values would silently mean other organs. A store
     keeps the split it was made with: runs trained on it rely on that split, so
     preparing it again with other split settings is refused.
     """
@@ -443,6 +445,11 @@ def prepare_dataset(
     labels = label_set if label_set is not None else dataset_label_set(data_dir)
     before = _recorded_labels(out)
     if before is not None and not labels.same_labels(before):
+        if label_set is None and not force:
+            raise UsageError(
+                f"{out} was prepared with the label set {before.describe()}, and {data_dir} now names {labels.describe()}: "
+                "pass --labels FILE (or --force) to prepare it again with the new organs, or prepare into another --out"
+            )
         force = True  # the values mean other organs now: every case is checked and boxed again
     cases_dir = out / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
@@ -538,12 +545,15 @@ def _check_same_split(out: Path, split: SplitSpec) -> None:
         )
 
 
-def cache_dir_for(data_dir: str | os.PathLike[str], window: Window, split: SplitSpec = SplitSpec()) -> Path:
-    """The cache folder of a raw dataset: one per source, window and split, so another split never replaces one in use."""
+def cache_dir_for(data_dir: str | os.PathLike[str], window: Window, split: SplitSpec = SplitSpec(), labels: LabelSet = FLARE22) -> Path:
+    """The cache folder of a raw dataset: one per source, window, split and label set, so none replaces one in use."""
     from flaresam.paths import prepared_cache_dir
 
     src = Path(data_dir).resolve()
-    key = hashlib.blake2b(f"{src}|{window}|{json.dumps(split.to_dict(), sort_keys=True)}".encode(), digest_size=6).hexdigest()
+    text = f"{src}|{window}|{json.dumps(split.to_dict(), sort_keys=True)}"
+    if not labels.same_labels(FLARE22):  # (FLARE22's caches keep their names)
+        text += "|" + json.dumps([[o.id, o.name] for o in labels.organs])
+    key = hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
     return prepared_cache_dir() / f"{src.name}-{key}"
 
 
@@ -563,5 +573,6 @@ def ensure_prepared(
     """
     if PreparedStore.is_store(data):
         return PreparedStore(data)
-    target = Path(cache_dir) if cache_dir else cache_dir_for(data, window, split)
-    return prepare_dataset(data, target, split=split, window=window, quiet=quiet)
+    labels = dataset_label_set(data)
+    target = Path(cache_dir) if cache_dir else cache_dir_for(data, window, split, labels)
+    return prepare_dataset(data, target, split=split, window=window, quiet=quiet, label_set=labels)

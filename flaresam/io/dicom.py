@@ -61,6 +61,10 @@ class DicomSeries:
     def __fspath__(self) -> str:
         return os.fspath(self.folder)
 
+    def __str__(self) -> str:
+        """In messages and records: the folder, and the series when it is one of several."""
+        return f"{self.folder} [series {self.uid}]" if self.tag else str(self.folder)
+
     @property
     def name(self) -> str:
         """A file-name-safe name: the folder's name, plus the uid's tail when the folder holds several series."""
@@ -139,6 +143,7 @@ def read_series(series: DicomSeries, pixel_type: Any = None) -> Any:
     try:
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames([str(f) for f in series.files])
+        reader.MetaDataDictionaryArrayUpdateOn()  # each slice's position, to check the spacing ITK assumes
         if pixel_type is not None:
             reader.SetOutputPixelType(pixel_type)
         image = reader.Execute()
@@ -148,4 +153,30 @@ def read_series(series: DicomSeries, pixel_type: Any = None) -> Any:
         raise DataError(f"{series.folder}: cannot read ({exc.strerror or exc})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"{series.folder}: series {series.uid} has {image.GetNumberOfComponentsPerPixel()} components per voxel, expected a scalar volume")
+    _check_even_slices(series, reader, image)
     return image
+
+
+def _check_even_slices(series: DicomSeries, reader: Any, image: Any) -> None:
+    """DataError when the slices' positions are not evenly spaced: ITK takes the first gap for all, so a missing
+    slice would stretch every organ above it along z, silently."""
+    import numpy as np
+
+    n = len(series.files)
+    key = "0020|0032"  # ImagePositionPatient
+    if n < 3 or not all(reader.HasMetaDataKey(i, key) for i in range(n)):
+        return
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, key).split("\\")] for i in range(n)])
+    except ValueError:
+        return
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    gaps = np.diff(positions @ normal)
+    step = float(np.median(gaps))
+    bad = np.flatnonzero(np.abs(gaps - step) > max(1e-3, 0.01 * abs(step)))
+    if bad.size:
+        k = int(bad[0])
+        raise DataError(
+            f"{series}: slices are not evenly spaced ({gaps[k]:.3g} mm between {series.files[k].name} and {series.files[k + 1].name}, "
+            f"{step:.3g} mm elsewhere): a slice is missing or the series mixes acquisitions"
+        )

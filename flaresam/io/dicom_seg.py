@@ -32,8 +32,7 @@ from flaresam.errors import DataError
 from flaresam.io.atomic import atomic_path, refuse_overwrite
 from flaresam.io.dicom import DicomSeries
 from flaresam.io.volume import ORIGIN_ATOL_MM, Geometry
-from flaresam.organs import Organ
-from flaresam.organs import organ as find_organ
+from flaresam.organs import FLARE22, Organ, find_organ
 
 # A file's Image Position Patient may miss its slice centre by this fraction of the slice
 # spacing (header rounding, positions written in single precision) and still be that slice.
@@ -279,13 +278,10 @@ def write_dicom_seg(
 
 def _organ_named(label: str, organs: Sequence[Organ] | None) -> Organ:
     """The organ a segment label names (display or snake_case name, any case); FLARE22's table when ``organs`` is None."""
-    if organs is None:
-        return find_organ(label)
-    key = "_".join(label.strip().lower().replace("-", " ").split())
-    for o in organs:
-        if key in (o.name.lower(), "_".join(o.display.lower().replace("-", " ").split())):
-            return o
-    raise ValueError(label)
+    found = find_organ(FLARE22.organs if organs is None else organs, label)
+    if found is None:
+        raise ValueError(label)
+    return found
 
 
 def read_dicom_seg_labels(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from flaresam.data.window import looks_like_hu
 from flaresam.errors import DataError, UsageError
 from flaresam.io.atomic import refuse_overwrite
 from flaresam.io.volume import Volume
-from flaresam.messages import Notify, silent
+from flaresam.messages import Level, Notify, silent
 from flaresam.organs import LabelSet, Organ
 from flaresam.predict.prompts import BoxPrompts, LabelPrompts, load_boxes_json
 from flaresam.predict.segmenter import Segmenter
@@ -65,31 +66,35 @@ def output_name(scan: Scan, fmt: str = NIFTI) -> str:
 
 
 def _scan_inputs(scan: Path) -> list[Scan]:
-    """A scan file, a DICOM folder, or a folder of scan files (and DICOM sub-folders); a folder of several series gives each."""
+    """A scan file; or a folder: its scan files, the DICOM series in it, and those in its sub-folders.
+
+    A folder of several series gives each (never merged); a folder holding one
+    series is that scan. DICOM-SEG and other non-image objects are no series.
+    """
     from flaresam.io.dataset import volume_files
 
     if not scan.exists():
         raise DataError(f"{scan}: no such file or folder")
     if scan.is_file():
         return [scan]
-    files = [p for p in volume_files(scan) if "_seg." not in p.name]  # not our own earlier outputs
-    if files:
-        return list(files)
+    files: list[Scan] = [p for p in volume_files(scan) if "_seg." not in p.name]  # not our own earlier outputs
+    here = _series_in(scan)
     subdirs = sorted(p for p in scan.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if subdirs and not any(p.is_file() and p.suffix.lower() == ".dcm" for p in scan.iterdir()):
-        return [s for d in subdirs for s in _series_of(d)]
-    return _series_of(scan)
+    below = [s for d in subdirs for s in _series_in(d, whole=True)]
+    if not files and not below and len(here) == 1:
+        return [scan]  # a DICOM series folder
+    return files + here + below or [scan]  # nothing: reading it says what is wrong, naming it
 
 
-def _series_of(folder: Path) -> list[Scan]:
-    """A DICOM folder: itself when it holds one series, each series on its own when several (never merged)."""
+def _series_in(folder: Path, whole: bool = False) -> list[Scan]:
+    """The DICOM series in ``folder`` (none when it holds none); ``whole``: a folder of one series as the folder itself."""
     from flaresam.io.dicom import list_series
 
     try:
         series = list_series(folder)
     except DataError:
-        return [folder]  # reading it says what is wrong, naming it (in a folder run, without stopping the others)
-    return [folder] if len(series) == 1 else list(series)
+        return []
+    return [folder] if whole and len(series) == 1 else list(series)
 
 
 def _check_ct(volume: Volume) -> str | None:
@@ -134,7 +139,7 @@ def run_prediction(req: PredictRequest, notify: Notify = silent) -> list[Path]:
     dist, device = init_distributed(req.device)
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flaresam-read") as pool:
-            return _run_prediction(req, pool, notify if dist.main else silent, dist, device)
+            return _run_prediction(req, pool, notify, dist, device)
     finally:
         if dist.active:
             import torch.distributed
@@ -196,42 +201,87 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notif
             return exc
 
     reads = _read_ahead(pool, mine, read_or_error) if mine else iter(())
-    model_spec = _find_model(req, notify)
-    segmenter = Segmenter.load(model_spec, device=str(device), labels=req.labels)
-    if segmenter.note:
-        notify("warn", f"{model_spec}: {segmenter.note}")
-    if not segmenter.step.prompted and (req.prompts_from or req.boxes or req.proposer):
-        notify("warn", f"{model_spec} is a dense model ({segmenter.step.name}): it needs no prompts; --prompts-from/--boxes/--proposer are ignored")
-    if segmenter.step.prompted and not (req.prompts_from or req.boxes):
-        segmenter = segmenter.with_proposer(_find_proposer(req, notify))
+    say = notify if dist.main else silent  # what every process would say alike, rank 0 says
+    segmenter = _segmenter(req, say, str(device))
     organs = segmenter.organs(req.organs)
     quiet = req.quiet or not dist.main
+    label_file = _record_label_set(req, segmenter, many) if dist.main else None
 
+    notes: list[tuple[Level, str]] = []  # about single scans: under torchrun, rank 0 says them for all
+    scan_notify: Notify = notify if not dist.active else (lambda level, text: notes.append((level, text)))
     written: list[tuple[Scan, list[Path]]] = []  # (scan, its outputs)
     failed: list[tuple[Scan, str]] = []
     for scan, image in reads:
         if isinstance(image, DataError):
             if not many:
                 raise image
-            failed.append((scan, str(image)))
+            failed.append((scan, _named(scan, str(image))))
             continue
         try:
-            written.append((scan, _predict_one(req, scan, image, segmenter, organs, many, quiet, notify)))
+            written.append((scan, _predict_one(req, scan, image, segmenter, organs, many, quiet, scan_notify)))
         except Exception as exc:  # a folder keeps going past a bad scan, and reports it by name
             if not many:
                 raise
-            failed.append((scan, str(exc) if isinstance(exc, DataError) else f"{scan}: {type(exc).__name__}: {exc}"))
+            failed.append((scan, _named(scan, str(exc) if isinstance(exc, DataError) else f"{type(exc).__name__}: {exc}")))
     if dist.active:  # rank 0 reports for all
-        parts = dist.gather((written, failed))
+        parts = dist.gather((written, failed, notes))
         if not dist.main:
             return []
-        written = [w for part, _ in parts for w in part]
-        failed = [f for _, part in parts for f in part]
+        written = [w for part in parts for w in part[0]]
+        failed = [f for part in parts for f in part[1]]
+        for level, text in (n for part in parts for n in part[2]):
+            notify(level, text)
     order = {scan: i for i, scan in enumerate(scans)}  # in the folder's order, whoever predicted what
     files = [f for _, fs in sorted(written, key=lambda w: order[w[0]]) for f in fs]
+    files += [label_file] if label_file is not None else []
     if failed:
         raise PartialPrediction(files, sorted(failed, key=lambda f: order[f[0]]), len(scans))
     return files
+
+
+def _named(scan: Scan, message: str) -> str:
+    """A failure's message, starting with the scan it is about."""
+    return message if str(scan) in message or os.fspath(scan) in message else f"{scan}: {message}"
+
+
+def _segmenter(req: PredictRequest, notify: Notify, device: str) -> Segmenter:
+    """The model (and proposer) the request names, with the label set of the run, of --labels or of the prompt label's dataset."""
+    from flaresam.io.dataset import dataset_label_set, label_file
+
+    model_spec = _find_model(req, notify)
+    segmenter = Segmenter.load(model_spec, device=device, labels=req.labels)
+    if segmenter.note:
+        notify("warn", f"{model_spec}: {segmenter.note}")
+    if not segmenter.step.prompted and (req.prompts_from or req.boxes or req.proposer):
+        notify("warn", f"{model_spec} is a dense model ({segmenter.step.name}): it needs no prompts; --prompts-from/--boxes/--proposer are ignored")
+    if segmenter.step.prompted and not (req.prompts_from or req.boxes):
+        segmenter = segmenter.with_proposer(_find_proposer(req, notify))
+    if segmenter.step.prompted and req.prompts_from and req.labels is None:
+        # a prompt label from a dataset with a label file: its values mean that dataset's organs
+        found = label_file(Path(req.prompts_from))
+        if found is not None:
+            segmenter = segmenter.with_labels(dataset_label_set(found), f"--prompts-from {req.prompts_from} (by {found})")
+    return segmenter
+
+
+def _record_label_set(req: PredictRequest, segmenter: Segmenter, many: bool) -> Path | None:
+    """A folder of outputs in another label set than FLARE22's gets its labels.json, so that `score` reads them right."""
+    from flaresam.io.atomic import atomic_write_text
+    from flaresam.organs import FLARE22, LABELS_FILE, LabelSetError, read_label_set
+
+    if not many or req.out is None or segmenter.labels.same_labels(FLARE22):
+        return None
+    target = req.out / LABELS_FILE
+    if target.exists():
+        try:
+            there = read_label_set(target)
+        except LabelSetError as exc:
+            raise DataError(f"{target} is in the way: {exc}") from None
+        if (diff := there.differences(segmenter.labels)) is not None:
+            raise DataError(f"{target} names other organs than {segmenter.model}'s ({diff}): write into another --out")
+    req.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(segmenter.labels.to_dict(), indent=1) + "\n")
+    return target
 
 
 class PartialPrediction(DataError):
@@ -275,8 +325,15 @@ def _check_outputs(req: PredictRequest, scans: list[Scan], many: bool) -> None:
     inputs = [*(Path(s) for s in scans), *(Path(p) for p in (req.prompts_from, req.boxes) if p)]
     if req.model and Path(req.model).is_file():
         inputs.append(Path(req.model))
+    claimed: dict[Path, Scan] = {}
     for scan in scans:
         target, stats, png = _outputs_of(req, scan, many)
+        for out in (target, stats, png):
+            if out is None:
+                continue
+            other = claimed.setdefault(out.absolute(), scan)
+            if other is not scan:  # x.nii.gz and x_0000.nii.gz, x.nii.gz and x.mha: one name for two scans
+                raise DataError(f"{other} and {scan} would both be written to {out}: rename one of them, or predict them apart")
         if fmt == DICOM_SEG:
             if target.suffix.lower() != ".dcm":
                 raise UsageError(f"{target}: a DICOM-SEG output is a .dcm file")

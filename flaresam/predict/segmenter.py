@@ -49,6 +49,7 @@ class Segmenter:
     model: str  # what was loaded, as named
     proposer: ModelStep | None = None
     note: str | None = None  # one line when the model is no segmenter of real CT (phantom-trained, stand-in encoders)
+    labels_known: bool = True  # False: a zero-shot SAM given no label set (FLARE22's by default; a proposer's replaces it)
 
     @classmethod
     def load(
@@ -64,9 +65,9 @@ class Segmenter:
 
         ``proposer``: a dense run whose segmentation gives a SAM model its boxes
         when no other prompt is given. ``labels``: a label set (or its
-        ``labels.json`` / ``dataset.json``); a trained run brings its own, and
+        ``labels.json`` / ``dataset.json`` file); a trained run brings its own, and
         one that does not match it is refused. A zero-shot SAM takes ``labels``
-        (default FLARE22's) to name the organs of its prompts.
+        to name the organs of its prompts (else its proposer's, else FLARE22's).
         """
         from flaresam.training.devices import pick_device
 
@@ -80,7 +81,8 @@ class Segmenter:
                 raise DataError(f"{model} was trained on {run_labels.describe()}, not on the label set given ({diff})")
         else:
             run_labels = given or FLARE22
-        segmenter = cls(step, checkpoint_window(ckpt), run_labels, dev, str(model), None, provenance_note(ckpt))
+        segmenter = cls(step, checkpoint_window(ckpt), run_labels, dev, str(model), None, provenance_note(ckpt),
+                        labels_known=given is not None or recorded is not None or not ckpt.get("pretrained_only"))
         if proposer is None:
             return segmenter
         if not step.prompted:
@@ -94,9 +96,19 @@ class Segmenter:
         if proposer_step.prompted:
             raise DataError(f"--proposer {proposer} is a prompted model; it must be a dense run (unet/deeplab)")
         theirs = recorded_label_set(proposer_ckpt.get("labels"))
+        if not self.labels_known:  # a zero-shot SAM segments the organs its proposer boxes
+            return dataclasses.replace(self, proposer=proposer_step, labels=theirs, labels_known=True)
         if (diff := self.labels.differences(theirs)) is not None:
             raise DataError(f"--proposer {proposer} was trained on other organs than {self.model}: {diff}")
         return dataclasses.replace(self, proposer=proposer_step)
+
+    def with_labels(self, labels: LabelSet, source: str) -> Segmenter:
+        """This segmenter naming organs by ``labels`` (found at ``source``): a zero-shot SAM takes them, a run must match them."""
+        if not self.labels_known:
+            return dataclasses.replace(self, labels=labels, labels_known=True)
+        if (diff := self.labels.differences(labels)) is not None:
+            raise DataError(f"{source} names the organs of {labels.describe()}, and {self.model} was trained on {self.labels.describe()}: {diff}")
+        return self
 
     # ---- segmenting -------------------------------------------------------
     def organs(self, text: str | Sequence[str | int] | None) -> tuple[Organ, ...]:
@@ -143,6 +155,8 @@ class Segmenter:
         image: ImageLike,
         *,
         spacing: Sequence[float] | None = None,
+        origin: Sequence[float] | None = None,
+        direction: Sequence[float] | None = None,
         boxes: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         prompt_label: ImageLike | None = None,
         organs: str | Sequence[str | int] | None = None,
@@ -154,13 +168,18 @@ class Segmenter:
 
         ``image``: a ``SimpleITK.Image`` (-> a ``SimpleITK.Image`` with its size,
         spacing, origin and direction), a path to a scan or DICOM folder (-> a
-        ``SimpleITK.Image``), or a numpy array [z, y, x] in HU with ``spacing``,
-        mm along its axes (-> a uint8 array of its shape). Prompts for a SAM
+        ``SimpleITK.Image``), or a numpy array in HU (-> a uint8 array of its
+        shape, in its order). An array is in SimpleITK's array order ``[k, j, i]``
+        with ``spacing`` in mm along its axes and, optionally, ITK's ``origin``
+        (x, y, z) and ``direction`` (9 values, row-major); without a direction
+        its axes are LPS: axis 2 runs to the patient's left, axis 1 to the back,
+        axis 0 to the head. (A nibabel array is ``[i, j, k]`` in RAS: transpose
+        it and pass its direction, or flip axes 1 and 2.) Prompts for a SAM
         model: ``boxes`` (a ``boxes.json`` file or its parsed dict),
         ``prompt_label`` (a label on the image's grid, same kinds as ``image``),
         or neither, when the segmenter has a proposer.
         """
-        volume, as_array = _as_volume(image, spacing)
+        volume, as_array = _as_volume(image, spacing, origin, direction)
         if boxes is not None and prompt_label is not None:
             raise UsageError("give either boxes or prompt_label, not both")
         prompts: PromptSource | None = None
@@ -208,33 +227,44 @@ def _label_set(labels: LabelSet | str | os.PathLike[str] | None) -> LabelSet | N
     from flaresam.io.dataset import dataset_label_set
 
     path = Path(labels)
-    if not path.exists():
-        raise UsageError(f"--labels {path}: no such file (give a labels.json or an nnU-Net dataset.json)")
+    if not path.is_file() or path.suffix.lower() != ".json":
+        raise UsageError(f"--labels {path}: not a JSON file (give a labels.json or an nnU-Net dataset.json)")
     return dataset_label_set(path)
 
 
-def _image_from_array(array: np.ndarray, spacing: Sequence[float]) -> Any:
-    """A SimpleITK image of voxels [z, y, x] with ``spacing`` mm along those axes (identity direction, origin 0)."""
+def _image_from_array(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float] | None = None,
+                      direction: Sequence[float] | None = None) -> Any:
+    """A SimpleITK image of voxels [k, j, i] with ``spacing`` mm along those axes, and ITK's origin and direction (default identity)."""
     import SimpleITK as sitk
 
     if array.ndim != 3:
-        raise DataError(f"expected a 3D array [z, y, x], got shape {array.shape}")
+        raise DataError(f"expected a 3D array [k, j, i], got shape {array.shape}")
     sp = [float(v) for v in spacing]
     if len(sp) != 3 or not all(np.isfinite(v) and v > 0 for v in sp):
-        raise UsageError(f"spacing must be three positive distances in mm along the array's axes (z, y, x), got {list(spacing)}")
+        raise UsageError(f"spacing must be three positive distances in mm along the array's axes, got {list(spacing)}")
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(sp[::-1])  # ITK's order is x, y, z
+    image.SetSpacing(sp[::-1])  # ITK's order is i, j, k
+    if origin is not None:
+        if len(origin) != 3 or not all(np.isfinite(float(v)) for v in origin):
+            raise UsageError(f"origin must be three coordinates in mm (x, y, z), got {list(origin)}")
+        image.SetOrigin([float(v) for v in origin])
+    if direction is not None:
+        d = np.asarray(direction, dtype=float).reshape(-1)
+        if d.size != 9 or not np.allclose(d.reshape(3, 3) @ d.reshape(3, 3).T, np.eye(3), atol=1e-4):
+            raise UsageError(f"direction must be 9 values of an orthonormal matrix (ITK's, row-major), got {list(direction)}")
+        image.SetDirection(d.tolist())
     return image
 
 
-def _as_volume(image: ImageLike, spacing: Sequence[float] | None) -> tuple[Volume, bool]:
+def _as_volume(image: ImageLike, spacing: Sequence[float] | None, origin: Sequence[float] | None = None,
+               direction: Sequence[float] | None = None) -> tuple[Volume, bool]:
     """(canonical Volume, whether the caller gave an array) for any image ``segment`` accepts."""
     from flaresam.io.volume import borrowed_array, read_volume
 
     if isinstance(image, np.ndarray):
         if spacing is None:
-            raise UsageError("a numpy image needs spacing=(z, y, x) in mm along its axes")
-        sitk_image = _image_from_array(image, spacing)
+            raise UsageError("a numpy image needs spacing=(...) in mm along its axes [k, j, i]")
+        sitk_image = _image_from_array(image, spacing, origin, direction)
         path = None
         as_array = True
     elif isinstance(image, (str, os.PathLike)):
