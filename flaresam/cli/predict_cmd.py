@@ -41,6 +41,9 @@ def predict(
         False, "--full-frame", help="SAM: decode every mask over the whole slice, as SamPredictor does (slower). "
         "Default: in a window around its box, redone on the whole slice when the mask reaches the window's edge.",
     ),
+    runtime: str = typer.Option(
+        "auto", "--runtime", help="SAM models' image encoder: auto (fastest measured: ONNX Runtime on a CPU, torch on CUDA) | torch | onnx | onnx-int8."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     offline: bool = offline_option("Never touch the network: checkpoints must already be cached."),  # sets FLARESAM_OFFLINE
 ) -> None:
@@ -67,6 +70,7 @@ def predict(
         organs=organs,
         labels=labels,
         format=fmt.strip().lower() if fmt else None,
+        runtime=runtime,
         preview=preview,
         stats=stats,
         device=device,

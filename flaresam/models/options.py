@@ -73,12 +73,15 @@ class InferenceOptions:
     default, for speed) instead of on the whole frame as ``SamPredictor``
     does (what validation and ``compare`` score). ``window_fallback`` False
     keeps a mask that leaves its window clipped (benchmarks only). ``chunk``:
-    slices per forward pass (None: the family's default).
+    slices per forward pass (None: the family's default). ``runtime``: what
+    runs a prompted model's frozen image encoder, ``torch`` (the reference) or
+    ONNX Runtime on the CPU (:mod:`flaresam.models.sam.runtime`; resolved, not ``auto``).
     """
 
     box_windows: bool = False
     window_fallback: bool = True
     chunk: int | None = None
+    runtime: str = "torch"
 
 
 WHOLE_FRAME = InferenceOptions()

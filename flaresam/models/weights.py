@@ -633,3 +633,19 @@ __all__ = [
     "sha256_file",
     "verify",
 ]
+
+
+def tensors_digest(state: dict[str, Any]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes, bytes), without copying tensors."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()

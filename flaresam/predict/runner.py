@@ -47,6 +47,7 @@ class PredictRequest:
     full_frame: bool = False  # SAM: decode masks on the whole slice, not in windows around their boxes
     quiet: bool = False
     format: str | None = None  # "nifti" or "dicom-seg"; None: from --out's suffix (.dcm: dicom-seg), else nifti
+    runtime: str = "auto"  # a SAM model's image encoder: auto | torch | onnx | onnx-int8
 
     @property
     def output_format(self) -> str:
@@ -249,7 +250,7 @@ def _segmenter(req: PredictRequest, notify: Notify, device: str) -> Segmenter:
     from flaresam.io.dataset import dataset_label_set, label_file
 
     model_spec = _find_model(req, notify)
-    segmenter = Segmenter.load(model_spec, device=device, labels=req.labels)
+    segmenter = Segmenter.load(model_spec, device=device, labels=req.labels, runtime=req.runtime, notify=notify)
     if segmenter.note:
         notify("warn", f"{model_spec}: {segmenter.note}")
     if not segmenter.step.prompted and (req.prompts_from or req.boxes or req.proposer):

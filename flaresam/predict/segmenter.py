@@ -50,6 +50,7 @@ class Segmenter:
     proposer: ModelStep | None = None
     note: str | None = None  # one line when the model is no segmenter of real CT (phantom-trained, stand-in encoders)
     labels_known: bool = True  # False: a zero-shot SAM given no label set (FLARE22's by default; a proposer's replaces it)
+    runtime: str = "torch"  # what runs a SAM model's image encoder: torch, onnx or onnx-int8 (resolved)
 
     @classmethod
     def load(
@@ -59,6 +60,7 @@ class Segmenter:
         proposer: str | os.PathLike[str] | None = None,
         device: str = "auto",
         labels: LabelSet | str | os.PathLike[str] | None = None,
+        runtime: str = "auto",
         notify: Notify = silent,
     ) -> Segmenter:
         """Load ``model`` (a run folder or checkpoint, or an official SAM/HQ-SAM file or name) once.
@@ -68,6 +70,10 @@ class Segmenter:
         ``labels.json`` / ``dataset.json`` file); a trained run brings its own, and
         one that does not match it is refused. A zero-shot SAM takes ``labels``
         to name the organs of its prompts (else its proposer's, else FLARE22's).
+        ``runtime``: what runs a SAM model's frozen image encoder
+        (:mod:`flaresam.models.sam.runtime`): ``auto`` (the fastest measured on
+        this device), ``torch``, ``onnx`` or ``onnx-int8`` (used only where this
+        model's labels keep their result, :mod:`flaresam.predict.int8`; else fp32).
         """
         from flaresam.training.devices import pick_device
 
@@ -82,7 +88,8 @@ class Segmenter:
         else:
             run_labels = given or FLARE22
         segmenter = cls(step, checkpoint_window(ckpt), run_labels, dev, str(model), None, provenance_note(ckpt),
-                        labels_known=given is not None or recorded is not None or not ckpt.get("pretrained_only"))
+                        labels_known=given is not None or recorded is not None or not ckpt.get("pretrained_only"),
+                        runtime=_encoder_runtime(step, runtime, dev, checkpoint_window(ckpt), notify))
         if proposer is None:
             return segmenter
         if not step.prompted:
@@ -146,7 +153,7 @@ class Segmenter:
             labels=self.labels,
             device=self.device,
             batch_size=batch_size,
-            inference=InferenceOptions(box_windows=not full_frame),
+            inference=InferenceOptions(box_windows=not full_frame, runtime=self.runtime),
             quiet=quiet,
         )
 
@@ -219,6 +226,26 @@ class Segmenter:
             raise DataError(f"{name} does not lie on the image's grid: label {geometry.describe()} vs image {volume.geometry.describe()}")
         values = label_array(image, name, self.labels.max_label)
         return np.ascontiguousarray(geometry.to_canonical(values))
+
+
+def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window: Window, notify: Notify) -> str:
+    """The runtime of a prompted model's image encoder; int8 only where the model keeps its result (else fp32 ONNX)."""
+    from flaresam.models.sam import runtime as rt
+
+    resolved = rt.resolve(choice, device)
+    if not step.prompted:
+        return rt.TORCH  # (a dense model has no frozen encoder to run elsewhere)
+    if resolved != rt.ONNX_INT8:
+        return resolved
+    from flaresam.predict.int8 import MAX_DICE_CHANGE, MIN_AGREEMENT, int8_verdict
+
+    verdict = int8_verdict(step, window)
+    if verdict.accepted:
+        return resolved
+    notify("warn", f"int8 encoder weights change this model's labels (agreement {verdict.agreement:.2%} of organ voxels, "
+                   f"Dice of {verdict.worst_organ} moved {verdict.max_dice_change:.4f}; needs >= {MIN_AGREEMENT:.1%} and <= "
+                   f"{MAX_DICE_CHANGE}): running fp32 through ONNX Runtime")
+    return rt.ONNX
 
 
 def _label_set(labels: LabelSet | str | os.PathLike[str] | None) -> LabelSet | None:

@@ -37,22 +37,6 @@ import numpy as np
 from flaresam.io.atomic import atomic_path, atomic_write_text
 
 
-def tensors_digest(state: dict[str, Any]) -> str:
-    """Content hash of a state dict (names, dtypes, shapes, bytes), without copying tensors."""
-    import torch
-
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(state):
-        t = state[name]
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
 def model_key(encoder_digest: str, arch: str, image_size: int, preprocess: dict[str, Any]) -> str:
     text = json.dumps({"encoder": encoder_digest, "arch": arch, "image_size": image_size, **preprocess}, sort_keys=True)
     return f"{arch}-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}"

@@ -286,8 +286,11 @@ class FastEncoder:
         return f"FastEncoder(attention={self.attention!r}, compile={self.compile}, dtype={self.dtype!r})"
 
 
-def encoder_runner(net: Upstream, device: torch.device) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+def encoder_runner(net: Upstream, device: torch.device, runtime: str = "torch") -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
     """What :meth:`SamNet.encode` calls on ``device``: the stock encoder module or a faster equivalent.
+
+    ``runtime`` ``onnx`` / ``onnx-int8`` (CPU): the encoder exported to ONNX Runtime
+    (:mod:`flaresam.models.sam.runtime`). Otherwise torch:
 
     ``net.fast_encoder`` / ``net.compile_encoder``: True, False, or None for
     auto. ViT encoders (``ImageEncoderViT``): a :class:`FastEncoder`, by
@@ -296,6 +299,10 @@ def encoder_runner(net: Upstream, device: torch.device) -> Callable[[torch.Tenso
     the stock computation, reordered); never compiled.
     """
     cuda = torch.device(device).type == "cuda"
+    if runtime != "torch" and not cuda:
+        from flaresam.models.sam.runtime import onnx_runner
+
+        return onnx_runner(net, runtime)
     encoder = net.image_encoder
     if tinyvit_fold.supports(encoder):
         return encoder if net.fast_encoder is False else tinyvit_fold.runner(net)

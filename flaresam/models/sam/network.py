@@ -71,10 +71,13 @@ class SamNet(nn.Module):
         return self
 
     @torch.no_grad()
-    def encode(self, frames: torch.Tensor, input_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [B, S, S] frames -> image embeddings [B, C, E, E] and the early ViT feature [B, E, E, V]."""
+    def encode(self, frames: torch.Tensor, input_hw: torch.Tensor, runtime: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [B, S, S] frames -> image embeddings [B, C, E, E] and the early ViT feature [B, E, E, V].
+
+        ``runtime``: ``torch``, or ``onnx`` / ``onnx-int8`` on the CPU (:mod:`flaresam.models.sam.runtime`).
+        """
         x = normalise(frames, input_hw, self.pixel_mean, self.pixel_std)
-        emb, interm = encoder_runner(self, x.device)(x)
+        emb, interm = encoder_runner(self, x.device, runtime)(x)
         return emb, interm[0]
 
     def prompt_batch(self, embeddings: torch.Tensor, interm: torch.Tensor | None, boxes: torch.Tensor,

@@ -27,7 +27,7 @@ from flaresam.models.options import WHOLE_FRAME, InferenceOptions
 from flaresam.models.sam.archs import HQ_MODULES, arch_spec
 from flaresam.models.sam.checkpoint import LoadReport, base_sha256, load_into, read_state_dict, require_arch, resolve
 from flaresam.models.sam.dataset import SamSliceDataset, collate_sam
-from flaresam.models.sam.embedding_cache import EmbeddingCache, model_key, slice_key, tensors_digest
+from flaresam.models.sam.embedding_cache import EmbeddingCache, model_key, slice_key
 from flaresam.models.sam.loss import mask_loss
 from flaresam.models.sam.mask_window import SlicePostprocess, decode_prompts, decode_windows
 from flaresam.models.sam.network import MODELS, SamNet, build_network
@@ -237,6 +237,8 @@ class SamStep(ModelStep):
             from flaresam.paths import home
 
             root = Path(where) if isinstance(where, str) else home() / "embeddings"
+            from flaresam.models.weights import tensors_digest
+
             digest = tensors_digest(self.net.image_encoder.state_dict())
             pre = {"preprocess": PREPROCESS_VERSION, "mean": PIXEL_MEAN, "std": PIXEL_STD}
             key = model_key(digest, self.arch, self.spec.image_size, pre)
@@ -245,11 +247,11 @@ class SamStep(ModelStep):
             self._cache = EmbeddingCache(root, key, info)
         return self._cache
 
-    def _encode(self, frames: torch.Tensor, input_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, frames: torch.Tensor, input_hw: torch.Tensor, runtime: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         out_e, out_i = [], []
         batch = self.options.encode_batch if frames.device.type == "cuda" else 1
         for s in range(0, frames.shape[0], batch):
-            e, i = self.net.encode(frames[s : s + batch], input_hw[s : s + batch])
+            e, i = self.net.encode(frames[s : s + batch], input_hw[s : s + batch], runtime)
             out_e.append(e.float())
             out_i.append(i.float())
         return torch.cat(out_e), torch.cat(out_i)
@@ -285,7 +287,7 @@ class SamStep(ModelStep):
                        dev: torch.device, inference: InferenceOptions) -> tuple[np.ndarray, WindowStats]:
         h, w = int(volume.shape[1]), int(volume.shape[2])
         slices = np.ascontiguousarray(volume[idx])
-        emb, interm = self._slice_embeddings(slices, dev)
+        emb, interm = self._slice_embeddings(slices, dev, inference.runtime)
         sl, org = np.nonzero(present)  # prompt -> (slice in chunk, organ index)
         input_hw = preprocess_shape(h, w, self.spec.image_size)
         frame_boxes = torch.from_numpy(boxes_to_frame(boxes[sl, org].astype(np.float32), (h, w), input_hw)).to(dev)
@@ -305,7 +307,7 @@ class SamStep(ModelStep):
         labels = torch.where(value > 0, organ + 1, torch.zeros_like(organ))
         return labels.to(torch.uint8).cpu().numpy(), WindowStats(len(sl), fallbacks)
 
-    def _slice_embeddings(self, slices: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _slice_embeddings(self, slices: np.ndarray, dev: torch.device, runtime: str = "torch") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings of a chunk of slices of one volume: from the cache where present, else encoded now."""
         cache = self.embedding_cache()
         hits: list[Any] = [None] * len(slices)
@@ -317,7 +319,7 @@ class SamStep(ModelStep):
         if todo:
             frames, (nh, nw) = resize_slices(slices[todo], self.spec.image_size, dev)
             input_hw = torch.tensor([[nh, nw]] * len(todo), device=dev)
-            e, i = self._encode(frames, input_hw)
+            e, i = self._encode(frames, input_hw, runtime)
             if cache is None:
                 return e, (i if self.net.hq else None)
             he, hi = e.half().cpu().numpy(), i.half().cpu().numpy()

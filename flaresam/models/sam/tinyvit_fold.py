@@ -97,7 +97,7 @@ def fold_batchnorm(encoder: nn.Module) -> nn.Module:
     return folded.to(memory_format=torch.channels_last)
 
 
-def _tensor_state(encoder: nn.Module) -> tuple[tuple[int, int, int], ...]:
+def tensor_state(encoder: nn.Module) -> tuple[tuple[int, int, int], ...]:
     """Identity of the encoder's saved tensors: storage, in-place version, device.
 
     Only the state dict's tensors: TinyViT re-derives its cached attention
@@ -119,7 +119,7 @@ class FoldedTinyViT:
         self._folded: nn.Module | None = None
 
     def folded(self) -> nn.Module:
-        state = _tensor_state(self.encoder)
+        state = tensor_state(self.encoder)
         if self._folded is None or state != self._state:
             self._folded = fold_batchnorm(self.encoder)
             self._state = state

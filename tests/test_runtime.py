@@ -1,0 +1,160 @@
+"""The frozen image encoder through ONNX Runtime and OpenVINO: the same numbers as torch, exported once, int8 only where it keeps the labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flaresam.errors import UsageError
+from flaresam.models.sam import runtime as rt
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(not rt.available(rt.OPENVINO), reason="onnxruntime/onnx/openvino not installed")]
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    from flaresam.models.sam.network import build_network
+
+    torch.manual_seed(0)
+    return build_network("hqsam", "test_tiny", seed=3).eval()
+
+
+def _frames(net, n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    s = net.image_size
+    return torch.randint(0, 256, (n, s, s), generator=g, dtype=torch.uint8), torch.tensor([[s, s]] * n)
+
+
+@pytest.mark.parametrize("runtime", [rt.ONNX, rt.OPENVINO])
+def test_a_runtime_gives_torchs_embeddings(tiny_net, runtime):
+    frames, hw = _frames(tiny_net)
+    ref_e, ref_i = tiny_net.encode(frames, hw, "torch")
+    e, i = tiny_net.encode(frames, hw, runtime)
+    assert e.shape == ref_e.shape and i.shape == ref_i.shape and e.dtype == torch.float32
+    np.testing.assert_allclose(e.numpy(), ref_e.numpy(), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(i.numpy(), ref_i.numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_int8_weights_change_the_embeddings_a_little(tiny_net):
+    frames, hw = _frames(tiny_net)
+    ref, _ = tiny_net.encode(frames, hw, "torch")
+    e, _ = tiny_net.encode(frames, hw, rt.ONNX_INT8)
+    a, b = ref.numpy().ravel(), e.numpy().ravel()
+    cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert 0.99 < cosine < 1.0  # close, and not the fp32 file under another name
+
+
+def test_the_export_is_made_once_per_weights_and_rebuilt_when_damaged(tiny_net, monkeypatch):
+    calls = []
+    real = rt._export
+
+    def counting(encoder, size, folder):
+        calls.append(folder)
+        real(encoder, size, folder)
+
+    monkeypatch.setattr(rt, "_export", counting)
+    tiny_net.__dict__.pop("_onnx_runner", None)
+    first = rt.export_folder(tiny_net.image_encoder, tiny_net.arch, tiny_net.image_size)
+    again = rt.export_folder(tiny_net.image_encoder, tiny_net.arch, tiny_net.image_size)
+    assert first == again and len(calls) <= 1  # (0 when an earlier test of this module exported it)
+    n = len(calls)
+    (first / rt.ENCODER_FILE).unlink()  # a damaged cache is rebuilt, not trusted
+    assert rt.export_folder(tiny_net.image_encoder, tiny_net.arch, tiny_net.image_size) == first and len(calls) == n + 1
+    # other weights, another folder: a fine-tuned run never reads its base's export by mistake if the encoder differs
+    from flaresam.models.sam.network import build_network
+
+    other = build_network("hqsam", "test_tiny", seed=4)
+    assert rt.export_folder(other.image_encoder, other.arch, other.image_size) != first
+
+
+def test_a_runner_follows_the_encoders_tensors(tiny_net):
+    """Loading other weights into the encoder must not keep running the old export."""
+    frames, hw = _frames(tiny_net, n=1)
+    before, _ = tiny_net.encode(frames, hw, rt.ONNX)
+    saved = {k: v.clone() for k, v in tiny_net.image_encoder.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in tiny_net.image_encoder.parameters():
+                p.mul_(0.5)
+        after, _ = tiny_net.encode(frames, hw, rt.ONNX)
+        ref, _ = tiny_net.encode(frames, hw, "torch")
+        assert not np.allclose(after.numpy(), before.numpy(), atol=1e-3)
+        np.testing.assert_allclose(after.numpy(), ref.numpy(), atol=1e-4, rtol=1e-3)
+    finally:
+        tiny_net.image_encoder.load_state_dict(saved)
+
+
+def test_resolving_the_runtime(monkeypatch):
+    assert rt.resolve("auto", "cpu") == rt.OPENVINO and rt.resolve(None, "cpu") == rt.OPENVINO
+    assert rt.resolve("auto", "cuda:0") == rt.TORCH
+    assert rt.resolve("ONNX", "cpu") == rt.ONNX
+    with pytest.raises(UsageError, match="--runtime must be one of"):
+        rt.resolve("tensorrt", "cpu")
+    with pytest.raises(UsageError, match="runs on the CPU"):
+        rt.resolve("onnx", "cuda")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert rt.resolve("auto", "cpu") == rt.ONNX  # the next fastest installed
+    with pytest.raises(UsageError, match="needs openvino"):
+        rt.resolve("openvino", "cpu")
+
+
+def test_agreement_counts_organ_voxels_and_dice_changes():
+    from flaresam.organs import FLARE22
+    from flaresam.predict.int8 import agreement
+
+    ref = np.zeros((4, 10, 10), np.uint8)
+    ref[:, 2:8, 2:8] = 1
+    same = agreement(ref, ref.copy(), ref, FLARE22.organs)
+    assert same.accepted and same.agreement == 1.0 and same.max_dice_change == 0.0
+    worse = ref.copy()
+    worse[0, 2:8, 2] = 0  # 6 of 144 liver voxels lost
+    found = agreement(ref, worse, ref, FLARE22.organs)
+    assert found.agreement == pytest.approx(138 / 144) and not found.accepted and found.worst_organ == "liver"
+    assert found.max_dice_change == pytest.approx(1 - 2 * 138 / (144 + 138))
+
+
+def test_int8_that_changes_the_labels_falls_back_to_fp32(monkeypatch):
+    from flaresam.predict import int8, segmenter
+    from flaresam.predict.segmenter import Segmenter
+    from tests.test_predict import BoxFillStep
+
+    warnings: list[str] = []
+    monkeypatch.setattr(segmenter, "load_model", lambda spec, device: (BoxFillStep(), {"window": [40, 400]}))
+    monkeypatch.setattr(int8, "int8_verdict", lambda step, window: int8.Agreement(1000, 0.97, 0.02, "pancreas"))
+    seg = Segmenter.load("m", device="cpu", runtime="onnx-int8", notify=lambda level, text: warnings.append(text))
+    assert seg.runtime == rt.ONNX and "pancreas" in warnings[0] and "fp32" in warnings[0]
+    monkeypatch.setattr(int8, "int8_verdict", lambda step, window: int8.Agreement(1000, 0.999, 0.001, "liver"))
+    assert Segmenter.load("m", device="cpu", runtime="onnx-int8").runtime == rt.ONNX_INT8
+
+
+def test_predict_through_each_runtime_agrees_with_torch(tmp_path):
+    """The whole path file to file: a random-weight HQ-SAM, prompts from the phantom's label."""
+    from flaresam.data.phantom import make_phantom
+    from flaresam.io.volume import read_volume, write_label, write_volume
+    from flaresam.predict.runner import PredictRequest, run_prediction
+    from flaresam.training.run_folder import CHECKPOINT_FORMAT
+    from tests.conftest import sam_step
+
+    ph = make_phantom(size=32, slices=8, seed=2)
+    scan = write_volume(ph.hu, ph.geometry, tmp_path / "scan_0000.nii.gz")
+    label = write_label(ph.label, ph.geometry, tmp_path / "truth.nii.gz")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # load_run seeds the rebuild the same way
+        step = sam_step("hqsam", arch="test_tiny", init="random", quiet=True)
+    model = tmp_path / "sam.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": step.config(), "state_dict": step.trainable_state_dict(), "epoch": 0,
+                "window": None}, model)
+    outs = {}
+    for runtime in ("torch", "onnx", "openvino"):
+        out = tmp_path / f"{runtime}.nii.gz"
+        run_prediction(PredictRequest(scan=scan, model=str(model), prompts_from=label, out=out, device="cpu", quiet=True,
+                                      runtime=runtime, full_frame=True))
+        outs[runtime] = np.asarray(read_volume(out).array)
+    assert outs["torch"].any()
+    for runtime in ("onnx", "openvino"):
+        assert float((outs[runtime] == outs["torch"]).mean()) >= 0.999, runtime
