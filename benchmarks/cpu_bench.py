@@ -60,40 +60,48 @@ def peak_rss_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
+INT8_FORCED = "onnx-int8 forced"  # int8 weights without the acceptance test: the figure of int8 itself
+
+
 def child(argv: list[str]) -> int:
-    """One measurement in this fresh process: ``IMPL RUNTIME SCAN LABEL MODEL OUT [full-frame|window|window, clipped]``; a JSON line."""
+    """One measurement in this fresh process: ``IMPL RUNTIME SCAN PROMPTS MODEL OUT MODE``; a JSON line.
+
+    IMPL ``SamPredictor`` | ``flaresam`` (PROMPTS a label) | ``flaresam-boxes`` (PROMPTS a boxes.json);
+    MODE ``window`` (the command's default), ``full-frame``, or ``window, clipped`` (through the library:
+    the work of a model whose masks stay in their boxes; random weights' do not).
+    """
     import json
 
     import torch
 
-    impl, runtime, scan, label, model, out, mode = argv
+    impl, runtime, scan, prompts, model, out, mode = argv
     torch.set_num_threads(int(os.environ.get("FLARESAM_BENCH_THREADS", "2")))
     from flaresam.cpu_memory import keep_freed_memory
 
     keep_freed_memory()  # as the flaresam command does
+    t0 = time.perf_counter()
     if impl == "SamPredictor":
-        seconds = gb.sampredictor_predict(Path(scan), Path(label), Path(model), Path(out), "cpu", per_box=False)
+        gb.sampredictor_predict(Path(scan), Path(prompts), Path(model), Path(out), "cpu", per_box=False)
+    elif mode == "window, clipped" or runtime == INT8_FORCED:
+        from flaresam.io.volume import read_label, read_volume, write_label
+        from flaresam.models.options import InferenceOptions
+        from flaresam.predict.prompts import LabelPrompts
+        from flaresam.predict.segmenter import Segmenter
+        from flaresam.predict.volume import predict_volume
+
+        seg = Segmenter.load(model, device="cpu", runtime="onnx" if runtime == INT8_FORCED else runtime)
+        image = read_volume(scan)
+        label = LabelPrompts(read_label(prompts, image.geometry, reference_path=scan).array)
+        inference = InferenceOptions(box_windows=mode != "full-frame", window_fallback=mode != "window, clipped",
+                                     runtime="onnx-int8" if runtime == INT8_FORCED else seg.runtime)
+        write_label(predict_volume(seg.step, image, seg.window, prompts=label, device="cpu", inference=inference), image.geometry, out)
     else:
         from flaresam.predict.runner import PredictRequest, run_prediction
 
-        t0 = time.perf_counter()
-        if mode == "window, clipped":  # the work of a model whose masks stay in their boxes (random weights' do not)
-            from flaresam.io.volume import read_label, read_volume, write_label
-            from flaresam.predict.prompts import LabelPrompts
-            from flaresam.predict.segmenter import Segmenter
-
-            seg = Segmenter.load(model, device="cpu", runtime=runtime)
-            image = read_volume(scan)
-            prompts = LabelPrompts(read_label(label, image.geometry, reference_path=scan).array)
-            from flaresam.models.options import InferenceOptions
-            from flaresam.predict.volume import predict_volume
-
-            inference = InferenceOptions(box_windows=True, window_fallback=False, runtime=seg.runtime)
-            write_label(predict_volume(seg.step, image, seg.window, prompts=prompts, device="cpu", inference=inference), image.geometry, out)
-        else:
-            run_prediction(PredictRequest(scan=Path(scan), model=model, prompts_from=Path(label) if label != "-" else None, out=Path(out),
-                                          device="cpu", quiet=True, runtime=runtime, full_frame=mode == "full-frame"))
-        seconds = time.perf_counter() - t0
+        source = {"boxes": Path(prompts)} if impl == "flaresam-boxes" else {"prompts_from": Path(prompts)}
+        run_prediction(PredictRequest(scan=Path(scan), model=model, out=Path(out), device="cpu", quiet=True, runtime=runtime,
+                                      full_frame=mode == "full-frame", **source))  # type: ignore[arg-type]
+    seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": round(seconds, 2), "peak_rss_gb": peak_rss_gb()}), flush=True)
     return 0
 
@@ -109,14 +117,13 @@ def _run_child(args: list[str]) -> dict:
 
 
 def _organ_agreement(a: Path, b: Path) -> float:
-    """Share of the voxels that either file labels as an organ which both label alike."""
-    import numpy as np
-
+    """Share of the voxels that either file labels as an organ which both label alike (flaresam.predict.int8's measure)."""
     from flaresam.io.volume import read_volume
+    from flaresam.organs import FLARE22
+    from flaresam.predict.int8 import agreement
 
-    x, y = np.asarray(read_volume(a).array), np.asarray(read_volume(b).array)
-    either = (x > 0) | (y > 0)
-    return round(float((x[either] == y[either]).mean()) if either.any() else 1.0, 5)
+    x, y = read_volume(a).array, read_volume(b).array
+    return round(agreement(x, y, x, FLARE22.organs).agreement, 5)
 
 
 def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
@@ -139,7 +146,7 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
     int8_file(export_folder(net.image_encoder, net.arch, net.image_size))
     rep.emit(**common, impl="export", seconds=round(time.perf_counter() - t0, 2), note="ONNX export and int8 quantisation, once per encoder")
     stock, stock_s = folder / "SamPredictor-torch-window.nii.gz", None
-    rows = [("SamPredictor", "torch", "window")] + [("flaresam", r, m) for r in RUNTIME_ROWS for m in args.runtime_modes.split(";")]
+    rows = [("SamPredictor", "torch", "window")] + [("flaresam", r, m) for r in (*RUNTIME_ROWS, INT8_FORCED) for m in args.runtime_modes.split(";")]
     for impl, runtime, mode in rows:
         out = folder / f"{impl}-{runtime}-{mode.replace(', ', '-')}.nii.gz"
         with rep.guard(**common, impl=impl, runtime=runtime, mode=mode):
@@ -207,24 +214,8 @@ def _long_scan_memory(rep: gb.Report, args: argparse.Namespace, folder: Path, mo
             lo[:2], hi[:2] = [int(xs.min()), int(ys.min())], [int(xs.max()), int(ys.max())]
             boxes = folder / f"long{slices}-boxes.json"
             boxes.write_text(json.dumps({"space": "voxel", "boxes": [{"organ": "liver", "min": lo, "max": hi}]}), encoding="utf-8")
-            got = _run_boxes_child(scan, boxes, model, folder / f"long{slices}.nii.gz")
+            got = _run_child(["flaresam-boxes", "auto", str(scan), str(boxes), str(model), str(folder / f"long{slices}.nii.gz"), "window"])
             rep.emit(bench="runtime_memory", slices=slices, shape=[slices, args.size, args.size], prompted_slices=len(zs), runtime="auto", **got)
-
-
-def _run_boxes_child(scan: Path, boxes: Path, model: Path, out: Path) -> dict:
-    import json
-    import subprocess
-
-    code = (f"import json, sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; from cpu_bench import peak_rss_gb;"
-            "from flaresam.cpu_memory import keep_freed_memory; keep_freed_memory();"
-            "from flaresam.predict.runner import PredictRequest, run_prediction; t=time.perf_counter();"
-            f"run_prediction(PredictRequest(scan=Path({str(scan)!r}), model={str(model)!r}, boxes=Path({str(boxes)!r}), out=Path({str(out)!r}),"
-            " device='cpu', quiet=True));"
-            "print(json.dumps({'seconds': round(time.perf_counter() - t, 2), 'peak_rss_gb': peak_rss_gb()}))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bench_parts(rep: gb.Report, arch: str = "vit_tiny", size: int = 512) -> None:

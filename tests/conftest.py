@@ -44,6 +44,12 @@ def dense_step(model: str = "unet", **options):
 
 
 @pytest.fixture(autouse=True)
+def _torch_runtime(monkeypatch):
+    """Tests run the SAM encoder through torch (the reference) unless they ask for a runtime: tests/test_runtime.py does."""
+    monkeypatch.setenv("FLARESAM_RUNTIME", "torch")
+
+
+@pytest.fixture(autouse=True)
 def _flaresam_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("flaresam_home")
     monkeypatch.setenv("FLARESAM_HOME", str(home))

@@ -76,10 +76,17 @@ def write_ct_series(folder: Path, canonical: np.ndarray, direction: tuple[float,
     The slices are written with SimpleITK's GDCM writer and the tags a source
     image of a DICOM SEG needs; the returned geometry is the one written.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     size = (canonical.shape[2], canonical.shape[1], canonical.shape[0])
     geometry = Geometry(size=size, spacing=tuple(spacing), origin=origin, direction=tuple(float(v) for v in direction))
     image = geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(geometry.from_canonical(canonical))))
+    write_image_series(folder, image, series=series)
+    return geometry
+
+
+def write_image_series(folder: Path, image: sitk.Image, *, series: int = 1) -> None:
+    """Write a 3D SimpleITK image as a DICOM CT series (also used by tests/test_volume.py), slice files in shuffled order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    size, spacing = image.GetSize(), image.GetSpacing()
     d = image.GetDirection()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
@@ -111,7 +118,6 @@ def write_ct_series(folder: Path, canonical: np.ndarray, direction: tuple[float,
             sl.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"im{series}_{names[k]:03d}.dcm"))
         writer.Execute(sl)
-    return geometry
 
 
 # ---- reading the SEG independently of flaresam -------------------------------------------

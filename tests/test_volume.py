@@ -166,29 +166,9 @@ def test_2d_4d_and_unreadable_are_clear_errors(tmp_path: Path):
 
 
 def _write_dicom_series(folder: Path, img: sitk.Image) -> None:
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = img.GetDirection()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1"
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k]
-        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0060": "CT",
-            "0020|000e": series_uid,
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.2",
-            "0020|0032": "\\".join(f"{p:.4f}" for p in pos),
-            "0020|0037": "\\".join(f"{d:.6f}" for d in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
-            "0020|0013": str(k + 1),
-            "0018|0050": f"{img.GetSpacing()[2]:.4f}",
-            "0028|1053": "1",
-            "0028|1052": "0",
-        }
-        for key, value in tags.items():
-            sl.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(sl)
+    from tests.test_dicom_seg import write_image_series
+
+    write_image_series(folder, img)
 
 
 def test_dicom_series_folder_keeps_geometry(tmp_path: Path):

@@ -42,7 +42,7 @@ def predict(
         "Default: in a window around its box, redone on the whole slice when the mask reaches the window's edge.",
     ),
     runtime: str = typer.Option(
-        "auto", "--runtime", help="SAM models' image encoder: auto (fastest measured: ONNX Runtime on a CPU, torch on CUDA) | torch | onnx | onnx-int8."
+        "auto", "--runtime", help="SAM models' image encoder: auto (on a CPU OpenVINO, else ONNX Runtime; torch on CUDA) | torch | onnx | openvino | onnx-int8."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     offline: bool = offline_option("Never touch the network: checkpoints must already be cached."),  # sets FLARESAM_OFFLINE

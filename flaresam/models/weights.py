@@ -618,22 +618,6 @@ def _as_entry(entry: WeightsEntry | str) -> WeightsEntry:
     return entry if isinstance(entry, WeightsEntry) else get_entry(entry)
 
 
-__all__ = [
-    "REGISTRY",
-    "VerifyResult",
-    "WeightsEntry",
-    "cache_state",
-    "cached_path",
-    "download",
-    "entry_for_file",
-    "file_sha256",
-    "get_entry",
-    "names",
-    "resolve_checkpoint",
-    "sha256_file",
-    "verify",
-]
-
 
 def tensors_digest(state: dict[str, Any]) -> str:
     """Content hash of a state dict (names, dtypes, shapes, bytes), without copying tensors."""
@@ -649,3 +633,21 @@ def tensors_digest(state: dict[str, Any]) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
+
+
+__all__ = [
+    "REGISTRY",
+    "VerifyResult",
+    "WeightsEntry",
+    "cache_state",
+    "cached_path",
+    "download",
+    "entry_for_file",
+    "file_sha256",
+    "get_entry",
+    "names",
+    "resolve_checkpoint",
+    "sha256_file",
+    "tensors_digest",
+    "verify",
+]

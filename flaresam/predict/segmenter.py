@@ -87,9 +87,10 @@ class Segmenter:
                 raise DataError(f"{model} was trained on {run_labels.describe()}, not on the label set given ({diff})")
         else:
             run_labels = given or FLARE22
-        segmenter = cls(step, checkpoint_window(ckpt), run_labels, dev, str(model), None, provenance_note(ckpt),
+        window = checkpoint_window(ckpt)
+        segmenter = cls(step, window, run_labels, dev, str(model), None, provenance_note(ckpt),
                         labels_known=given is not None or recorded is not None or not ckpt.get("pretrained_only"),
-                        runtime=_encoder_runtime(step, runtime, dev, checkpoint_window(ckpt), notify))
+                        runtime=_encoder_runtime(step, runtime, dev, window, notify))
         if proposer is None:
             return segmenter
         if not step.prompted:
@@ -229,20 +230,39 @@ class Segmenter:
 
 
 def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window: Window, notify: Notify) -> str:
-    """The runtime of a prompted model's image encoder; int8 only where the model keeps its result (else fp32 ONNX)."""
+    """The runtime of a prompted model's image encoder, ready to run (exported now, on first use).
+
+    int8 only where the model keeps its result (else fp32 ONNX Runtime). Under
+    ``auto``, a runtime that fails (export, load, check) falls back to torch with
+    a warning; one asked for by name fails with its one-line error.
+    """
     from flaresam.models.sam import runtime as rt
 
-    resolved = rt.resolve(choice, device)
     if not step.prompted:
         return rt.TORCH  # (a dense model has no frozen encoder to run elsewhere)
-    if resolved != rt.ONNX_INT8:
+    resolved = rt.resolve(choice, device)
+    if resolved == rt.TORCH:
         return resolved
+    try:
+        if resolved == rt.ONNX_INT8:
+            resolved = _int8_or_fp32(step, window, notify)
+        rt.onnx_runner(step.network(), resolved)
+    except rt.RuntimeFailure as exc:
+        if (choice or "auto").strip().lower() != rt.AUTO:
+            raise
+        notify("warn", f"{exc}; running the encoder through torch")
+        return rt.TORCH
+    return resolved
+
+
+def _int8_or_fp32(step: ModelStep, window: Window, notify: Notify) -> str:
+    from flaresam.models.sam import runtime as rt
     from flaresam.predict.int8 import MAX_DICE_CHANGE, MIN_AGREEMENT, int8_verdict
 
-    verdict = int8_verdict(step, window)
+    verdict = int8_verdict(step, window, notify)
     if verdict.accepted:
-        return resolved
-    notify("warn", f"int8 encoder weights change this model's labels (agreement {verdict.agreement:.2%} of organ voxels, "
+        return rt.ONNX_INT8
+    notify("warn", f"int8 encoder weights change this model's labels ({verdict.case}: agreement {verdict.agreement:.2%} of organ voxels, "
                    f"Dice of {verdict.worst_organ} moved {verdict.max_dice_change:.4f}; needs >= {MIN_AGREEMENT:.1%} and <= "
                    f"{MAX_DICE_CHANGE}): running fp32 through ONNX Runtime")
     return rt.ONNX

@@ -1,29 +1,33 @@
-"""The frozen image encoder through ONNX Runtime on the CPU: exported from the same weights, cached by their hash.
+"""The frozen image encoder through ONNX Runtime or OpenVINO on the CPU: exported from the same weights, cached by their hash.
 
 On a CPU the image encoder is most of ``flaresam predict``'s time. ONNX Runtime
-runs the same network, exported once from the module's own tensors, with its
-graph optimisations (BatchNorm folded, GELUs and attention fused) and,
-optionally, int8 weights in the linear layers (dynamic quantisation of the
-MatMuls: activations stay float, quantised per row as they come). torch stays
-the reference and the fallback; the choice is a *runtime*:
+and OpenVINO run the same network, exported once from the module's own
+tensors, with their graph optimisations (BatchNorm folded, GELUs and attention
+fused) and, optionally, int8 weights in the linear layers (ONNX Runtime's
+dynamic quantisation of the MatMuls: activations stay float, quantised as they
+come). torch stays the reference and the fallback; the choice is a *runtime*:
 
 * ``torch``: the PyTorch modules (on TinyViT, flaresam's folded copy);
 * ``onnx``: ONNX Runtime, fp32;
-* ``onnx-int8``: ONNX Runtime with int8 linear-layer weights; accepted for a
-  model only where its labels agree with fp32 (:mod:`flaresam.predict.int8`);
-* ``openvino``: OpenVINO, fp32 (its CPU default on bf16-capable CPUs would be
-  bf16: asked for f32 here), reading the same exported file;
-* ``auto``: the fastest measured on this machine's CPU (docs/speed.md), torch on CUDA.
+* ``openvino``: OpenVINO, fp32 (on a CPU with bf16 units its default would be
+  bf16: f32 is asked for), reading the same exported file;
+* ``onnx-int8``: ONNX Runtime with int8 linear-layer weights; used for a model
+  only where its labels keep their result (:mod:`flaresam.predict.int8`);
+* ``auto``: OpenVINO, else ONNX Runtime, else torch on a CPU (the order measured
+  on a 2-core machine, docs/speed.md section 6); torch on CUDA.
+  ``FLARESAM_RUNTIME`` in the environment replaces ``auto``'s choice.
 
-An export lives under ``$FLARESAM_HOME/runtimes/ARCH-KEY/``, KEY being a hash
-of every encoder tensor (a fine-tuned decoder shares its base's encoder file):
-written into a temporary folder, checked by loading it, then renamed into place.
+An export lives under ``$FLARESAM_HOME/runtimes/ARCH-KEY/``, KEY a hash of every
+encoder tensor and of the exporter's version: built in a temporary folder,
+checked against torch on a fixed input (both outputs), then renamed into place.
+A cached file that no longer loads is exported again once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,26 +40,35 @@ from flaresam.errors import DataError, UsageError
 
 TORCH, ONNX, ONNX_INT8, OPENVINO, AUTO = "torch", "onnx", "onnx-int8", "openvino", "auto"
 RUNTIMES = (TORCH, ONNX, ONNX_INT8, OPENVINO)
+EXPORTED = (ONNX, ONNX_INT8, OPENVINO)
 CHOICES = (AUTO, *RUNTIMES)
-AUTO_CPU = (OPENVINO, ONNX)  # the first one installed; measured (docs/speed.md, "CPU runtime"): both beat torch, OpenVINO most
-EXPORT_FORMAT = 1  # bump when the export changes: old folders are then rebuilt
+AUTO_CPU = (OPENVINO, ONNX)  # the first one installed; measured (docs/speed.md, section 6): both beat torch, OpenVINO most
+RUNTIME_ENV = "FLARESAM_RUNTIME"
+EXPORT_FORMAT = 2  # bump when the export changes: old folders are then rebuilt
 OPSET = 17
 ENCODER_FILE, INT8_FILE, META_FILE = "encoder.onnx", "encoder-int8.onnx", "meta.json"
+MIN_COSINE = 0.9999  # an export whose outputs differ more from torch's on the check input is refused
+NEEDS = {TORCH: (), ONNX: ("onnxruntime", "onnx"), ONNX_INT8: ("onnxruntime", "onnx"), OPENVINO: ("onnxruntime", "onnx", "openvino")}
 
 EncoderRunner = Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
+class RuntimeFailure(DataError):
+    """The encoder cannot run through the runtime asked for (export, load or check failed): one line, exit 1."""
+
+
 def available(runtime: str = ONNX) -> bool:
-    """Whether ``runtime`` can run here (ONNX Runtime exports every file, so every runtime but torch needs it)."""
+    """Whether ``runtime``'s packages can be imported here (every exported runtime needs ONNX Runtime to export)."""
     import importlib.util
 
-    needs = {TORCH: (), ONNX: ("onnxruntime", "onnx"), ONNX_INT8: ("onnxruntime", "onnx"), OPENVINO: ("onnxruntime", "onnx", "openvino")}
-    return all(importlib.util.find_spec(name) is not None for name in needs.get(runtime, ()))
+    return all(importlib.util.find_spec(name) is not None for name in NEEDS.get(runtime, ()))
 
 
 def resolve(choice: str | None, device: torch.device | str) -> str:
-    """The runtime that runs: ``auto`` is the measured choice on a CPU and torch on CUDA; onnx needs the CPU."""
+    """The runtime that runs: ``auto`` (or ``FLARESAM_RUNTIME``) is the measured order on a CPU and torch on CUDA."""
     choice = (choice or AUTO).strip().lower()
+    if choice == AUTO and os.environ.get(RUNTIME_ENV, "").strip():
+        choice = os.environ[RUNTIME_ENV].strip().lower()
     if choice not in CHOICES:
         raise UsageError(f"--runtime must be one of {', '.join(CHOICES)}, got {choice!r}")
     cpu = torch.device(device).type == "cpu"
@@ -64,16 +77,16 @@ def resolve(choice: str | None, device: torch.device | str) -> str:
     if choice != TORCH and not cpu:
         raise UsageError(f"--runtime {choice} runs on the CPU; on {device} use --runtime torch (or auto)")
     if not available(choice):
-        extra = "openvino, " if choice == OPENVINO else ""
-        raise UsageError(f"--runtime {choice} needs {extra}onnxruntime and onnx (pip install them), or use --runtime torch")
+        raise UsageError(f"--runtime {choice} needs {', '.join(NEEDS[choice])} (pip install them), or use --runtime torch")
     return choice
 
 
 def encoder_key(encoder: nn.Module) -> str:
-    """The encoder's content hash (every tensor) with the export's format: the export folder's name."""
+    """The encoder's content hash (every tensor) with the exporter's and the export's versions: the export folder's name."""
     from flaresam.models.weights import tensors_digest
 
-    return hashlib.blake2b(f"{tensors_digest(encoder.state_dict())}|{EXPORT_FORMAT}|{OPSET}".encode(), digest_size=12).hexdigest()
+    text = f"{tensors_digest(encoder.state_dict())}|{EXPORT_FORMAT}|{OPSET}|torch {torch.__version__}"
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 class _Pair(nn.Module):
@@ -88,20 +101,76 @@ class _Pair(nn.Module):
         return emb, interm[0]
 
 
+def _check_input(image_size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 3, image_size, image_size, generator=g)
+
+
 def _export(encoder: nn.Module, image_size: int, folder: Path) -> None:
-    """``folder/encoder.onnx`` (batch 1: TinyViT reads its batch size as a Python int)."""
+    """``folder/encoder.onnx`` (batch 1: TinyViT reads its batch size as a Python int), checked against torch."""
     import warnings
 
-    x = torch.zeros(1, 3, image_size, image_size)
+    x = _check_input(image_size)
     was_training = encoder.training
     encoder.eval()
     try:
+        with torch.no_grad():
+            want = _Pair(encoder)(x)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on shapes it records as constants (batch 1 here)
             torch.onnx.export(_Pair(encoder), (x,), str(folder / ENCODER_FILE), input_names=["x"], output_names=["embedding", "interm"],
                               opset_version=OPSET, dynamo=False)
     finally:
+        # TinyViT caches its attention biases when it switches to eval mode, and the tracer leaves that cache
+        # holding traced values: switching again re-derives it (checked below: torch's output is unchanged)
+        encoder.train(True)
         encoder.train(was_training)
+    with torch.no_grad():
+        again = _Pair(encoder)(x)
+    if not all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(again, want)):
+        raise RuntimeFailure("exporting the encoder changed the torch module's output; use --runtime torch")
+    got = _session(folder / ENCODER_FILE).run(None, {"x": x.numpy()})
+    for name, a, b in zip(("embedding", "interm"), got, want):
+        a, b = np.asarray(a, dtype=np.float64).ravel(), b.double().numpy().ravel()
+        cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+        if a.shape != b.shape or not cosine >= MIN_COSINE:
+            raise RuntimeFailure(f"the exported encoder's {name} differs from torch's (cosine {cosine:.6f} < {MIN_COSINE})")
+
+
+def export_folder(encoder: nn.Module, arch: str, image_size: int, key: str | None = None, force: bool = False) -> Path:
+    """The exported encoder's folder (exported on first use; a file lock keeps two processes from doing it twice)."""
+    from flaresam.io.atomic import build_folder_once
+    from flaresam.paths import home
+
+    key = key or encoder_key(encoder)
+    target = home() / "runtimes" / f"{arch}-{key}"
+
+    def complete(folder: Path) -> bool:
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+            size = (folder / ENCODER_FILE).stat().st_size
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and meta.get("key") == key and meta.get("bytes") == size
+
+    def build(tmp: Path) -> None:
+        _export(encoder, image_size, tmp)
+        meta = {"key": key, "arch": arch, "image_size": image_size, "opset": OPSET, "format": EXPORT_FORMAT, "torch": torch.__version__,
+                "bytes": (tmp / ENCODER_FILE).stat().st_size}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+    try:
+        return build_folder_once(target, complete, build, force=force)
+    except RuntimeFailure:
+        raise
+    except Exception as exc:  # the exporter and ONNX Runtime raise their own classes: one line, naming the way out
+        raise RuntimeFailure(f"cannot export the {arch} image encoder for the CPU runtime ({type(exc).__name__}: {_first(exc)}); "
+                             "use --runtime torch") from None
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def int8_file(folder: Path) -> Path:
@@ -119,38 +188,18 @@ def int8_file(folder: Path) -> Path:
             quiet = logging.getLogger().level
             logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process first is about calibrated (static) quantisation
             try:
-                with atomic_path(target, verify=_session) as tmp:
+                with atomic_path(target, verify=lambda tmp: _check_model(tmp)) as tmp:
                     quantize_dynamic(str(folder / ENCODER_FILE), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
             finally:
                 logging.getLogger().setLevel(quiet)
     return target
 
 
-def export_folder(encoder: nn.Module, arch: str, image_size: int) -> Path:
-    """The exported encoder's folder (exported on first use; a file lock keeps two processes from doing it twice)."""
-    from flaresam.io.atomic import build_folder_once
-    from flaresam.paths import home
+def _check_model(path: Path) -> None:
+    """A written model file that onnx reads and finds well formed (cheaper than a session)."""
+    import onnx
 
-    key = encoder_key(encoder)
-    target = home() / "runtimes" / f"{arch}-{key}"
-
-    def complete(folder: Path) -> bool:
-        try:
-            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        return meta.get("key") == key and (folder / ENCODER_FILE).is_file()
-
-    def build(tmp: Path) -> None:
-        _export(encoder, image_size, tmp)
-        _session(tmp / ENCODER_FILE)  # a file that does not load is not kept
-        meta = {"key": key, "arch": arch, "image_size": image_size, "opset": OPSET, "format": EXPORT_FORMAT, "torch": torch.__version__}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-
-    try:
-        return build_folder_once(target, complete, build)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise DataError(f"cannot export the {arch} image encoder for ONNX Runtime ({type(exc).__name__}: {exc}); use --runtime torch") from None
+    onnx.checker.check_model(str(path))
 
 
 def _session(path: Path, threads: int | None = None) -> Any:
@@ -162,6 +211,7 @@ def _session(path: Path, threads: int | None = None) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: its notes on unused initialisers are not the user's business
     options.enable_cpu_mem_arena = False  # same speed here, 0.3 GB less peak memory (docs/speed.md, section 6)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # torch decodes between encodes: no busy waiting
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -174,7 +224,7 @@ class OnnxEncoder:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if x.device.type != "cpu":
-            raise RuntimeError("the ONNX Runtime encoder runs on the CPU")
+            raise RuntimeError("the exported encoder runs on the CPU")
         frames = np.ascontiguousarray(x.detach().float().numpy())
         outs = [self.session.run(None, {"x": frames[i : i + 1]}) for i in range(len(frames))]
         emb = torch.from_numpy(np.concatenate([o[0] for o in outs]))
@@ -183,7 +233,7 @@ class OnnxEncoder:
 
 
 class OpenVinoEncoder(OnnxEncoder):
-    """The same, through OpenVINO (fp32) reading the exported file."""
+    """The same, through OpenVINO (f32) reading the exported file."""
 
     def __init__(self, path: Path) -> None:
         import openvino as ov
@@ -192,8 +242,7 @@ class OpenVinoEncoder(OnnxEncoder):
         core = ov.Core()
         compiled = core.compile_model(core.read_model(str(path)), "CPU",
                                       {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"})
-        request = compiled.create_infer_request()
-        self.session = _OpenVinoSession(request)
+        self.session = _OpenVinoSession(compiled.create_infer_request())
 
 
 class _OpenVinoSession:
@@ -208,16 +257,35 @@ class _OpenVinoSession:
 
 
 def onnx_runner(net: Any, runtime: str) -> EncoderRunner:
-    """The net's encoder through ONNX Runtime (``onnx``, ``onnx-int8``) or OpenVINO, kept on the net until its tensors change."""
+    """The net's encoder through ``runtime`` (onnx, onnx-int8, openvino), kept on the net until its tensors change.
+
+    A cached export that no longer loads is exported again once; any failure is a one-line :class:`RuntimeFailure`.
+    """
     from flaresam.models.sam.tinyvit_fold import tensor_state
 
+    if runtime not in EXPORTED:
+        raise ValueError(f"not an exported runtime: {runtime!r} (one of {', '.join(EXPORTED)})")
     encoder = net.image_encoder
     state = tensor_state(encoder)
     cached = net.__dict__.get("_onnx_runner")
     if cached is not None and cached[0] == (id(encoder), state, runtime):
         return cached[1]
-    folder = export_folder(encoder, net.arch, net.image_size)
+    key = cached[2] if cached is not None and cached[0][:2] == (id(encoder), state) else encoder_key(encoder)  # hashed once per weights
     cls = OpenVinoEncoder if runtime == OPENVINO else OnnxEncoder
-    runner = cls(int8_file(folder) if runtime == ONNX_INT8 else folder / ENCODER_FILE)
-    net.__dict__["_onnx_runner"] = ((id(encoder), state, runtime), runner)  # a plain attribute: not in the state dict
+    runner: EncoderRunner | None = None
+    for attempt in range(2):
+        folder = export_folder(encoder, net.arch, net.image_size, key, force=attempt == 1)
+        try:
+            if runtime == ONNX_INT8 and attempt == 1:
+                (folder / INT8_FILE).unlink(missing_ok=True)
+            runner = cls(int8_file(folder) if runtime == ONNX_INT8 else folder / ENCODER_FILE)
+            break
+        except RuntimeFailure:
+            raise
+        except Exception as exc:  # a damaged cached file: export again, once
+            if attempt == 1:
+                raise RuntimeFailure(f"the {runtime} encoder in {folder} does not load ({type(exc).__name__}: {_first(exc)}); "
+                                     "use --runtime torch") from None
+    net.__dict__["_onnx_runner"] = ((id(encoder), state, runtime), runner, key)  # a plain attribute: not in the state dict
+    assert runner is not None
     return runner

@@ -308,8 +308,11 @@ class SamStep(ModelStep):
         return labels.to(torch.uint8).cpu().numpy(), WindowStats(len(sl), fallbacks)
 
     def _slice_embeddings(self, slices: np.ndarray, dev: torch.device, runtime: str = "torch") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Embeddings of a chunk of slices of one volume: from the cache where present, else encoded now."""
-        cache = self.embedding_cache()
+        """Embeddings of a chunk of slices of one volume: from the cache where present, else encoded now.
+
+        The cache holds torch's embeddings: another runtime neither reads nor fills it.
+        """
+        cache = self.embedding_cache() if runtime == "torch" else None
         hits: list[Any] = [None] * len(slices)
         keys: list[str] = []
         if cache is not None:
