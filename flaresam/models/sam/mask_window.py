@@ -139,6 +139,9 @@ def decode_prompts(decoder: nn.Module, batch: PromptBatch) -> Decoded:
                    batch.slice_index, conv_reach(decoder))
 
 
+FRAME_CHUNK = 2  # prompts redone on the whole frame per pass: 13 at once held 1 GB more at peak, for no speed (docs/speed.md, section 6)
+
+
 def decode_windows(
     d: Decoded, boxes_lowres: torch.Tensor | None, fallback: bool = True
 ) -> tuple[list[WindowLogits], int]:
@@ -171,7 +174,8 @@ def decode_windows(
     if not escaped:
         return pieces, 0
     again = torch.cat(escaped)
-    pieces.append(d.on_windows(again, cells, zero[: len(again)], zero[: len(again)]))
+    for part in again.split(FRAME_CHUNK):  # a few whole frames at a time: their features are the largest tensors
+        pieces.append(d.on_windows(part, cells, zero[: len(part)], zero[: len(part)]))
     return pieces, len(again)
 
 
