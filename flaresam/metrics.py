@@ -371,6 +371,12 @@ def label_boxes(labels: np.ndarray, max_label: int = MAX_LABEL) -> list[tuple[sl
     return out
 
 
+def _organ_boxes(gt: np.ndarray, pred: np.ndarray, organs: tuple[Organ, ...]) -> tuple[list[Any], list[Any]]:
+    """:func:`label_boxes` of both arrays, up to the organs' highest id (indexed by id - 1)."""
+    top = max((o.id for o in organs), default=0)
+    return label_boxes(gt, top), label_boxes(pred, top)
+
+
 def _positive_box(work: np.ndarray) -> tuple[slice, ...] | None:
     """Box of the voxels with a label > 0, through max projections (fast: no mask is built)."""
     plane = work.max(axis=0)  # one pass over the volume
@@ -450,8 +456,7 @@ def flare22_case(
         raise ValueError(f"slice_axis must be an axis of a 3D array, got {slice_axis}")
     axis = slice_axis % 3
     organs = tuple(organs)
-    top = max((o.id for o in organs), default=0)
-    gt_boxes, pred_boxes = label_boxes(g, top), label_boxes(p, top)
+    gt_boxes, pred_boxes = _organ_boxes(g, p, organs)
     out: dict[str, dict[str, float]] = {}
     for organ in organs:
         gb, pb = gt_boxes[organ.id - 1], pred_boxes[organ.id - 1]
@@ -502,8 +507,7 @@ def slice_dice_pairs(pred: Any, gt: Any, organs: Iterable[Organ] = ORGANS, *, sl
     axis = slice_axis % 3
     others = tuple(a for a in range(3) if a != axis)
     organs = tuple(organs)
-    top = max((o.id for o in organs), default=0)
-    gt_boxes, pred_boxes = label_boxes(g, top), label_boxes(p, top)
+    gt_boxes, pred_boxes = _organ_boxes(g, p, organs)
     out: dict[str, np.ndarray] = {}
     for organ in organs:
         box = _box_union(gt_boxes[organ.id - 1], pred_boxes[organ.id - 1])

@@ -236,3 +236,17 @@ def test_three_organ_nnunet_dataset_end_to_end(tmp_path, run_cli, monkeypatch):
     assert "dsc_kidney_left" in header and "dsc_pancreas" not in header
     assert (tmp_path / "cmp" / "organ_dice.png").stat().st_size > 1000
     assert "(study)" not in r.out
+
+
+@pytest.mark.parametrize("command", ["prepare", "predict", "score"])
+def test_labels_must_name_a_json_file(tmp_path, run_cli, command):
+    """A folder or a non-JSON file given to --labels is refused, not searched around (which could find another table)."""
+    root = write_nnunet_dataset(tmp_path / "ds", cases=1, size=32, slices=8)  # its dataset.json sits right beside
+    odd = tmp_path / "ds" / "labels.txt"
+    odd.write_text("liver 1", encoding="utf-8")
+    args = {"prepare": ["--data", root, "--out", tmp_path / "prep"],
+            "predict": [root / "imagesTr" / "three_000_0000.nii.gz", "--model", "sam_vit_b"],
+            "score": [root / "labelsTr", root / "labelsTr"]}[command]
+    for bad in (odd, tmp_path / "ds"):
+        r = run_cli(command, *args, "--labels", bad, "-q")
+        assert r.code == 2 and "not a JSON file" in r.err, r

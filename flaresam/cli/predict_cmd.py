@@ -57,8 +57,9 @@ def predict(
 
     if prompts_from and boxes:
         raise UsageError("give either --prompts-from or --boxes, not both")
-    if labels is not None and not labels.is_file():
-        raise UsageError(f"--labels {labels}: no such file (give a labels.json or an nnU-Net dataset.json)")
+    from flaresam.io.dataset import label_set_file
+
+    label_set = label_set_file(labels) if labels is not None else None  # a bad file fails now, not after the model loads
     request = PredictRequest(
         scan=scan,
         model=model,
@@ -68,7 +69,7 @@ def predict(
         proposer=proposer,
         runs=runs,
         organs=organs,
-        labels=labels,
+        labels=label_set,
         format=fmt.strip().lower() if fmt else None,
         runtime=runtime,
         preview=preview,

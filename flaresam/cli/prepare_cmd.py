@@ -32,16 +32,12 @@ def prepare(
     from flaresam.data.store import SplitSpec, prepare_dataset
     from flaresam.data.window import parse_window
     from flaresam.io.atomic import atomic_write_text
-    from flaresam.io.dataset import dataset_label_set
+    from flaresam.io.dataset import label_set_file
     from flaresam.ui import info, literal
     from flaresam.ui import out as stdout
 
     win = parse_window(window)
-    if labels is not None and not labels.is_file():
-        from flaresam.errors import UsageError
-
-        raise UsageError(f"--labels {labels}: no such file (give a labels.json or an nnU-Net dataset.json)")
-    label_set = dataset_label_set(labels) if labels is not None else None
+    label_set = label_set_file(labels) if labels is not None else None
     skipped: list[str] = []
     store = prepare_dataset(
         data,

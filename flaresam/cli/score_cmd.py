@@ -56,8 +56,6 @@ def score(
         raise UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{protocol}'")
     if protocol != "flare22" and (keep_top_slice or nsd_min_dsc is not None):
         raise UsageError("--keep-top-slice and --nsd-min-dsc apply to the flare22 protocol only")
-    if labels is not None and not labels.is_file():
-        raise UsageError(f"--labels {labels}: no such file (give a labels.json or an nnU-Net dataset.json)")
     label_set = _label_set(labels, pred, gt)
     organs = label_set.organs
     min_dsc = NSD_MIN_DSC if nsd_min_dsc is None else nsd_min_dsc
@@ -103,10 +101,10 @@ def _label_set(labels: Path | None, pred: Path, gt: Path) -> LabelSet:
     """--labels; else the label file beside the ground truth, or beside the predictions (``predict`` writes one into
     a folder of another label set than FLARE22's); both there and differing is an error; else FLARE22's."""
     from flaresam.errors import DataError
-    from flaresam.io.dataset import dataset_label_set, label_file
+    from flaresam.io.dataset import dataset_label_set, label_file, label_set_file
 
     if labels is not None:
-        return dataset_label_set(labels)
+        return label_set_file(labels)
     at_gt, at_pred = label_file(gt), label_file(pred)
     if at_gt is not None and at_pred is not None:
         ours, theirs = dataset_label_set(at_gt), dataset_label_set(at_pred)

@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -326,9 +327,9 @@ class PreparedStore:
         level, width = self.manifest["window"]
         return Window(float(level), float(width))
 
-    @property
+    @cached_property
     def label_set(self) -> LabelSet:
-        """The organs its labels mean (FLARE22's for a store prepared before label sets were recorded)."""
+        """The organs its labels mean (FLARE22's for a store prepared before label sets were recorded); read once."""
         return recorded_label_set(self.manifest.get("labels"))
 
     @property

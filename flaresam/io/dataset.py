@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from flaresam.errors import DataError
+from flaresam.errors import DataError, UsageError
 from flaresam.io.volume import is_volume_file, strip_volume_suffix
 from flaresam.organs import FLARE22, LabelSet, LabelSetError, find_label_file, read_label_set
 
@@ -127,6 +127,17 @@ def label_file(root: str | os.PathLike[str]) -> Path | None:
     if root.name in {lab for _, lab in LAYOUTS}:
         folders.append(root.parent)
     return find_label_file(dict.fromkeys(folders))
+
+
+def label_set_file(path: str | os.PathLike[str]) -> LabelSet:
+    """``--labels FILE``: the label set of a ``labels.json`` or nnU-Net ``dataset.json`` (UsageError for anything else).
+
+    Only a JSON file: a folder, or another file, would send :func:`dataset_label_set` looking beside it.
+    """
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() != ".json":
+        raise UsageError(f"--labels {p}: not a JSON file (give a labels.json or an nnU-Net dataset.json)")
+    return dataset_label_set(p)
 
 
 def dataset_label_set(root: str | os.PathLike[str]) -> LabelSet:

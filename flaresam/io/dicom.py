@@ -19,29 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from flaresam.errors import DataError
+from flaresam.io.itk import itk_message, quiet_sitk
 
 # Series of these modalities hold no CT slices: derived objects that tools write beside a scan.
 NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "FID", "DOC", "RWV"})
 
 # shortest tail of a SeriesInstanceUID used to tell series of one folder apart in names
 _MIN_TAG_CHARS = 6
-
-
-def _sitk() -> Any:
-    import SimpleITK as sitk
-
-    # as in flaresam.io.volume: ITK's own warnings would print before flaresam's one-line error
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    return sitk
-
-
-def _itk_message(exc: BaseException) -> str:
-    """The useful line of an ITK exception (its text starts with a file/line preamble)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Description:" in ln:
-            return ln.split("Description:", 1)[1].strip()
-    return lines[-1] if lines else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -105,7 +89,7 @@ def _modality(path: Path) -> str | None:
 
 def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
     """Every DICOM image series directly in ``folder``, sorted by SeriesInstanceUID; DataError when there is none."""
-    sitk = _sitk()
+    sitk = quiet_sitk()
     p = Path(folder)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
@@ -115,7 +99,7 @@ def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
         uids = sorted(str(u) for u in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p)))
         found = [(u, tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), u))) for u in uids]
     except RuntimeError as exc:
-        raise DataError(f"{p}: cannot list its DICOM series ({_itk_message(exc)})") from None
+        raise DataError(f"{p}: cannot list its DICOM series ({itk_message(exc)})") from None
     except OSError as exc:
         raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
     skipped: list[str] = []
@@ -138,7 +122,7 @@ def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
 
 def read_series(series: DicomSeries, pixel_type: Any = None) -> Any:
     """Read one series as a 3D SimpleITK image (its files in the listed order); DataError naming the folder."""
-    sitk = _sitk()
+    sitk = quiet_sitk()
     # (not wrapped in _c_stderr_silenced, see flaresam.io.volume.read_image: reads run in predict's read-ahead thread)
     try:
         reader = sitk.ImageSeriesReader()
@@ -148,7 +132,7 @@ def read_series(series: DicomSeries, pixel_type: Any = None) -> Any:
             reader.SetOutputPixelType(pixel_type)
         image = reader.Execute()
     except RuntimeError as exc:
-        raise DataError(f"{series.folder}: cannot read DICOM series {series.uid} ({_itk_message(exc)})") from None
+        raise DataError(f"{series.folder}: cannot read DICOM series {series.uid} ({itk_message(exc)})") from None
     except OSError as exc:
         raise DataError(f"{series.folder}: cannot read ({exc.strerror or exc})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:

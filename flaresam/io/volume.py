@@ -34,6 +34,7 @@ import numpy as np
 from flaresam.errors import DataError, UsageError
 from flaresam.io.atomic import atomic_path
 from flaresam.io.dicom import DicomSeries, list_series, read_series
+from flaresam.io.itk import itk_message, quiet_sitk
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # outputs are single files: a .mhd/.nhdr header would point at a temporary data file
@@ -44,15 +45,6 @@ WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 SPACING_RTOL = 1e-4
 ORIGIN_ATOL_MM = 1e-3
 DIRECTION_ATOL = 1e-4
-
-
-def _sitk() -> Any:
-    import SimpleITK as sitk
-
-    # ITK's warnings ("WARNING: ... No Series were found") would print before our
-    # one-line error; every problem they describe is reported by flaresam itself.
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    return sitk
 
 
 @contextlib.contextmanager
@@ -258,16 +250,6 @@ class Volume:
 # reading
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # ITK messages carry a file/line preamble; the useful part is usually last
-    for ln in reversed(lines):
-        if "Description:" in ln:
-            return ln.split("Description:", 1)[1].strip()
-    return lines[-1] if lines else type(exc).__name__
-
-
 # ---------------------------------------------------------------------------
 # completeness: a cut-short file must fail, not read as zeros
 
@@ -456,7 +438,7 @@ class _BorrowedArray(np.ndarray):
 
 def borrowed_array(image: Any) -> np.ndarray:
     """Zero-copy, read-only view of ``image``'s voxels ([k, j, i]) that is safe to keep."""
-    view = _sitk().GetArrayViewFromImage(image).view(_BorrowedArray)
+    view = quiet_sitk().GetArrayViewFromImage(image).view(_BorrowedArray)
     view._image = image
     return view
 
@@ -475,7 +457,7 @@ def _only_series(folder: Path) -> DicomSeries:
 
 def read_image(path: str | os.PathLike[str] | DicomSeries, pixel_type: Any = None) -> Any:
     """Read a 3D image file, a one-series DICOM folder or a :class:`DicomSeries` with SimpleITK; clear errors otherwise."""
-    sitk = _sitk()
+    sitk = quiet_sitk()
     p = Path(path)  # a DicomSeries is path-like: its folder
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
@@ -494,7 +476,7 @@ def read_image(path: str | os.PathLike[str] | DicomSeries, pixel_type: Any = Non
     except DataError:
         raise
     except RuntimeError as exc:
-        raise DataError(f"{p}: cannot read as an image ({_first_line(exc)})") from None
+        raise DataError(f"{p}: cannot read as an image ({itk_message(exc)})") from None
     except OSError as exc:  # permission denied and the like: name the file
         raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
     if image.GetDimension() != 3:
@@ -552,15 +534,21 @@ def read_label(
     organs in the wrong place.
     """
     p = Path(path)
-    image = read_image(p)
+    return label_on_grid(read_image(p), p, reference, reference_path, max_label)
+
+
+def label_on_grid(
+    image: Any, path: Path, reference: Geometry, reference_path: str | os.PathLike[str] | None = None, max_label: int | None = 13
+) -> Volume:
+    """A label image (read from ``path``, or in memory and named so) aligned to ``reference``, as :func:`read_label` does."""
     geometry = Geometry.from_image(image)
-    arr = label_array(image, p, max_label)
+    arr = label_array(image, path, max_label)
     if not geometry.same_physical_grid(reference):
         ref = f"{reference_path}" if reference_path else "its image"
         raise DataError(
-            f"label {p} does not lie on the grid of {ref}: label {geometry.describe()} vs image {reference.describe()}"
+            f"label {path} does not lie on the grid of {ref}: label {geometry.describe()} vs image {reference.describe()}"
         )
-    return Volume(array=geometry.to_canonical(arr), geometry=reference, path=p)
+    return Volume(array=geometry.to_canonical(arr), geometry=reference, path=path)
 
 
 # ---------------------------------------------------------------------------
@@ -569,7 +557,7 @@ def read_label(
 
 def write_label(array: np.ndarray, geometry: Geometry, path: str | os.PathLike[str]) -> Path:
     """Write a canonical [z, y, x] label array as uint8 with ``geometry`` exactly; atomic."""
-    sitk = _sitk()
+    sitk = quiet_sitk()
     if tuple(array.shape) != geometry.canonical_shape:
         raise ValueError(f"label shape {array.shape} does not match the reference {geometry.canonical_shape}")
     file_array = np.ascontiguousarray(geometry.from_canonical(np.asarray(array, dtype=np.uint8)))
@@ -581,7 +569,7 @@ def write_label(array: np.ndarray, geometry: Geometry, path: str | os.PathLike[s
 
 def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike[str], compress: bool = True) -> Path:
     """Write a canonical array of any dtype with ``geometry``; atomic (used for images and phantoms)."""
-    sitk = _sitk()
+    sitk = quiet_sitk()
     file_array = np.ascontiguousarray(geometry.from_canonical(array))
     image = geometry.apply_to(sitk.GetImageFromArray(file_array))
     target = Path(path)
@@ -615,7 +603,7 @@ def _write_image(image: Any, target: Path, compress: bool) -> None:
     only prints to stderr): re-checking the written file against its header is
     what keeps a truncated volume from being renamed into place.
     """
-    sitk = _sitk()
+    sitk = quiet_sitk()
     _require_volume_name(target)
 
     def verify(tmp: Path) -> None:
@@ -632,4 +620,4 @@ def _write_image(image: Any, target: Path, compress: bool) -> None:
             with _c_stderr_silenced():
                 sitk.WriteImage(image, str(tmp), useCompression=compress)
         except RuntimeError as exc:
-            raise DataError(f"cannot write {target}: {_first_line(exc).replace(str(tmp), str(target))}") from None
+            raise DataError(f"cannot write {target}: {itk_message(exc).replace(str(tmp), str(target))}") from None

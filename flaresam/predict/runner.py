@@ -58,12 +58,13 @@ class PredictRequest:
 
 NIFTI, DICOM_SEG = "nifti", "dicom-seg"
 FORMATS = (NIFTI, DICOM_SEG)
+_SUFFIX = {NIFTI: ".nii.gz", DICOM_SEG: ".dcm"}
 Scan = Union[Path, "DicomSeries"]  # a scan file or DICOM folder, or one series of a folder that holds several
 
 
 def output_name(scan: Scan, fmt: str = NIFTI) -> str:
     """FLARE22 label naming: ``NAME_0000.nii.gz`` -> ``NAME.nii.gz`` (so `flaresam score` pairs it); ``NAME.dcm`` for a SEG."""
-    return f"{_stem(scan)}{'.dcm' if fmt == DICOM_SEG else '.nii.gz'}"
+    return f"{_stem(scan)}{_SUFFIX[fmt]}"
 
 
 def _scan_inputs(scan: Path) -> list[Scan]:
@@ -299,7 +300,7 @@ class PartialPrediction(DataError):
 def _outputs_of(req: PredictRequest, scan: Scan, many: bool) -> tuple[Path, Path | None, Path | None]:
     """(label file, stats file or None, preview file or None) for ``scan``."""
     fmt = req.output_format
-    beside = Path(scan).parent / f"{_stem(scan)}_seg{'.dcm' if fmt == DICOM_SEG else '.nii.gz'}"
+    beside = Path(scan).parent / f"{_stem(scan)}_seg{_SUFFIX[fmt]}"
     if many:
         target = req.out / output_name(scan, fmt) if req.out else beside
     else:

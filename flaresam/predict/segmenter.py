@@ -209,7 +209,7 @@ class Segmenter:
 
     def prompt_label(self, label: ImageLike, volume: Volume) -> np.ndarray:
         """A prompt label as canonical values on ``volume``'s grid (aligned in physical space, values checked)."""
-        from flaresam.io.volume import label_array, read_image
+        from flaresam.io.volume import label_on_grid, read_image
 
         if isinstance(label, np.ndarray):  # voxels in the image's own array order: they take its geometry
             import SimpleITK as sitk
@@ -222,11 +222,7 @@ class Segmenter:
             image, name = read_image(label), Path(label)
         else:
             image, name = label, Path("prompt label (image)")
-        geometry = Geometry.from_image(image)
-        if not geometry.same_physical_grid(volume.geometry):
-            raise DataError(f"{name} does not lie on the image's grid: label {geometry.describe()} vs image {volume.geometry.describe()}")
-        values = label_array(image, name, self.labels.max_label)
-        return np.ascontiguousarray(geometry.to_canonical(values))
+        return np.ascontiguousarray(label_on_grid(image, name, volume.geometry, max_label=self.labels.max_label).array)
 
 
 def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window: Window, notify: Notify) -> str:
@@ -271,12 +267,9 @@ def _int8_or_fp32(step: ModelStep, window: Window, notify: Notify) -> str:
 def _label_set(labels: LabelSet | str | os.PathLike[str] | None) -> LabelSet | None:
     if labels is None or isinstance(labels, LabelSet):
         return labels
-    from flaresam.io.dataset import dataset_label_set
+    from flaresam.io.dataset import label_set_file
 
-    path = Path(labels)
-    if not path.is_file() or path.suffix.lower() != ".json":
-        raise UsageError(f"--labels {path}: not a JSON file (give a labels.json or an nnU-Net dataset.json)")
-    return dataset_label_set(path)
+    return label_set_file(labels)
 
 
 def _image_from_array(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float] | None = None,
