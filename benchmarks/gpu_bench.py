@@ -47,7 +47,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("encoder", "decoder", "finetune", "cache", "predict", "dense")
+SECTIONS = ("encoder", "decoder", "finetune", "adapt", "cache", "predict", "dense")
 
 
 @dataclass(frozen=True)
@@ -420,22 +420,8 @@ def bench_finetune(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
         if compiled:
             encoder_runner(step.net, dev).compile_backend = sz.compile_backend
         step.network().to(dev).train()
-        s = step.spec.image_size
         b = sz.finetune_batch
-        batch = synthetic_prompts(sz, step.spec, b, "cpu")
-        g = torch.Generator().manual_seed(5)
-        batch.update(image_rows=torch.arange(b), images=torch.randint(0, 256, (b, s, s), generator=g, dtype=torch.uint8),
-                     cached_rows=torch.zeros(0, dtype=torch.long), embeddings=None, interm=None)
-        batch = on_device(batch, dev)
-        opt = torch.optim.AdamW([p for p in step.trainable_module().parameters() if p.requires_grad], lr=1e-5)
-
-        def one() -> None:
-            with autocast(dev):
-                loss, _ = step.loss(batch, dev)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        one = training_step(step, on_device(image_batch(sz, step.spec, b), dev), dev)
         encoder = ("fast compile" if compiled else "fast") if fast else "stock"
         common = dict(bench="finetune_step", arch=sz.sam_arch, model="hqsam", trainable=step.options.trainable, batch=b,
                       encode_batch=step.options.encode_batch, encoder=encoder, impl="flaresam")
@@ -447,7 +433,74 @@ def bench_finetune(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
             if compiled and getattr(runner, "compile_error", None):
                 raise RuntimeError(f"torch.compile failed: {runner.compile_error}")
             rep.emit(**common, slices_per_s=round(b / per, 2), first_step_s=round(first, 2), peak_mem_gb=peak_gb(dev), target_gb=12)
-        step = opt = batch = None  # frees the GPU before the next round
+        step = one = None  # frees the GPU before the next round
+
+
+def image_batch(sz: Sizes, spec: Any, slices: int) -> dict[str, Any]:
+    """A batch whose slices all come as images (no cached embedding): what a step whose encoder runs sees."""
+    import torch
+
+    s = spec.image_size
+    batch = synthetic_prompts(sz, spec, slices, "cpu")
+    g = torch.Generator().manual_seed(5)
+    batch.update(image_rows=torch.arange(slices), images=torch.randint(0, 256, (slices, s, s), generator=g, dtype=torch.uint8),
+                 cached_rows=torch.zeros(0, dtype=torch.long), embeddings=None, interm=None)
+    return batch
+
+
+def training_step(step: Any, batch: dict[str, Any], dev: Any) -> Callable[[], None]:
+    """One optimiser step of ``step`` on ``batch`` (bf16 autocast on CUDA), as a function to time."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in step.trainable_module().parameters() if p.requires_grad], lr=1e-5)
+
+    def one() -> None:
+        with autocast(dev):
+            loss, _ = step.loss(batch, dev)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return one
+
+
+# ---------------------------------------------------------------------------
+# adaptation modes: what a training step costs when the encoder trains (LoRA, last blocks, all) against decoder-only
+
+
+ADAPT_MODES = (("decoder", False), ("lora", False), ("lora", True), ("last-blocks:2", True), ("all", True))
+
+
+def bench_adapt(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
+    """One bf16 training step per adaptation mode at the finetune batch: peak memory against the 12 GB target.
+
+    Decoder-only reads cached embeddings (the study's setting); an encoder that trains cannot, so it runs the
+    stock encoder forward and backward, with its blocks' activations recomputed where ``grad_checkpoint``.
+    """
+    import torch
+
+    from flaresam.models.sam.options import SamOptions
+    from flaresam.models.sam.step import load_sam_step
+
+    dev = torch.device(sz.device)
+    for trainable, checkpointing in ADAPT_MODES:
+        targets = "encoder+decoder" if trainable == "lora" else "encoder"
+        options = SamOptions(arch=sz.sam_arch, init="random", trainable=trainable, grad_checkpoint=checkpointing,
+                             lora_targets=targets)
+        common = dict(bench="adapt_step", arch=sz.sam_arch, model="hqsam", trainable=trainable, grad_checkpoint=checkpointing,
+                      batch=sz.finetune_batch, impl="flaresam")
+        with rep.guard(**common):
+            step = load_sam_step("hqsam", options, quiet=True)
+            step.network().to(dev).train()
+            b = sz.finetune_batch
+            batch = image_batch(sz, step.spec, b) if step.encoder_live else cached_batch(sz, step.spec, b)
+            one = training_step(step, on_device(batch, dev), dev)
+            log(f"adapt step, {trainable}{' + activation checkpointing' if checkpointing else ''}")
+            reset_peak(dev)
+            first, per = timed(one, sz.finetune_iters, dev)
+            rep.emit(**common, trainable_params=step.parameter_counts()["trainable"], slices_per_s=round(b / per, 2),
+                     first_step_s=round(first, 2), peak_mem_gb=peak_gb(dev), target_gb=12)
+        step = one = batch = None  # frees the GPU before the next mode
 
 
 # ---------------------------------------------------------------------------
@@ -784,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": lambda: bench_encoder(rep, sz, args),
         "decoder": lambda: bench_decoder(rep, sz, args),
         "finetune": lambda: bench_finetune(rep, sz, args),
+        "adapt": lambda: bench_adapt(rep, sz, args),
         "cache": lambda: bench_cache(rep, sz, args, work),
         "predict": lambda: bench_predict(rep, sz, args, work),
         "dense": lambda: bench_dense(rep, sz, args),

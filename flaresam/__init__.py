@@ -4,4 +4,4 @@ The package root stays light (no torch import) so that commands such as
 ``flaresam score`` start quickly.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

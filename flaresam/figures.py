@@ -203,3 +203,23 @@ def training_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike[s
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png")
     return target
+
+
+def click_curves(curves: Sequence[dict[str, Any]], path: str | os.PathLike[str], baseline: float | None = None,
+                 title: str = "2D Dice against corrective clicks") -> Path:
+    """Dice after 0..K simulated clicks, one line per model row (``label``, ``slice_dice`` per click count); the
+    filled box's Dice as a dashed line, the baseline every row is read against."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for curve in curves:
+        dashed = curve.get("kind") == "baseline"
+        ax.plot(curve["clicks"], curve["slice_dice"], marker="o", linestyle="--" if dashed else "-", label=curve["label"])
+    if baseline is not None and np.isfinite(baseline):
+        ax.axhline(baseline, color="grey", linestyle=":", label="Box fill (no model)")
+    k = max((max(c["clicks"]) for c in curves), default=0)
+    ax.set(title=title, xlabel="corrective clicks after the box", ylabel="2D Dice (all slice-organ pairs)",
+           xticks=list(range(k + 1)))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -42,8 +42,13 @@ def test_gpu_bench_smoke_runs_every_section_on_the_cpu(tmp_path):
     assert lines[0]["bench"] == "env" and lines[0]["smoke"] is True
     total = lines[-1]
     assert total["bench"] == "total" and total["errors"] == 0
-    assert total["sections"] == ["encoder", "decoder", "finetune", "cache", "predict", "dense"]
+    assert total["sections"] == ["encoder", "decoder", "finetune", "adapt", "cache", "predict", "dense"]
     assert all(ln["device"].startswith("cpu") for ln in lines)
+    adapt = pick(lines, bench="adapt_step")
+    assert [(ln["trainable"], ln["grad_checkpoint"]) for ln in adapt] == [
+        ("decoder", False), ("lora", False), ("lora", True), ("last-blocks:2", True), ("all", True)]
+    counts = {(ln["trainable"], ln["grad_checkpoint"]): ln["trainable_params"] for ln in adapt}
+    assert counts[("lora", False)] == counts[("lora", True)] < counts[("decoder", False)] < counts[("all", True)]
 
     enc = pick(lines, bench="encoder")
     assert {ln["variant"] for ln in enc} == {"fp32", "sdpa fp32", "sdpa fp32 compile (aot_eager)", "fold fp32", "fold fp32 compile (aot_eager)"}

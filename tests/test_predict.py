@@ -284,9 +284,9 @@ def test_full_frame_option_decodes_every_mask_on_the_whole_slice(trained, run_cl
     seen: list[bool] = []
     original = sam_module.SamStep._predict_chunk
 
-    def spy(self, volume, idx, boxes, present, dev, inference):
+    def spy(self, volume, idx, boxes, present, dev, inference, points=None):
         seen.append(inference.box_windows)
-        return original(self, volume, idx, boxes, present, dev, inference)
+        return original(self, volume, idx, boxes, present, dev, inference, points)
 
     monkeypatch.setattr(sam_module.SamStep, "_predict_chunk", spy)
     outs = {}

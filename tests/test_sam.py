@@ -373,7 +373,7 @@ def test_option_errors():
     with pytest.raises(UsageError, match="--loss"):
         tiny(loss="focal")
     with pytest.raises(UsageError, match="--trainable"):
-        tiny(trainable="all")
+        tiny(trainable="everything")
 
 
 def test_trainable_module_and_config_rebuild():

@@ -11,7 +11,10 @@ from flaresam.cli.app import app, offline_option
 
 @app.command("compare")
 def compare(
-    models: str = typer.Option("sam,unet,deeplab,hqsam", "--models", help="Comma-separated: sam, unet, deeplab, hqsam."),
+    models: str = typer.Option(
+        "sam,unet,deeplab,hqsam", "--models", help="Comma-separated: sam, unet, deeplab, hqsam; a SAM model may name its "
+        "adaptation mode, e.g. hqsam:lora, sam:last-blocks:2, hqsam:all (see --trainable).",
+    ),
     data: Path | None = typer.Option(
         None, "--data", help="Dataset (raw FLARE22/nnU-Net layout or prepared). Default: the built-in synthetic demo."
     ),
@@ -30,8 +33,17 @@ def compare(
     sam_checkpoint: str | None = typer.Option(None, "--sam-checkpoint", help="Official SAM checkpoint for the sam model (e.g. sam_vit_b)."),
     init: str | None = typer.Option(None, "--init", help="'random': SAM encoders without any pretrained weights (ablation)."),
     trainable: str | None = typer.Option(
-        None, "--trainable", help="SAM models: decoder (the study) | hq (HQ-SAM's parts only, the HQ-SAM authors' setting; "
-        "SAM then trains its decoder)."
+        None, "--trainable", help="SAM models without a :MODE: decoder (the study) | hq (HQ-SAM's parts only, the HQ-SAM "
+        "authors' setting; SAM then trains its decoder) | lora | last-blocks:N | all."
+    ),
+    click_training: float | None = typer.Option(
+        None, "--click-training", help="SAM models: share of training batches that add 1-3 corrective clicks drawn from the "
+        "model's own errors "
+        "\\[default: 0, boxes only, the study's]."
+    ),
+    clicks: int = typer.Option(
+        0, "--clicks", min=0, help="Also score each SAM model with its box plus 1..K simulated corrective clicks "
+        "(Dice-vs-clicks table, clicks.png).",
     ),
     loss: str | None = typer.Option(None, "--loss", help="SAM models: dice (the study) | dice+bce (the HQ-SAM authors')."),
     jitter: int | None = typer.Option(
@@ -58,7 +70,7 @@ def compare(
     import time
 
     from flaresam.compare.plan import ComparePlan, parse_models
-    from flaresam.compare.report import render_table
+    from flaresam.compare.report import render_clicks, render_table
     from flaresam.compare.runner import run_compare
     from flaresam.report import jsonable
     from flaresam.ui import console, literal, notify
@@ -89,11 +101,16 @@ def compare(
         test_fraction=test_fraction,
         val_slices=val_slices,
         select=select,
+        clicks=clicks,
+        click_training=click_training,
         quiet=quiet,
         command=("flaresam", *sys.argv[1:]) if sys.argv and sys.argv[0].endswith("flaresam") else ("flaresam", "compare"),
     )
     results = run_compare(plan, notify=notify)
     console.print(f"Results in {literal(str(plan.out))} ({time.time() - started:.0f} s)")
     stdout.print(render_table(results))
+    click_table = render_clicks(results)
+    if click_table is not None:
+        stdout.print(click_table)
     if json_out:
         stdout.print_json(json.dumps(jsonable(results)))

@@ -41,8 +41,24 @@ def finetune(
     arch: str | None = typer.Option(None, "--arch", help="SAM: vit_b | vit_l | vit_h | vit_tiny \\[default: vit_b]."),
     checkpoint: str | None = typer.Option(None, "--checkpoint", help="SAM: official checkpoint file or name (see `flaresam weights`)."),
     init: str | None = typer.Option(None, "--init", help="SAM: 'random' to start without official weights (tests, ablations)."),
-    trainable: str | None = typer.Option(None, "--trainable", help="SAM: decoder | hq (HQ-SAM's added parts only) \\[default: decoder]."),
+    trainable: str | None = typer.Option(
+        None, "--trainable", help="SAM: decoder (the study) | hq (HQ-SAM's added parts) | lora (peft adapters; saves only them) | "
+        "last-blocks:N (the encoder's last N blocks, neck and decoder) | all (encoder and decoder) \\[default: decoder].",
+    ),
+    lora_rank: int | None = typer.Option(None, "--lora-rank", help="SAM, --trainable lora: the adapters' rank \\[default: 8]."),
+    lora_alpha: int | None = typer.Option(None, "--lora-alpha", help="SAM, --trainable lora: peft's lora_alpha (scale alpha/rank) \\[default: 16]."),
+    lora_targets: str | None = typer.Option(
+        None, "--lora-targets", help="SAM, --trainable lora: encoder (qkv, proj) | decoder (its attention) | encoder+decoder \\[default: encoder]."
+    ),
+    grad_checkpoint: bool | None = typer.Option(
+        None, "--grad-checkpoint/--no-grad-checkpoint", help="SAM, when the encoder trains: recompute its blocks' activations "
+        "in the backward pass (less memory, more time)."
+    ),
     jitter: int | None = typer.Option(None, "--jitter", help="SAM: random box-prompt jitter in pixels during training \\[default: 20]."),
+    click_training: float | None = typer.Option(
+        None, "--click-training", help="SAM: share of training batches that add 1-3 corrective clicks, each drawn from the "
+        "model's own errors (SAM's interactive training), so it keeps taking clicks \\[default: 0, boxes only, the study's]."
+    ),
     min_pixels: int | None = typer.Option(
         None, "--min-pixels", help="SAM: organs smaller than this on a slice get no box, in training and validation alike \\[default: 10]."
     ),
@@ -76,6 +92,8 @@ def finetune(
 
     model_options = {
         "loss": loss, "arch": arch, "checkpoint": checkpoint, "init": init, "trainable": trainable, "jitter": jitter,
+        "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": lora_targets, "grad_checkpoint": grad_checkpoint,
+        "click_training": click_training,
         "min_pixels": min_pixels, "per_component": per_component, "cache_embeddings": cache_embeddings,
         "fast_encoder": fast_encoder, "compile_encoder": compile_encoder,
         "encoder": encoder, "encoder_weights": encoder_weights, "size": size, "context": context, "augment": augment,

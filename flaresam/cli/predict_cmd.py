@@ -21,7 +21,13 @@ def predict(
     prompts_from: Path | None = typer.Option(
         None, "--prompts-from", help="Existing segmentation whose per-slice organ boxes prompt a SAM model."
     ),
-    boxes: Path | None = typer.Option(None, "--boxes", help="boxes.json: one 3D box per organ (see docs/prompts.md)."),
+    prompt_kind: str = typer.Option(
+        "box", "--prompt-kind", help="With --prompts-from: box (each organ's box per slice) | point (one positive point at "
+        "its most interior pixel) | box+point (both, and a negative point in the box outside the organ)."
+    ),
+    boxes: Path | None = typer.Option(
+        None, "--boxes", help="prompts.json: one 3D box per organ and/or positive and negative points (see docs/prompts.md)."
+    ),
     proposer: str | None = typer.Option(
         None, "--proposer", help="Dense run (unet/deeplab) that proposes boxes for a SAM model (automatic mode)."
     ),
@@ -57,6 +63,10 @@ def predict(
 
     if prompts_from and boxes:
         raise UsageError("give either --prompts-from or --boxes, not both")
+    from flaresam.predict.prompts import LABEL_PROMPT_KINDS
+
+    if prompt_kind not in LABEL_PROMPT_KINDS or (prompt_kind != "box" and not prompts_from):
+        raise UsageError(f"--prompt-kind {prompt_kind}: give box, point or box+point, with --prompts-from")
     from flaresam.io.dataset import label_set_file
 
     label_set = label_set_file(labels) if labels is not None else None  # a bad file fails now, not after the model loads
@@ -65,6 +75,7 @@ def predict(
         model=model,
         out=out,
         prompts_from=prompts_from,
+        prompt_kind=prompt_kind,
         boxes=boxes,
         proposer=proposer,
         runs=runs,

@@ -146,6 +146,24 @@ def weights_verify(
         raise typer.Exit(1)
 
 
+@weights_app.command("export")
+def weights_export(
+    run: Path = typer.Argument(..., help="A SAM / HQ-SAM run folder (its best checkpoint) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .pth file to write (an official-format state dict)."),
+    which: str = typer.Option("best", "--which", help="best | last: which checkpoint of a run folder."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT."),
+) -> None:
+    """Write a fine-tuned SAM / HQ-SAM as an official-format checkpoint: LoRA adapters merged into the weights.
+
+    The file loads wherever an official one does (`--checkpoint FILE`), in flaresam or segment-anything-hq.
+    """
+    from flaresam.training.run_folder import export_run
+    from flaresam.ui import info, literal
+
+    written = export_run(run, out, which=which, force=force)
+    info(f"Wrote {literal(str(out))}: {written['tensors']} tensors, {written['arch']}, SHA-256 {written['sha256'][:16]}...")
+
+
 @weights_app.command("standin")
 def weights_standin(
     force: bool = typer.Option(False, "--force", help="Build again even when the cached files are complete."),

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from flaresam.training.config import TrainConfig
 
 DISPLAY = {"hqsam": "HQ-SAM", "sam": "SAM", "unet": "U-Net", "deeplab": "DeepLabV3+"}
+# how a SAM model key's adaptation mode reads in tables ("hqsam:lora" -> "HQ-SAM LoRA")
+MODE_DISPLAY = {"decoder": "decoder", "hq": "HQ parts", "lora": "LoRA", "all": "all", "last-blocks": "last {n} blocks"}
 PROMPTED = tuple(k for k, spec in MODELS.items() if spec.prompted)  # ("hqsam", "sam")
 DENSE = tuple(k for k, spec in MODELS.items() if not spec.prompted)  # ("unet", "deeplab")
 SELECT = ("best", "last")
@@ -44,6 +46,8 @@ class DemoSettings:
     # CPU threads while each model trains: the SAM decoders' batched matrices gain from both cores of a laptop;
     # the demo's small dense networks lose more to OpenMP threads spinning against each other than they gain
     threads: tuple[tuple[str, int], ...] = (("hqsam", 2), ("sam", 2), ("unet", 1), ("deeplab", 1))
+    # LoRA runs of the demo (`--models hqsam:lora`): adapter options
+    lora: tuple[tuple[str, Any], ...] = ()
 
 
 DEMO = DemoSettings()  # read when a plan is resolved (tests replace it with a smaller demo)
@@ -75,6 +79,8 @@ class ComparePlan:
     test_fraction: float | None = None
     val_slices: int | None = None
     select: str = "best"
+    clicks: int = 0  # corrective clicks after the box, per prompted model (Dice-vs-clicks curve)
+    click_training: float | None = None  # SAM models: share of training batches with corrective clicks
     quiet: bool = False
     command: tuple[str, ...] = ()
 
@@ -102,11 +108,11 @@ class Resolved:
 
     @property
     def prompted(self) -> list[str]:
-        return [m for m in self.plan.models if m in PROMPTED]
+        return [m for m in self.plan.models if family(m) in PROMPTED]
 
     @property
     def dense(self) -> list[str]:
-        return [m for m in self.plan.models if m in DENSE]
+        return [m for m in self.plan.models if family(m) in DENSE]
 
 
 @dataclass(frozen=True)
@@ -119,13 +125,47 @@ class ModelRun:
     status: str  # "finished" (reuse), "resume" (an interrupted run of this plan) or "" (train anew)
 
 
+def family(model: str) -> str:
+    """A model key's family: ``hqsam:lora`` -> ``hqsam``."""
+    return model.split(":", 1)[0]
+
+
+def mode(model: str) -> str | None:
+    """A model key's adaptation mode (``--trainable``), None for a plain family name."""
+    return model.split(":", 1)[1] if ":" in model else None
+
+
+def display(model: str) -> str:
+    """How a model key reads in tables: ``HQ-SAM``, ``HQ-SAM LoRA``, ``SAM last 2 blocks``."""
+    m = mode(model)
+    if m is None:
+        return DISPLAY[family(model)]
+    kind, _, n = m.partition(":")
+    return f"{DISPLAY[family(model)]} {MODE_DISPLAY[kind].format(n=n)}"
+
+
 def parse_models(text: str) -> tuple[str, ...]:
-    models = [m.strip().lower() for m in text.split(",") if m.strip()]
+    """``--models``: families, and SAM families with an adaptation mode (``hqsam:lora``, ``sam:last-blocks:2``)."""
+    from flaresam.models.sam.adaptation import MODES, Trainable
+
     aliases = {"deeplabv3+": "deeplab", "deeplabv3plus": "deeplab", "hq-sam": "hqsam", "u-net": "unet"}
-    models = [aliases.get(m, m) for m in models]
-    unknown = [m for m in models if m not in DISPLAY]
-    if unknown or not models:
-        raise UsageError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(DISPLAY)}")
+    models = []
+    for item in (m.strip().lower() for m in text.split(",") if m.strip()):
+        name, colon, how = item.partition(":")
+        name = aliases.get(name, name)
+        if name not in DISPLAY:
+            raise UsageError(f"--models: unknown {name}; choose from {', '.join(DISPLAY)} (SAM ones may add :MODE, "
+                             f"one of {', '.join(MODES)})")
+        if colon:
+            if name not in PROMPTED:
+                raise UsageError(f"--models {item}: adaptation modes are for SAM and HQ-SAM; {DISPLAY[name]} trains whole")
+            how = str(Trainable.parse(how))
+            if how == "hq" and name != "hqsam":
+                raise UsageError(f"--models {item}: SAM has no HQ parts to train (hqsam:hq trains HQ-SAM's)")
+            name = f"{name}:{how}"
+        models.append(name)
+    if not models:
+        raise UsageError(f"--models: none given; choose from {', '.join(DISPLAY)}")
     return tuple(dict.fromkeys(models))
 
 
@@ -141,7 +181,19 @@ def resolve(plan: ComparePlan) -> Resolved:
     if not demo and not Path(str(plan.data)).exists():
         raise DataError(f"--data {plan.data}: no such folder")
     settings = DEMO
-    prompted = [m for m in plan.models if m in PROMPTED]
+    prompted = [m for m in plan.models if family(m) in PROMPTED]
+    if plan.clicks < 0:
+        raise UsageError(f"--clicks must be >= 0, got {plan.clicks}")
+    if plan.clicks and not prompted:
+        raise UsageError("--clicks needs a SAM model in --models (clicks correct a prompted model's masks)")
+    seen: dict[tuple[str, str], str] = {}
+    for m in prompted:  # the same model twice would train twice under two names
+        effective = mode(m) or plan.trainable or "decoder"
+        if family(m) == "sam" and effective == "hq" and mode(m) is None:
+            effective = "decoder"  # SAM has no HQ parts: under --trainable hq its decoder trains
+        first = seen.setdefault((family(m), effective), m)
+        if first != m:
+            raise UsageError(f"--models: {first} and {m} are the same model (--trainable {effective}); name it once")
     init = plan.init
     if init not in (None, "random"):
         raise UsageError(f"--init {init!r}: the only choice is 'random' (or give --checkpoint)")
@@ -153,10 +205,10 @@ def resolve(plan: ComparePlan) -> Resolved:
     if prompted and init != "random":
         if plan.checkpoint or plan.sam_checkpoint:
             for m in prompted:
-                checkpoints[m] = plan.sam_checkpoint if (m == "sam" and plan.sam_checkpoint) else plan.checkpoint
+                checkpoints[m] = plan.sam_checkpoint if (family(m) == "sam" and plan.sam_checkpoint) else plan.checkpoint
             missing = [m for m in prompted if not checkpoints[m]]
             if missing:
-                raise UsageError(f"--checkpoint is needed for {', '.join(DISPLAY[m] for m in missing)} "
+                raise UsageError(f"--checkpoint is needed for {', '.join(display(m) for m in missing)} "
                                  "(--sam-checkpoint only covers SAM)")
         elif demo:
             from flaresam.models.standin import STANDIN_ARCH
@@ -177,17 +229,24 @@ def resolve(plan: ComparePlan) -> Resolved:
     return Resolved(
         plan=plan,
         demo=demo,
-        epochs={m: plan.epochs or (dict(settings.epochs)[m] if demo else 10) for m in plan.models},
+        epochs={m: plan.epochs or (dict(settings.epochs)[family(m)] if demo else 10) for m in plan.models},
         batch_size=plan.batch_size or (settings.batch_size if demo else 8),
         arch=arch,
         checkpoints=checkpoints,
         init=init,
         encoder=plan.encoder or (settings.encoder if demo else None),
         encoder_weights=_encoder_weights(plan.encoder_weights, demo),
-        lr=dict(settings.lr) if demo else {},
+        lr=_demo_lr(settings, plan.models) if demo else {},
         standin=standin,
         settings=settings,
     )
+
+
+def _demo_lr(settings: DemoSettings, models: tuple[str, ...]) -> dict[str, float]:
+    """The demo's learning rate of each model key: its own entry (``hqsam:lora``), else its family's."""
+    table = dict(settings.lr)
+    found = {m: table.get(m, table.get(family(m))) for m in models}
+    return {m: v for m, v in found.items() if v is not None}
 
 
 def _encoder_weights(given: str | None, demo: bool) -> str | None:
@@ -220,7 +279,7 @@ def training_threads(r: Resolved, model: str, cpu_count: int) -> int | None:
     """CPU threads while ``model`` trains on the CPU: the demo's per-model setting; None: leave torch's as it is."""
     if not r.demo:
         return None
-    return max(1, min(dict(r.settings.threads)[model], cpu_count))
+    return max(1, min(dict(r.settings.threads)[family(model)], cpu_count))
 
 
 # ---------------------------------------------------------------------------
@@ -231,17 +290,18 @@ def train_config(r: Resolved, model: str, store: PreparedStore) -> TrainConfig:
     from flaresam.training.config import TrainConfig
 
     options: dict[str, Any]
-    if model in PROMPTED:
-        options = {"arch": r.arch, "checkpoint": r.checkpoints[model], "init": r.init, "trainable": r.plan.trainable,
-                   "loss": r.plan.loss, "jitter": r.plan.jitter, "cache_embeddings": True}
+    if family(model) in PROMPTED:
+        options = {"arch": r.arch, "checkpoint": r.checkpoints[model], "init": r.init, "trainable": mode(model) or r.plan.trainable,
+                   "loss": r.plan.loss, "jitter": r.plan.jitter, "click_training": r.plan.click_training, "cache_embeddings": True}
         if model == "sam" and r.plan.trainable == "hq":
             options["trainable"] = None  # SAM has no HQ parts: its whole decoder trains, as the study's SAM row
+        options.update(dict(r.settings.lora) if r.demo and mode(model) == "lora" else {})
     else:
         options = {"encoder": r.encoder, "encoder_weights": r.encoder_weights}
     options = {k: v for k, v in options.items() if v is not None}
     return TrainConfig(
         data=str(store.root),
-        model=model,
+        model=family(model),
         model_options=options,
         epochs=r.epochs[model],
         batch_size=r.batch_size,
@@ -296,7 +356,7 @@ def model_runs(r: Resolved, store: PreparedStore) -> dict[str, ModelRun]:
     out = {}
     for m in r.models:
         cfg = train_config(r, m, store)
-        run_dir = r.plan.runs / f"{m}-{config_key(cfg, store)}"
+        run_dir = r.plan.runs / f"{m.replace(':', '-')}-{config_key(cfg, store)}"
         out[m] = ModelRun(m, cfg, run_dir, reusable(run_dir, cfg, store))
     return out
 

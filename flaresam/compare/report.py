@@ -78,8 +78,11 @@ def caption(r: Resolved, store: PreparedStore) -> dict[str, Any]:
 
 def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: Mapping[str, ModelRun],
                   selected: Mapping[str, dict[str, Any]], proposer: str | None, caption: Mapping[str, Any],
-                  device: torch.device, seconds: float, small_organ_pairs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The results.json document (format ``flaresam-compare/2``); ``small_organ_pairs`` only where SAM models ran."""
+                  device: torch.device, seconds: float, small_organ_pairs: dict[str, Any] | None = None,
+                  clicks: Sequence[dict[str, Any]] = (), parameters: Mapping[str, dict[str, int]] | None = None) -> dict[str, Any]:
+    """The results.json document (format ``flaresam-compare/2``); ``small_organ_pairs`` only where SAM models ran,
+    ``clicks`` (Dice-vs-clicks curves) only with ``--clicks``; ``parameters``: each run's trainable and total counts."""
+    parameters = parameters or {}
     from flaresam.metrics import METRICS
     from flaresam.training.run_folder import versions
 
@@ -118,6 +121,8 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
             "trainable": plan.trainable,
             "loss": plan.loss,
             "jitter_1024px": plan.jitter,
+            "click_training": plan.click_training,
+            "clicks": plan.clicks,
             "dense_encoder": r.encoder,
             "dense_encoder_weights": r.encoder_weights,
             "select": plan.select,
@@ -131,6 +136,7 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
                 "reused": run.status == "finished",
                 "config": run.config.to_dict(),
                 "selected": selected[m],
+                "parameters": parameters.get(m),
             }
             for m, run in runs.items()
         },
@@ -145,6 +151,7 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
                 "prompts": row.prompts,
                 "run": row.run,
                 "checkpoint": row.checkpoint,
+                "parameters": parameters.get(row.key.split("@")[0]) if row.kind != "baseline" else None,
                 "slice_dice": clean(row.slice_dice),
                 "flare22": {"mean": row.flare22["mean"], "per_organ": row.flare22["per_organ"], "cases": row.flare22["cases"]} if row.flare22 else None,
             }
@@ -157,7 +164,19 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
     }
     if small_organ_pairs is not None:
         results["small_organ_pairs"] = small_organ_pairs
+    if clicks:
+        results["clicks"] = {
+            "clicks": r.plan.clicks,
+            "rule": CLICK_RULE,
+            "rows": [{**c, "parameters": parameters.get(c["key"].split("@")[0]) if c["kind"] != "baseline" else None}
+                     for c in clicks],
+        }
     return results
+
+
+CLICK_RULE = ("ground-truth box, then per click and per (slice, organ) with a box: one point at the most interior pixel "
+              "of the largest error region of the previous labels (false negative: positive point; false positive: "
+              "negative), all clicks so far given with the box; 2D Dice over every slice of the test cases")
 
 
 # ---------------------------------------------------------------------------
@@ -182,6 +201,7 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             "dsc_3d": r["flare22"]["mean"]["dsc"],
             "nsd_3d": r["flare22"]["mean"]["nsd"],
             "source": "this run (test cases)",
+            "trainable_params": (r.get("parameters") or {}).get("trainable"),
         }
         for o in organs:
             row[f"dsc_{o.name}"] = r["flare22"]["per_organ"][o.name]["dsc"]
@@ -190,7 +210,8 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         out.append(row)
     for ref in results["reference"]:
         out.append({"model": ref["label"], "kind": "reference", "prompts": "oracle boxes" if ref["model"] in PROMPTED else "none (dense)",
-                    "slice_dice": ref["slice_dice"], "dsc_3d": None, "nsd_3d": None, "source": "published study (reference)"})
+                    "slice_dice": ref["slice_dice"], "dsc_3d": None, "nsd_3d": None, "source": "published study (reference)",
+                    "trainable_params": None})
     return out
 
 
@@ -222,9 +243,12 @@ def markdown(results: Mapping[str, Any]) -> str:
     split = results["data"]["split"]
     lines = ["# flaresam compare", "", f"> {results['note']}", ""]
     lines += [f"Test cases ({len(split['test'])}): {', '.join(split['test'])}. {selection_line(results)} {small_line(results)}".rstrip(), ""]
-    lines += ["| model | kind | prompts | 2D Dice | FLARE22 DSC | FLARE22 NSD | source |", "|---|---|---|---:|---:|---:|---|"]
+    lines += ["| model | kind | prompts | 2D Dice | FLARE22 DSC | FLARE22 NSD | trained parameters | source |",
+              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in summary_rows(results):
-        lines.append(f"| {r['model']} | {r['kind']} | {r['prompts']} | {fmt(r['slice_dice'])} | {fmt(r['dsc_3d'])} | {fmt(r['nsd_3d'])} | {r['source']} |")
+        lines.append(f"| {r['model']} | {r['kind']} | {r['prompts']} | {fmt(r['slice_dice'])} | {fmt(r['dsc_3d'])} | {fmt(r['nsd_3d'])} "
+                     f"| {count(r['trainable_params'])} | {r['source']} |")
+    lines += clicks_markdown(results)
     lines += ["", "## FLARE22 DSC per organ (test volumes)", ""]
     rows = results["rows"]
     lines.append("| organ | " + " | ".join(r["label"] for r in rows) + " |")
@@ -241,6 +265,30 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines += ["", f"Read every SAM row against the box-fill and zero-shot rows above it.{study} Protocols: docs/protocols.md.", "", "## Cite", ""]
     lines += [f"- {c}" for c in results["citations"]]
     return "\n".join(lines) + "\n"
+
+
+def count(n: int | None) -> str:
+    """A parameter count as people read them: 12.3k, 4.1M; '-' where nothing trained."""
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
+def clicks_markdown(results: Mapping[str, Any]) -> list[str]:
+    """The Dice-vs-clicks table of ``--clicks`` (nothing without it)."""
+    from flaresam.report import fmt
+
+    clicks = results.get("clicks")
+    if not clicks:
+        return []
+    k = clicks["clicks"]
+    lines = ["", f"## 2D Dice against corrective clicks (0..{k})", "", f"Protocol: {clicks['rule']}.", "",
+             "| model | trained parameters | " + " | ".join(f"{i} click{'s' if i != 1 else ''}" for i in range(k + 1)) + " |",
+             "|---|---:|" + "---:|" * (k + 1)]
+    for c in clicks["rows"]:
+        lines.append(f"| {c['label']} | {count((c.get('parameters') or {}).get('trainable'))} | "
+                     + " | ".join(fmt(v) for v in c["slice_dice"]) + " |")
+    return lines
 
 
 def _organ_dsc(row: Row, labels: LabelSet) -> dict[str, float]:
@@ -269,6 +317,14 @@ def write_results(results: Mapping[str, Any], rows: Sequence[Row], cases: Mappin
         title="Per-organ Dice on the test volumes" + suffix,
         labels=labels,
     )
+    if results.get("clicks"):
+        from flaresam.figures import click_curves
+
+        boxfill = next((r["slice_dice"]["mean"] for r in results["rows"] if r["key"] == "boxfill" and r["slice_dice"]), None)
+        click_curves(results["clicks"]["rows"], out / "clicks.png", baseline=boxfill,
+                     title="2D Dice against corrective clicks" + suffix)
+        write_csv(out / "clicks.csv", [{"model": c["label"], "clicks": i, "slice_dice": d}
+                                       for c in results["clicks"]["rows"] for i, d in enumerate(c["slice_dice"])])
     if picks:
         grid_rows = [(f"{cid} z{z}", np.asarray(cases[cid].image[z])) for cid, z in picks]
         columns: list[tuple[str, dict[str, np.ndarray] | None]] = [("CT", None)]
@@ -286,15 +342,31 @@ def render_table(results: Mapping[str, Any]) -> Table:
     body: list[list[str]] = []
     refs: list[list[str]] = []
     for r in summary_rows(results):
-        cells = [r["model"], r["prompts"], fmt(r["slice_dice"]), fmt(r["dsc_3d"]), fmt(r["nsd_3d"])]
+        cells = [r["model"], r["prompts"], fmt(r["slice_dice"]), fmt(r["dsc_3d"]), fmt(r["nsd_3d"]), count(r["trainable_params"])]
         (refs if r["source"].startswith("published") else body).append(cells)
     split = results["data"]["split"]
     small = small_line(results)
     return table(
         f"flaresam compare: {len(split['test'])} test cases (never used for training or choosing)",
-        ["model", "prompts", "2D Dice", "FLARE22 DSC", "FLARE22 NSD"],
+        ["model", "prompts", "2D Dice", "FLARE22 DSC", "FLARE22 NSD", "trained params"],
         body + refs,
         caption=results["note"] + " " + selection_line(results) + (" " + small if small else "")
         + " Read each SAM row against Box fill and its zero-shot row."
         + (" Rows marked (study) are the published figures, not measured here." if refs else ""),
     )
+
+
+def render_clicks(results: Mapping[str, Any]) -> Table | None:
+    """The console's Dice-vs-clicks table (None without ``--clicks``)."""
+    from flaresam.report import fmt, table
+
+    clicks = results.get("clicks")
+    if not clicks:
+        return None
+    k = clicks["clicks"]
+    body = [[c["label"], count((c.get("parameters") or {}).get("trainable"))] + [fmt(v) for v in c["slice_dice"]]
+            for c in clicks["rows"]]
+    return table(f"2D Dice against corrective clicks (box, then up to {k})",
+                 ["model", "trained params"] + [str(i) for i in range(k + 1)], body,
+                 caption="Each click: the most interior pixel of the largest error region (positive on a miss, negative "
+                         "on a false positive). Read against the zero-shot rows and Box fill.")

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flaresam.compare.plan import (
-    DISPLAY,
-    PROMPTED,
     ComparePlan,
     ModelRun,
     Resolved,
+    display,
+    family,
     given_split_options,
     min_pixels,
     model_runs,
@@ -84,12 +84,28 @@ class _Compare:
     shown: list[tuple[str, int]]  # the slices the overlay figure shows
     notify: Notify
     rows: list[Row] = field(default_factory=list)
+    clicks: list[dict[str, Any]] = field(default_factory=list)  # Dice-vs-clicks curve of each prompted row (--clicks)
     selected: dict[str, dict[str, Any]] = field(default_factory=dict)
     steps: dict[str, ModelStep] = field(default_factory=dict)  # each model's tested epoch, loaded once
     proposals: dict[str, dict[str, dict[int, np.ndarray]]] = field(default_factory=dict)  # dense model -> automatic boxes
+    parameters: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> trainable and total parameters
 
     def score(self, row: Row, predict: Predictor, bar: _Bar) -> None:
         self.rows.append(score_row(row, self.cases, predict, bar.on_case, self.shown, self.store.label_set.organs))
+
+    def click_curve(self, row: Row, step: ModelStep, bar: _Bar) -> None:
+        """``--clicks K``: the row's model with its boxes, then K corrective clicks (:mod:`flaresam.compare.clicks`)."""
+        k = self.r.plan.clicks
+        if not k:
+            return
+        from flaresam.compare.clicks import click_curve
+
+        def on_case(cid: str) -> None:
+            bar.say(f"clicks: {row.label} ({cid})")
+            bar.step()
+
+        curve = click_curve(step, self.cases, self.device, k, self.store.label_set.organs, on_case=on_case)
+        self.clicks.append({"key": row.key, "label": row.label, "kind": row.kind, **curve})
 
 
 def run_compare(plan: ComparePlan, notify: Notify = silent) -> dict[str, Any]:
@@ -124,7 +140,8 @@ def run_compare(plan: ComparePlan, notify: Notify = silent) -> dict[str, Any]:
 
     rows = in_table_order(c.rows)
     small = small_organ_pairs(cases, min_pixels(c.runs[r.prompted[0]].config), organs) if r.prompted else None
-    results = build_results(r, store, rows, c.runs, c.selected, proposer, cap, device, time.time() - started, small)
+    results = build_results(r, store, rows, c.runs, c.selected, proposer, cap, device, time.time() - started, small,
+                            clicks=c.clicks, parameters=c.parameters)
     write_results(results, rows, cases, plan.out, c.shown)
     return results
 
@@ -180,19 +197,25 @@ def with_standin_checkpoints(r: Resolved) -> Resolved:
     from flaresam.models.standin import standin_checkpoints
 
     files = standin_checkpoints(quiet=r.plan.quiet)
-    return dataclasses.replace(r, checkpoints={m: str(files[m]) for m in r.checkpoints})
+    return dataclasses.replace(r, checkpoints={m: str(files[family(m)]) for m in r.checkpoints})
 
 
 def _zero_shot(r: Resolved) -> list[str]:
-    """The SAM models that start from a checkpoint: each gets a row before fine-tuning."""
-    return [m for m in r.prompted if r.checkpoints.get(m)]
+    """The SAM models that start from a checkpoint: one row before fine-tuning per family (``hqsam`` and
+    ``hqsam:lora`` share their base), under the first of its keys."""
+    firsts: dict[str, str] = {}
+    for m in r.prompted:
+        if r.checkpoints.get(m):
+            firsts.setdefault(family(m), m)
+    return list(firsts.values())
 
 
 def _progress_total(c: _Compare) -> int:
     r = c.r
     n_rows = (1 if r.prompted else 0) + len(_zero_shot(r)) + len(r.models) + (len(r.prompted) if r.dense else 0)
+    click_rows = (len(_zero_shot(r)) + len(r.prompted)) if r.plan.clicks else 0
     train_units = sum(run.config.epochs for run in c.runs.values() if run.status != "finished")
-    return train_units + n_rows * len(c.cases)
+    return train_units + (n_rows + click_rows) * len(c.cases)
 
 
 # ---------------------------------------------------------------------------
@@ -208,11 +231,15 @@ def baselines(c: _Compare, bar: _Bar) -> None:
         c.score(Row("boxfill", "boxfill", "Box fill (no model)", "baseline", "oracle boxes", None),
                 box_fill_predictor(min_pixels(c.runs[r.prompted[0]].config)), bar)
     for m in _zero_shot(r):
-        options = {k: v for k, v in c.runs[m].config.model_options.items() if k != "cache_embeddings"}
-        step = build_step(m, quiet=True, **options)
+        options = {k: v for k, v in c.runs[m].config.model_options.items() if k not in ("cache_embeddings", "trainable")}
+        options = {k: v for k, v in options.items() if not k.startswith("lora_")}
+        step = build_step(family(m), quiet=True, **options)
+        step.prepare_inference()
         step.network().to(c.device).eval()
-        row = Row(f"{m}@zeroshot", m, f"{DISPLAY[m]} (zero-shot)", "baseline", "oracle boxes", None, checkpoint=r.checkpoints[m])
+        f = family(m)
+        row = Row(f"{f}@zeroshot", f, f"{display(f)} (zero-shot)", "baseline", "oracle boxes", None, checkpoint=r.checkpoints[m])
         c.score(row, oracle_predictor(step, c.device), bar)
+        c.click_curve(row, step, bar)
 
 
 @contextlib.contextmanager
@@ -237,21 +264,21 @@ def train_or_reuse(c: _Compare, m: str, counter: str, bar: _Bar) -> None:
 
     run = c.runs[m]
     if run.status == "finished":
-        c.notify("info", f"{counter} {DISPLAY[m]}: reusing finished run {run.dir}")
+        c.notify("info", f"{counter} {display(m)}: reusing finished run {run.dir}")
         return
-    bar.say(f"{counter} training {DISPLAY[m]}")
+    bar.say(f"{counter} training {display(m)}")
 
     def on_epoch(record: dict[str, Any], summary: dict[str, Any]) -> None:
         bar.step()
         dice = record.get("val_mean_dice")
-        bar.say(f"{counter} training {DISPLAY[m]}: epoch {record.get('epoch')}/{run.config.epochs}"
+        bar.say(f"{counter} training {display(m)}: epoch {record.get('epoch')}/{run.config.epochs}"
                 + (f", val 2D Dice {dice:.3f}" if isinstance(dice, float) else ""))
 
     command = list(c.r.plan.command) or ["flaresam", "compare"]
     threads = training_threads(c.r, m, os.cpu_count() or 1) if c.device.type == "cpu" else None
     with torch_threads(threads):
         if run.status == "resume":
-            c.notify("info", f"{counter} {DISPLAY[m]}: resuming interrupted run {run.dir}")
+            c.notify("info", f"{counter} {display(m)}: resuming interrupted run {run.dir}")
             train(resume=run.dir, quiet=True, on_epoch=on_epoch, command=command)
         else:
             if run.dir.exists():
@@ -272,12 +299,14 @@ def evaluate_model(c: _Compare, m: str, bar: _Bar) -> None:
     metrics = ckpt.get("metrics") or {}
     c.selected[m] = {"epoch": ckpt.get("epoch"), "which": select, "val_2d_dice": metrics.get("val_mean_dice"),
                      "train_loss": metrics.get("train_loss"), "model_config": ckpt.get("model")}
-    prompted = m in PROMPTED
-    label = f"{DISPLAY[m]} (fine-tuned)" if prompted and c.r.checkpoints.get(m) else DISPLAY[m]
-    row = Row(m, m, label, "fine-tuned" if prompted else "trained", "oracle boxes" if prompted else "none (dense)",
+    c.parameters[m] = step.parameter_counts()
+    prompted = m in c.r.prompted
+    label = f"{display(m)} (fine-tuned)" if prompted and c.r.checkpoints.get(m) else display(m)
+    row = Row(m, family(m), label, "fine-tuned" if prompted else "trained", "oracle boxes" if prompted else "none (dense)",
               str(run.dir), checkpoint=f"{select} epoch ({ckpt.get('epoch')})")
     if prompted:
         c.score(row, oracle_predictor(step, c.device), bar)
+        c.click_curve(row, step, bar)
     else:  # the automatic rows' boxes come from this same segmentation, should this model be the proposer
         thresholds = [min_pixels(c.runs[p].config) for p in c.r.prompted]
         proposals = c.proposals.setdefault(m, {}) if thresholds else None
@@ -289,7 +318,7 @@ def automatic_rows(c: _Compare, proposer: str, bar: _Bar) -> None:
     prompted = c.r.prompted
     boxes = c.proposals[proposer]  # from the proposer's own test row: it segmented each case once
     for m in prompted:
-        row = Row(f"{m}@auto", m, f"{DISPLAY[m]} (auto boxes)", "automatic boxes", f"automatic boxes (from {DISPLAY[proposer]})",
+        row = Row(f"{m}@auto", family(m), f"{display(m)} (auto boxes)", "automatic boxes", f"automatic boxes (from {display(proposer)})",
                   str(c.runs[m].dir), checkpoint=f"{c.r.plan.select} epoch")
         c.score(row, auto_box_predictor(c.steps[m], c.device, boxes), bar)
 

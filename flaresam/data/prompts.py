@@ -28,6 +28,7 @@ from flaresam.errors import UsageError
 DEFAULT_JITTER_PX = 20
 SAM_FRAME = 1024  # the official SAM input size: jitter is counted in its pixels
 DEFAULT_MIN_PIXELS = 10
+MAX_TRAINING_CLICKS = 3  # corrective clicks per box in training at most (what `compare --clicks 3` evaluates)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,11 @@ class ModelStep(ABC):
     def __init__(self) -> None:
         self._train_net: nn.Module | None = None
 
+    @property
+    def default_lr(self) -> float | None:
+        """A learning rate of this configuration that differs from the family's (None: the family's)."""
+        return None
+
     # -- what each family defines -----------------------------------------------
     @abstractmethod
     def network(self) -> nn.Module:
@@ -74,13 +79,17 @@ class ModelStep(ABC):
 
     @abstractmethod
     def predict_slices(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None,
-                       device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
+                       device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME,
+                       points: np.ndarray | None = None) -> np.ndarray:
         """Label slices uint8 [len(indices), H, W] for ``volume[indices]``.
 
         ``volume`` is the windowed uint8 [z, y, x] case (dense models may read
         neighbouring slices for 2.5D context); ``boxes`` is int32
         [len(indices), organs, 4] (x0, y0, x1, y1 inclusive, -1 = no prompt) for
-        prompted models and ignored by dense ones.
+        prompted models and ignored by dense ones. ``points`` (prompted models,
+        optional): float [len(indices), organs, P, 3], x and y in slice pixels and
+        a label (1 positive, 0 negative, -1 none); an organ with points but no box
+        is prompted by its points alone.
         """
 
     # -- shared definitions ------------------------------------------------------
@@ -117,6 +126,15 @@ class ModelStep(ABC):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint saves: the trainable module's tensors, detached copies on the CPU."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.trainable_module().state_dict().items()}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters that train and in all (what ``compare`` reports beside each row)."""
+        trainable = sum(p.numel() for p in self.trainable_module().parameters() if p.requires_grad)
+        return {"trainable": trainable, "total": sum(p.numel() for p in self.network().parameters())}
+
+    def prepare_inference(self) -> None:
+        """Called once the trained tensors are loaded and before predicting (SAM merges LoRA adapters here)."""
+        return None
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load what :meth:`trainable_state_dict` saved; a mismatch is a :class:`DataError` naming tensors."""

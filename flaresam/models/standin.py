@@ -78,7 +78,10 @@ class StandinRecipe:
     # (zero-shot near the filled box, fine-tuning +0.01..0.02 2D Dice over it); seed 2, checked afterwards, agreed.
     # The demo makes no claim about models, so this tuning is disclosed (docs/checkpoints.md), not hidden.
     windows: tuple[tuple[float, float], tuple[float, float]] | None = ((50.0, 110.0), (450.0, 700.0))
-    version: int = 1  # bump when the code below changes what it trains
+    # share of the steps that add 1..3 corrective clicks to the boxes, each drawn from the errors of the prediction
+    # so far (flaresam.models.sam.training_clicks), as SAM was trained: zero-shot clicks then mean something
+    click_share: float = 0.5
+    version: int = 2  # bump when the code below changes what it trains
 
     def key(self) -> str:
         return hashlib.blake2b(json.dumps(asdict(self), sort_keys=True).encode(), digest_size=6).hexdigest()
@@ -156,13 +159,18 @@ def _pretraining_slices(recipe: StandinRecipe, image_size: int) -> _Slices:
     return _Slices(frames, input_hw, np.concatenate(labels), np.concatenate(boxes), np.concatenate(pixels))
 
 
+Clicks = tuple[int, int]  # corrective-click rounds of a batch (0: boxes only) and the seed they are drawn with
+
+
 def _prompt_batch(data: _Slices, idx: np.ndarray, recipe: StandinRecipe, rng: np.random.Generator, image_size: int,
-                  lowres: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Jittered frame boxes [N, 4], the slice of each [N] and soft targets [N, L, L] for the slices ``idx``."""
-    from flaresam.data.prompts import jitter_boxes
+                  lowres: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Clicks]:
+    """Jittered frame boxes [N, 4], the slice of each [N], soft targets [N, L, L] for the slices ``idx``, and (on a
+    ``click_share`` of the batches) 1..3 rounds of corrective clicks."""
+    from flaresam.data.prompts import MAX_TRAINING_CLICKS, jitter_boxes
     from flaresam.models.sam.preprocess import boxes_to_frame, lowres_targets
 
     h, w = data.labels.shape[1:]
+    clicks = (int(rng.integers(1, MAX_TRAINING_CLICKS + 1)), int(rng.integers(2**62))) if rng.random() < recipe.click_share else (0, 0)
     all_boxes, index, targets = [], [], []
     for j, z in enumerate(idx):
         present = np.flatnonzero(data.pixels[z] >= recipe.min_pixels)
@@ -173,7 +181,7 @@ def _prompt_batch(data: _Slices, idx: np.ndarray, recipe: StandinRecipe, rng: np
         index += [j] * len(present)
         masks = torch.from_numpy(data.labels[z][None] == (present[:, None, None] + 1))
         targets.append(lowres_targets(masks, data.input_hw, image_size, lowres))
-    return torch.from_numpy(np.concatenate(all_boxes)), torch.tensor(index), torch.cat(targets)
+    return torch.from_numpy(np.concatenate(all_boxes)), torch.tensor(index), torch.cat(targets), clicks
 
 
 # ---------------------------------------------------------------------------
@@ -188,6 +196,7 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
     from flaresam.models.sam.loss import mask_loss
     from flaresam.models.sam.network import build_network
     from flaresam.models.sam.preprocess import frame_mask, normalise
+    from flaresam.models.sam.training_clicks import click_rounds
     from flaresam.models.weights import read_sha256
     from flaresam.ui import progress
 
@@ -208,13 +217,21 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
         hq_params = [p for name, p in net.named_parameters() if is_hq_key(name)]
         history: dict[str, list[float]] = {"sam": [], "hq": []}
 
-        def batches() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+        def batches() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, Clicks]:
             idx = rng.choice(n, recipe.batch, replace=False)
             return (idx, *_prompt_batch(data, idx, recipe, rng, spec.image_size, spec.lowres))
 
-        def sam_logits(emb: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        def prompt_points(points: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+            return None if points is None else (points[..., :2], points[..., 2].long())
+
+        def with_clicks(forward: Any, clicks: Clicks, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            if not clicks[0]:
+                return forward(None)
+            return click_rounds(forward, clicks[0], targets, valid, spec.image_size, torch.Generator().manual_seed(clicks[1]))[0]
+
+        def sam_logits(emb: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor, points: torch.Tensor | None) -> torch.Tensor:
             """SAM's single-mask output, decoded as a plain SAM decoder would (no HQ token among the tokens)."""
-            batch = PromptBatch.from_boxes(net.prompt_encoder, emb, None, boxes, index)
+            batch = PromptBatch.from_boxes(net.prompt_encoder, emb, None, boxes, index, prompt_points(points))
             # no HQ token among the tokens: the SAM file drops the HQ tensors, so the decoder that loads it has none
             hs, src = decode_tokens(decoder, batch, hq_token=False)
             return mask_from_features(decoder.output_hypernetworks_mlps[0](hs[:, 1]), mask_features(decoder, src, None))[:, 0]
@@ -229,10 +246,13 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
             net.train(True)
             net.image_encoder.train(True)
 
-            def sam_loss(idx: np.ndarray, boxes: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            def sam_loss(idx: np.ndarray, boxes: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+                         clicks: Clicks) -> torch.Tensor:
                 x = normalise(data.frames[idx], hw[idx], net.pixel_mean, net.pixel_std)
                 emb, _ = net.image_encoder(x)
-                return mask_loss(sam_logits(emb, boxes, index), targets, valid_all[idx][index], "dice+bce")
+                valid = valid_all[idx][index]
+                logits = with_clicks(lambda pts: sam_logits(emb, boxes, index, pts), clicks, targets, valid)
+                return mask_loss(logits, targets, valid, "dice+bce")
 
             history["sam"] = _optimise(sam_params, recipe.lr, recipe.sam_steps, sam_loss, batches, lambda: bar.advance(task))
             # the SAM file is stage 1's result, taken now: stage 2 must leave these tensors as they are
@@ -250,11 +270,16 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
                 interm_all = torch.cat([f[1][0] for f in feats])
             decoder.train(True)
 
-            def hq_loss(idx: np.ndarray, boxes: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad():
-                    batch = PromptBatch.from_boxes(net.prompt_encoder, emb_all[idx], interm_all[idx], boxes, index)
-                logits = decode(decoder, batch)[:, 0]
-                return mask_loss(logits, targets, valid_all[idx][index], "dice+bce")
+            def hq_loss(idx: np.ndarray, boxes: torch.Tensor, index: torch.Tensor, targets: torch.Tensor,
+                        clicks: Clicks) -> torch.Tensor:
+                def forward(points: torch.Tensor | None) -> torch.Tensor:
+                    with torch.no_grad():
+                        batch = PromptBatch.from_boxes(net.prompt_encoder, emb_all[idx], interm_all[idx], boxes, index,
+                                                       prompt_points(points))
+                    return decode(decoder, batch)[:, 0]
+
+                valid = valid_all[idx][index]
+                return mask_loss(with_clicks(forward, clicks, targets, valid), targets, valid, "dice+bce")
 
             history["hq"] = _optimise(hq_params, recipe.hq_lr, recipe.hq_steps, hq_loss, batches, lambda: bar.advance(task))
     net.train(False)

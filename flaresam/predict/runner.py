@@ -35,6 +35,7 @@ class PredictRequest:
     model: str | None = None
     out: Path | None = None
     prompts_from: Path | None = None
+    prompt_kind: str = "box"  # with prompts_from: box | point | box+point (flaresam.predict.prompts.LabelPrompts)
     boxes: Path | None = None
     proposer: str | None = None
     runs: Path = Path("runs")
@@ -366,7 +367,8 @@ def _predict_one(
     labels = segmenter.labels
     if segmenter.step.prompted:
         if req.prompts_from:
-            prompts = LabelPrompts(read_label(req.prompts_from, image.geometry, reference_path=scan, max_label=labels.max_label).array)
+            prompts = LabelPrompts(read_label(req.prompts_from, image.geometry, reference_path=scan, max_label=labels.max_label).array,
+                                   kind=req.prompt_kind)
         elif req.boxes:
             prompts = load_boxes_json(req.boxes, image.geometry, labels)
     label = segmenter.segment_volume(image, prompts, organs=organs, batch_size=req.batch_size, full_frame=req.full_frame, quiet=quiet)

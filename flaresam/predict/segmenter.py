@@ -167,6 +167,7 @@ class Segmenter:
         direction: Sequence[float] | None = None,
         boxes: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         prompt_label: ImageLike | None = None,
+        prompt_kind: str = "box",
         organs: str | Sequence[str | int] | None = None,
         batch_size: int = DEFAULT_BATCH,
         full_frame: bool = False,
@@ -184,8 +185,9 @@ class Segmenter:
         axis 0 to the head. (A nibabel array is ``[i, j, k]`` in RAS: transpose
         it and pass its direction, or flip axes 1 and 2.) Prompts for a SAM
         model: ``boxes`` (a ``boxes.json`` file or its parsed dict),
-        ``prompt_label`` (a label on the image's grid, same kinds as ``image``),
-        or neither, when the segmenter has a proposer.
+        ``prompt_label`` (a label on the image's grid, same kinds as ``image``;
+        ``prompt_kind`` box, point or box+point), or neither, when the
+        segmenter has a proposer. ``boxes`` may hold points too (docs/prompts.md).
         """
         volume, as_array = _as_volume(image, spacing, origin, direction)
         if boxes is not None and prompt_label is not None:
@@ -197,7 +199,7 @@ class Segmenter:
             else:
                 prompts = load_boxes_json(boxes, volume.geometry, self.labels)
         elif self.step.prompted and prompt_label is not None:
-            prompts = LabelPrompts(self.prompt_label(prompt_label, volume))
+            prompts = LabelPrompts(self.prompt_label(prompt_label, volume), kind=prompt_kind)
         label = self.segment_volume(volume, prompts, organs=self.organs(organs), batch_size=batch_size,
                                     full_frame=full_frame, quiet=quiet)
         file_order = np.ascontiguousarray(volume.geometry.from_canonical(label))

@@ -43,15 +43,39 @@ def proposal_boxes(segmentation: np.ndarray, min_pixels: int = 1, num_organs: in
 
 
 def predict_with_boxes(step: ModelStep, image8: np.ndarray, boxes: np.ndarray, device: torch.device | str, batch_size: int,
-                       on_batch: Callable[[int], None] | None = None, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
-    """Slices with at least one box are predicted in batches; the rest stay background."""
+                       on_batch: Callable[[int], None] | None = None, inference: InferenceOptions = WHOLE_FRAME,
+                       points: np.ndarray | None = None) -> np.ndarray:
+    """Slices with at least one box (or point, ``points`` [z, organs, P, 3]) are predicted in batches; the rest stay
+    background."""
     label = np.zeros(image8.shape, np.uint8)
-    prompted = np.nonzero((boxes[:, :, 0] >= 0).any(axis=1))[0]
+    present = (boxes[:, :, 0] >= 0).any(axis=1)
+    if points is not None:
+        present |= (points[..., 2] >= 0).any(axis=(1, 2))
+    prompted = np.nonzero(present)[0]
     for idx in _batches(prompted, batch_size):
-        label[idx] = step.predict_slices(image8, idx, boxes[idx], device, inference)
+        if points is None:  # box prompts only: the call every prompted step takes
+            label[idx] = step.predict_slices(image8, idx, boxes[idx], device, inference)
+        else:
+            label[idx] = step.predict_slices(image8, idx, boxes[idx], device, inference, points=points[idx])
         if on_batch:
             on_batch(len(idx))
     return label
+
+
+def slice_points(prompts: BoxPrompts, depth: int, num_organs: int = NUM_ORGANS) -> np.ndarray | None:
+    """The point prompts of ``prompts`` per slice: float32 [depth, organs, P, 3] (x, y, label; -1 = none), or None."""
+    if not prompts.points:
+        return None
+    counts: dict[tuple[int, int], int] = {}
+    for p in prompts.points:
+        counts[(p.z, p.organ.id)] = counts.get((p.z, p.organ.id), 0) + 1
+    out = np.full((depth, num_organs, max(counts.values()), 3), -1.0, np.float32)
+    filled: dict[tuple[int, int], int] = {}
+    for p in prompts.points:
+        k = filled.get((p.z, p.organ.id), 0)
+        filled[(p.z, p.organ.id)] = k + 1
+        out[p.z, p.organ.id - 1, k] = (p.x, p.y, 1.0 if p.positive else 0.0)
+    return out
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray | None:
@@ -66,6 +90,8 @@ def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, de
     """Per-slice boxes from 3D boxes by propagation (MedSAM style); returns int32 [z, num_organs, 4]."""
     z = image8.shape[0]
     boxes = np.full((z, num_organs, 4), -1, np.int32)
+    if not prompts.boxes:  # points alone: nothing to propagate
+        return boxes
     by_middle: dict[int, list[Box3D]] = {}
     for b in prompts.boxes:
         by_middle.setdefault(b.middle, []).append(b)
@@ -145,18 +171,25 @@ def predict_volume(
                 raise DataError(
                     "a prompted model (SAM/HQ-SAM) needs a prompt source: --prompts-from LABEL, --boxes BOXES.json, or a dense --proposer run"
                 )
+            points = None
             if isinstance(prompts, ProposerPrompts):
                 boxes = proposal_boxes(predict_dense(prompts.proposer, image8, device, batch_size), num_organs=n)
             elif isinstance(prompts, BoxPrompts):
                 boxes = propagate_boxes(step, image8, prompts, device, inference, n)
+                points = slice_points(prompts, image8.shape[0], n)
             else:
                 if prompts.label.shape != image8.shape:
                     raise DataError(f"prompt label shape {prompts.label.shape} does not match the scan {image8.shape}")
                 boxes = prompts.slice_boxes(n)
+                points = prompts.slice_points(boxes)
+                if prompts.kind == "point":
+                    boxes[:] = -1
             keep = np.zeros(n, bool)
             keep[[o.id - 1 for o in organs]] = True
             boxes[:, ~keep] = -1
-            label = predict_with_boxes(step, image8, boxes, device, batch_size, advance, inference)
+            if points is not None:
+                points[:, ~keep] = -1
+            label = predict_with_boxes(step, image8, boxes, device, batch_size, advance, inference, points)
     if len(organs) < n:
         wanted = np.zeros(max(n, int(label.max(initial=0))) + 1, bool)
         wanted[[o.id for o in organs]] = True

@@ -204,5 +204,47 @@ def load_run(run_or_checkpoint: str | os.PathLike[str], device: torch.device | s
     except TypeError as exc:
         raise DataError(f"checkpoint {path}: its model config does not fit this flaresam ({exc})") from None
     step.load_trainable_state_dict(state, source=f"checkpoint {path}: its")
+    step.prepare_inference()
     step.network().to(torch.device(device)).eval()
     return step, ckpt
+
+
+def export_run(run_or_checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], which: str = "best",
+               force: bool = False) -> dict[str, Any]:
+    """Write a SAM / HQ-SAM run as an official-format state dict (LoRA adapters merged), verified before it is named.
+
+    Returns what was written: ``tensors``, ``arch`` and the file's ``sha256``.
+    """
+    from flaresam.models.sam.checkpoint import read_state_dict
+    from flaresam.models.weights import file_sha256
+
+    target = Path(out)
+    if target.suffix not in (".pth", ".pt"):
+        raise UsageError(f"--out {target}: give a .pth file")
+    if which not in ("best", "last"):
+        raise UsageError(f"--which {which!r}: choose best or last")
+    path = checkpoint_path(run_or_checkpoint, which)
+    step, _ = load_run(path, "cpu", which)
+    if not step.prompted:
+        raise UsageError(f"{run_or_checkpoint}: a {step.name} run; only SAM and HQ-SAM runs export to SAM's format")
+    inputs = {path.resolve()}
+    base = getattr(step.options, "checkpoint", None)
+    if base:  # a file, or a registry name: its file in the weights cache
+        from flaresam.models.weights import cached_path, find_entry
+
+        entry = find_entry(str(base))
+        inputs.add((cached_path(entry) if entry is not None else Path(base)).resolve())
+    if target.resolve() in inputs:
+        raise UsageError(f"--out {target} is an input of this export; choose another file")
+    if target.exists() and not force:
+        raise UsageError(f"--out {target} exists; pass --force to replace it")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in step.network().state_dict().items()}
+
+    def verify(tmp: Path) -> None:
+        back = read_state_dict(tmp)
+        if back.keys() != state.keys() or any(not torch.equal(back[k], state[k]) for k in state):
+            raise DataError(f"{target}: the written tensors do not read back equal")
+
+    with atomic_path(target, verify=verify) as tmp:
+        torch.save(state, tmp)
+    return {"tensors": len(state), "arch": getattr(step, "arch", "?"), "sha256": file_sha256(target)}

@@ -355,7 +355,7 @@ class Trainer:
         num_items = len(cast(Sized, dataset))
         if num_items == 0:
             raise DataError(f"{store.root}: the training cases have no slices to train on")
-        schedule = self.plan_schedule(num_items)
+        schedule = self.plan_schedule(num_items, step.default_lr)
         optimizer = torch.optim.AdamW(step.optimizer_groups(schedule.lr, schedule.weight_decay), lr=schedule.lr, weight_decay=schedule.weight_decay)
         trained: list[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule.total_steps, schedule.warmup_steps))
@@ -388,12 +388,13 @@ class Trainer:
             raise DataError(f"{store.root}: no training cases in the split")
         return store, train_ids, val_ids
 
-    def plan_schedule(self, num_items: int) -> Schedule:
+    def plan_schedule(self, num_items: int, default_lr: float | None = None) -> Schedule:
+        """Steps and rates; ``default_lr``: the step's own default (a SAM LoRA run's), else the family's."""
         cfg, dist, model_spec = self.cfg, self.dist, self.model_spec
         steps_per_epoch = len(epoch_batches(num_items, cfg.batch_size, cfg.seed, 0, dist.rank, dist.world, cfg.max_steps))
         total = steps_per_epoch * cfg.epochs
         return Schedule(
-            lr=cfg.lr if cfg.lr is not None else model_spec.lr,
+            lr=cfg.lr if cfg.lr is not None else (default_lr or model_spec.lr),
             weight_decay=cfg.weight_decay if cfg.weight_decay is not None else model_spec.weight_decay,
             steps_per_epoch=steps_per_epoch,
             total_steps=total,

@@ -65,7 +65,8 @@ class DenseStep(ModelStep):
         return value, int(x.shape[0])
 
     def predict_slices(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None,
-                       device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
+                       device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME,
+                       points: np.ndarray | None = None) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
         h, w = volume.shape[1:]
         out = np.zeros((len(indices), h, w), dtype=np.uint8)

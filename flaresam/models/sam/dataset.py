@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from flaresam.data.prompts import PromptConfig, jitter_boxes, slice_prompts
+from flaresam.data.prompts import MAX_TRAINING_CLICKS, PromptConfig, jitter_boxes, slice_prompts
 from flaresam.errors import DataError
 from flaresam.models.sam.embedding_cache import slice_key
 from flaresam.models.sam.preprocess import boxes_to_frame, lowres_hw, lowres_targets, preprocess_shape, resize_slices
@@ -43,12 +43,14 @@ class SamSliceDataset(torch.utils.data.Dataset):
         seed: int = 0,
         cache: Any = None,
         need_interm: bool = True,
+        click_share: float = 0.0,
     ) -> None:
         self.store = store
         self.case_ids = list(case_ids)
         self.image_size, self.lowres = image_size, lowres
         self.prompts, self.seed = prompts, int(seed)
         self.cache, self.need_interm = cache, need_interm
+        self.click_share = float(click_share)
         self.epoch = 0
         index = []
         for ci, cid in enumerate(self.case_ids):
@@ -90,6 +92,10 @@ class SamSliceDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         boxes = jitter_boxes(boxes_to_frame(prompts.boxes, (h, w), input_hw), self.prompts.jitter_px, rng, input_hw, self.image_size)
         targets = lowres_targets(torch.from_numpy(prompts.masks), input_hw, self.image_size, self.lowres)
+        clicks, click_seed = 0, 0
+        if self.click_share > 0 and rng.random() < self.click_share:  # drawn after the jitter: boxes stay as without
+            clicks = int(rng.integers(1, MAX_TRAINING_CLICKS + 1))
+            click_seed = int(rng.integers(2**62))
 
         item: dict[str, Any] = {
             "case": self.case_ids[ci],
@@ -99,6 +105,8 @@ class SamSliceDataset(torch.utils.data.Dataset):
             "boxes": torch.from_numpy(boxes),
             "organs": torch.from_numpy(prompts.organs),
             "targets": targets.to(torch.float16),
+            "clicks": clicks,  # corrective-click rounds in training (flaresam.models.sam.training_clicks), 0: box only
+            "click_seed": click_seed,
             "slice_key": None,
             "image": None,
             "embedding": None,
@@ -140,5 +148,8 @@ def collate_sam(items: list[dict[str, Any]]) -> dict[str, Any]:
         "boxes": torch.cat([it["boxes"] for it in items]).reshape(-1, 4),
         "organs": torch.cat([it["organs"] for it in items]),
         "targets": torch.cat([it["targets"] for it in items]),
+        # a batch takes its first item's draw: every prompt of it gets the same number of click rounds
+        "clicks": int(items[0].get("clicks", 0)) if items else 0,
+        "click_seed": int(items[0].get("click_seed", 0)) if items else 0,
     }
     return batch

@@ -41,9 +41,12 @@ class PromptBatch:
 
     @classmethod
     def from_boxes(cls, prompt_encoder: Upstream, embeddings: torch.Tensor, interm: torch.Tensor | None,
-                   boxes: torch.Tensor, slice_index: torch.Tensor) -> PromptBatch:
-        """Box prompts [N, 4] in frame coordinates on images ``slice_index`` [N] through the prompt encoder."""
-        sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)
+                   boxes: torch.Tensor | None, slice_index: torch.Tensor,
+                   points: tuple[torch.Tensor, torch.Tensor] | None = None) -> PromptBatch:
+        """Box prompts [N, 4] and/or point prompts (coordinates [N, P, 2], labels [N, P]: 1 positive, 0 negative,
+        -1 padding), in frame coordinates, on images ``slice_index`` [N] through the prompt encoder (SAM's own
+        point and box embedding, padding included)."""
+        sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=None)
         return cls(embeddings, interm, sparse, dense, slice_index, prompt_encoder.get_dense_pe())
 
 

@@ -80,16 +80,32 @@ class SamNet(nn.Module):
         emb, interm = encoder_runner(self, x.device, runtime)(x)
         return emb, interm[0]
 
-    def prompt_batch(self, embeddings: torch.Tensor, interm: torch.Tensor | None, boxes: torch.Tensor,
-                     slice_index: torch.Tensor) -> PromptBatch:
-        """Box prompts [N, 4] (frame coordinates) on images ``slice_index`` [N] through the frozen prompt encoder."""
-        return PromptBatch.from_boxes(self.prompt_encoder, embeddings, interm, boxes, slice_index)
+    def prompt_batch(self, embeddings: torch.Tensor, interm: torch.Tensor | None, boxes: torch.Tensor | None,
+                     slice_index: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None) -> PromptBatch:
+        """Box prompts [N, 4] and/or points (frame coordinates) on images ``slice_index`` [N] through the frozen
+        prompt encoder (:meth:`PromptBatch.from_boxes`)."""
+        return PromptBatch.from_boxes(self.prompt_encoder, embeddings, interm, boxes, slice_index, points)
 
-    def forward(self, embeddings: torch.Tensor, interm: torch.Tensor | None, boxes: torch.Tensor,
-                slice_index: torch.Tensor) -> torch.Tensor:
-        """Box prompts [N, 4] (frame coordinates) on slices ``slice_index`` [N] -> logits [N, 1, L, L]."""
+    def forward(self, embeddings: torch.Tensor | None, interm: torch.Tensor | None, boxes: torch.Tensor,
+                slice_index: torch.Tensor, frames: torch.Tensor | None = None, input_hw: torch.Tensor | None = None,
+                points: torch.Tensor | None = None) -> torch.Tensor:
+        """Box prompts [N, 4] (frame coordinates) on slices ``slice_index`` [N] -> logits [N, 1, L, L].
+
+        ``frames`` (uint8 [B, S, S]) with ``input_hw`` [B, 2] instead of
+        embeddings: the image encoder runs here, with gradients, through its
+        stock modules (an encoder that trains: LoRA adapters, unfrozen blocks),
+        inside this forward so that a DistributedDataParallel wrapper sees it.
+        ``points`` [N, P, 3] (frame x, y and SAM's label, -1 padding): point prompts with the boxes
+        (training's corrective clicks, :mod:`flaresam.models.sam.training_clicks`).
+        """
+        if frames is not None:
+            assert input_hw is not None, "frames need their input sizes"
+            embeddings, features = self.image_encoder(normalise(frames, input_hw, self.pixel_mean, self.pixel_std))
+            interm = features[0] if self.hq else None
+        assert embeddings is not None
         with torch.no_grad():  # the prompt encoder is frozen
-            batch = self.prompt_batch(embeddings, interm, boxes, slice_index)
+            pts = None if points is None else (points[..., :2].float(), points[..., 2].long())
+            batch = self.prompt_batch(embeddings, interm, boxes, slice_index, pts)
         return decode(self.mask_decoder, batch)
 
 

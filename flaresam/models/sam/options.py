@@ -13,9 +13,10 @@ import dataclasses
 from flaresam.data.prompts import DEFAULT_JITTER_PX, DEFAULT_MIN_PIXELS, PromptConfig
 from flaresam.errors import UsageError
 from flaresam.models.options import ModelOptions, option
+from flaresam.models.sam.adaptation import MODES, Trainable, check_lora_targets
 from flaresam.models.sam.archs import arch_spec
 
-TRAINABLE = ("decoder", "hq")
+TRAINABLE = MODES  # decoder | hq | lora | last-blocks:N | all (flaresam.models.sam.adaptation)
 LOSSES = ("dice", "dice+bce")
 INITS = ("checkpoint", "random")
 
@@ -29,8 +30,16 @@ class SamOptions(ModelOptions):
     # the base file's identity: a run rebuilt later refuses a file that changed since (None: random init)
     checkpoint_sha256: str | None = option(None, cli=False)
     init: str = option("checkpoint")  # "checkpoint" or "random" (tests and demos)
-    trainable: str = option("decoder")  # the mask decoder, or only HQ-SAM's added parts ("hq")
+    # what trains (flaresam.models.sam.adaptation): the mask decoder (the study), HQ-SAM's added parts ("hq"),
+    # LoRA adapters ("lora"), the encoder's last N blocks with the decoder ("last-blocks:N"), or "all"
+    trainable: str = option("decoder")
+    lora_rank: int = option(8)
+    lora_alpha: int = option(16)
+    lora_targets: str = option("encoder")  # encoder | decoder | encoder+decoder
     jitter: int = option(DEFAULT_JITTER_PX)
+    # share of training batches that add 1..3 rounds of corrective clicks drawn from the model's own errors
+    # (flaresam.models.sam.training_clicks; what `compare --clicks` evaluates); 0: boxes only, the study's setting
+    click_training: float = option(0.0)
     min_pixels: int = option(DEFAULT_MIN_PIXELS)
     per_component: bool = option(False)
     loss: str = option("dice")
@@ -41,6 +50,8 @@ class SamOptions(ModelOptions):
     cache_embeddings: bool | str = option(False, config=False)
     fast_encoder: bool | None = option(None, config=False)
     compile_encoder: bool | None = option(None, config=False)
+    # activation checkpointing of the encoder's blocks when they train: memory for time, same gradients
+    grad_checkpoint: bool = option(False, config=False)
 
     def __post_init__(self) -> None:
         # None or "" (a config written by hand, an older caller) means the default, as the command line's None does
@@ -51,8 +62,24 @@ class SamOptions(ModelOptions):
             object.__setattr__(self, "init", "checkpoint")
         if self.init not in INITS:
             raise UsageError(f"--init {self.init!r}: choose 'random' (or give --checkpoint)")
-        if self.trainable not in TRAINABLE:
-            raise UsageError(f"--trainable {self.trainable!r}: choose one of: {', '.join(TRAINABLE)}")
+        object.__setattr__(self, "trainable", str(Trainable.parse(self.trainable)))
+        object.__setattr__(self, "lora_rank", 8 if self.lora_rank is None else int(self.lora_rank))
+        object.__setattr__(self, "lora_alpha", 16 if self.lora_alpha is None else int(self.lora_alpha))
+        if self.lora_targets is None:
+            object.__setattr__(self, "lora_targets", "encoder")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise UsageError(f"--lora-rank must be >= 1 and --lora-alpha > 0, got {self.lora_rank} and {self.lora_alpha}")
+        check_lora_targets(self.lora_targets)
+        lora_set = (self.lora_rank, self.lora_alpha, self.lora_targets) != (8, 16, "encoder")
+        if lora_set and not self.adaptation.lora:  # an option that would do nothing is a mistake to say, not to ignore
+            raise UsageError(f"--lora-rank, --lora-alpha and --lora-targets apply to --trainable lora, not {self.trainable}")
+        object.__setattr__(self, "grad_checkpoint", bool(self.grad_checkpoint))
+        if self.grad_checkpoint and not self.encoder_trains:
+            raise UsageError(f"--grad-checkpoint recomputes the image encoder's activations; with --trainable {self.trainable} "
+                             "it does not train (use lora, last-blocks:N or all)")
+        object.__setattr__(self, "click_training", 0.0 if self.click_training is None else float(self.click_training))
+        if not 0.0 <= self.click_training <= 1.0:
+            raise UsageError(f"--click-training is a share of the training batches, 0..1; got {self.click_training}")
         if self.loss not in LOSSES:
             raise UsageError(f"--loss {self.loss!r} is not available for SAM models; choose {' or '.join(LOSSES)}")
         if self.arch is not None:
@@ -68,6 +95,16 @@ class SamOptions(ModelOptions):
         object.__setattr__(self, "min_pixels", DEFAULT_MIN_PIXELS if self.min_pixels is None else int(self.min_pixels))
         object.__setattr__(self, "per_component", bool(self.per_component))
         PromptConfig(jitter_px=self.jitter, min_pixels=self.min_pixels)  # the prompt rule's own checks
+
+    @property
+    def adaptation(self) -> Trainable:
+        """What trains, parsed."""
+        return Trainable.parse(self.trainable)
+
+    @property
+    def encoder_trains(self) -> bool:
+        """Image-encoder weights change in training (LoRA on it, its last blocks, or all): no cached embeddings."""
+        return self.adaptation.encoder_trains(self.lora_targets)
 
     @property
     def prompts(self) -> PromptConfig:

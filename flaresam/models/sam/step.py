@@ -3,7 +3,10 @@
 Fine-tuning setting of the study: image encoder and prompt encoder frozen (and
 kept in eval mode, which matters for TinyViT's BatchNorm), the mask decoder
 trained (``--trainable decoder``), or only HQ-SAM's new parts (``--trainable
-hq``, how the HQ-SAM authors train). Box prompts only, single-mask output.
+hq``, how the HQ-SAM authors train). Beyond the study, LoRA adapters, the
+encoder's last blocks or everything but the prompt encoder train
+(:mod:`flaresam.models.sam.adaptation`). Single-mask output; box prompts,
+with optional point prompts at prediction.
 
 :func:`load_sam_step` does the I/O (fetch, hash and read the base checkpoint,
 detect its architecture, print what was loaded); :class:`SamStep`'s
@@ -21,9 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from flaresam.errors import UsageError
+from flaresam.errors import DataError, UsageError
 from flaresam.models.base import ModelStep
 from flaresam.models.options import WHOLE_FRAME, InferenceOptions
+from flaresam.models.sam.adaptation import adapter_state, add_lora, load_adapter_state, merge_lora, parameter_count, trained_parts
 from flaresam.models.sam.archs import HQ_MODULES, arch_spec
 from flaresam.models.sam.checkpoint import LoadReport, base_sha256, load_into, read_state_dict, require_arch, resolve
 from flaresam.models.sam.dataset import SamSliceDataset, collate_sam
@@ -38,13 +42,16 @@ from flaresam.models.sam.preprocess import (
     PREPROCESS_VERSION,
     boxes_to_frame,
     frame_mask,
+    normalise,
     preprocess_shape,
     resize_slices,
 )
+from flaresam.models.sam.training_clicks import click_rounds
 
 if TYPE_CHECKING:
     from flaresam.data.store import PreparedStore
 
+LORA_LR = 1e-3  # --trainable lora's default learning rate (see SamStep.default_lr)
 NO_CHECKPOINT = (
     "{model} fine-tuning starts from the official weights: pass --checkpoint NAME or PATH "
     "(e.g. --checkpoint {example}, downloaded on first use; `flaresam weights list` shows all, docs/checkpoints.md "
@@ -72,7 +79,7 @@ def load_sam_step(name: str, options: SamOptions, *, quiet: bool = False) -> Sam
     """
     if name not in MODELS:
         raise UsageError(f"unknown SAM model {name!r}; choose one of: {', '.join(MODELS)}")
-    if options.trainable == "hq" and name != "hqsam":
+    if options.adaptation.mode == "hq" and name != "hqsam":
         raise UsageError("--trainable hq trains HQ-SAM's added parts; --model sam has none (use --trainable decoder)")
     if options.init == "checkpoint" and not options.checkpoint:
         example = "sam_hq_vit_b" if name == "hqsam" else "sam_vit_b"
@@ -135,17 +142,36 @@ class SamStep(ModelStep):
         # how the frozen encoder runs: --compile implies the fast path; compiling is decided per use (train_dataset)
         net.fast_encoder = True if options.compile_encoder and options.fast_encoder is None else options.fast_encoder
         net.compile_encoder = bool(options.compile_encoder)
-        self._trainable = self._make_trainable()
         for p in net.parameters():
             p.requires_grad_(False)
-        for p in self._trainable.parameters():
-            p.requires_grad_(True)
+        adaptation = options.adaptation
+        self.lora: Any = None  # peft's LoraModel over net while adapters are separate (None: no LoRA, or merged)
+        if adaptation.lora:
+            self.lora = add_lora(net, options.lora_rank, options.lora_alpha, options.lora_targets)  # adapters train
+            self._trainable: nn.Module = net
+        else:
+            self._trainable = trained_parts(net, adaptation, HQ_MODULES)
+            for p in self._trainable.parameters():
+                p.requires_grad_(True)
+        # an encoder whose weights change runs its stock modules, with gradients, until prepare_inference()
+        self.encoder_live = options.encoder_trains
+        if self.encoder_live:
+            net.fast_encoder = False
+            if options.grad_checkpoint:
+                _checkpoint_blocks(net)
+        self._counts = {"trainable": parameter_count(net, trainable_only=True), "total": parameter_count(net)}
         self._cache: EmbeddingCache | None = None
         self._postprocess: dict[tuple[int, int, torch.device], SlicePostprocess] = {}  # per slice size: a memo
 
     @property
     def arch(self) -> str:
         return self.net.arch
+
+    @property
+    def default_lr(self) -> float | None:
+        """LoRA adapters start at zero and hold few numbers: they take a larger rate than a whole decoder (1e-3
+        against the family's 1e-4; on the demo's validation cases 1e-3 and 3e-3 both beat 1e-4)."""
+        return LORA_LR if self.options.adaptation.lora else None
 
     @property
     def prompt_min_pixels(self) -> int:
@@ -157,15 +183,54 @@ class SamStep(ModelStep):
         return self.net
 
     def trainable_module(self) -> nn.Module:
-        """The mask decoder (``decoder``), or HQ-SAM's added parts as a ModuleDict (``hq``)."""
+        """What trains (:func:`flaresam.models.sam.adaptation.trained_parts`); under LoRA the network, whose
+        adapters alone require grad."""
         return self._trainable
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """A LoRA run's adapter tensors alone (the base is the file its config names, by SHA-256); else the base's."""
+        if self.lora is not None:
+            state = adapter_state(self.lora)
+            if not state:
+                raise RuntimeError("peft returned no adapter tensors for a LoRA run")
+            return state
+        return super().trainable_state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        if self.options.adaptation.lora:
+            if self.lora is None:
+                raise RuntimeError("the adapters were merged: load them before prepare_inference()")
+            wrong = load_adapter_state(self.lora, state)
+            if wrong:
+                raise DataError(f"{source} tensors are not this model's LoRA adapters "
+                                f"({len(wrong)} do not fit, e.g. {', '.join(wrong[:3])})")
+            return
+        super().load_trainable_state_dict(state, source)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """As built for training (adapters counted, as separate tensors, before any merge)."""
+        return dict(self._counts)
+
+    def prepare_inference(self) -> None:
+        """After the trained tensors are loaded: LoRA adapters merged into the weights (peft), and the encoder runs
+        as any frozen one (fast paths, other runtimes, the embedding cache keyed by its merged weights)."""
+        if self.lora is not None:
+            merge_lora(self.lora)
+            self.lora = None
+        if self.encoder_live:
+            self.encoder_live = False
+            opts = self.options
+            self.net.fast_encoder = True if opts.compile_encoder and opts.fast_encoder is None else opts.fast_encoder
+            self.net.__dict__.pop("_fast_runner", None)
+            self._cache = None
+
     def train_dataset(self, store: PreparedStore, case_ids: list[str], seed: int) -> SamSliceDataset:
-        if self.options.compile_encoder is None:  # training encodes thousands of slices: compiling pays (on CUDA)
+        if self.options.compile_encoder is None and not self.encoder_live:  # thousands of slices: compiling pays (CUDA)
             self.net.compile_encoder = None
         return SamSliceDataset(
             store, case_ids, image_size=self.spec.image_size, lowres=self.spec.lowres,
             prompts=self.options.prompts, seed=seed, cache=self.embedding_cache(), need_interm=self.net.hq,
+            click_share=self.options.click_training,
         )
 
     @staticmethod
@@ -177,23 +242,55 @@ class SamStep(ModelStep):
         dev = torch.device(device)
         boxes = batch["boxes"].to(dev, non_blocking=True)
         n = int(boxes.shape[0])
-        emb, interm = self._batch_embeddings(batch, dev)
         slice_index = batch["slice_index"].to(dev, non_blocking=True)
-        logits = self.training_network()(emb, interm, boxes, slice_index)[:, 0].float()
-        if n == 0:  # every component below --min-pixels (per-component mode): a zero loss, still through the network
-            return logits.sum() * 0.0, 0
+        net = self.training_network()
         targets = batch["targets"].to(dev, non_blocking=True).float()
         valid = frame_mask(batch["lowres_hw"].to(dev), self.spec.lowres)[slice_index]
+        if self.encoder_live:  # the encoder trains: every item carries its image, encoded inside the forward
+            frames, input_hw = batch["images"].to(dev, non_blocking=True), batch["input_hw"].to(dev)
+
+            def forward(points: torch.Tensor | None) -> torch.Tensor:
+                if torch.is_grad_enabled():
+                    return net(None, None, boxes, slice_index, frames=frames, input_hw=input_hw, points=points)[:, 0].float()
+                if "fixed" not in frozen:  # click rounds: the encoder's output once, without gradients
+                    frozen["fixed"] = self.net.image_encoder(normalise(frames, input_hw, self.net.pixel_mean, self.net.pixel_std))
+                emb, feats = frozen["fixed"]
+                # the bare network: a DDP wrapper must see one forward per step on every rank, whatever the rounds
+                return self.net(emb, feats[0] if self.net.hq else None, boxes, slice_index, points=points)[:, 0].float()
+
+            frozen: dict[str, Any] = {}
+        else:
+            emb, interm = self._batch_embeddings(batch, dev)
+
+            def forward(points: torch.Tensor | None) -> torch.Tensor:
+                # click rounds (no gradients) through the bare network: the DDP wrapper sees one forward per step
+                model = net if torch.is_grad_enabled() else self.net
+                return model(emb, interm, boxes, slice_index, points=points)[:, 0].float()
+
+        rounds = int(batch.get("clicks") or 0)
+        if rounds and n:  # corrective clicks drawn from the model's own errors, as SAM was trained
+            generator = torch.Generator().manual_seed(int(batch["click_seed"]))
+            logits, _ = click_rounds(forward, rounds, targets, valid, self.spec.image_size, generator)
+        else:
+            logits = forward(None)
+        if n == 0:  # every component below --min-pixels (per-component mode): a zero loss, still through the network
+            return logits.sum() * 0.0, 0
         return mask_loss(logits, targets, valid, self.options.loss), n
 
     def predict_slices(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None,
-                       device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
-        return self.decode_slices(volume, indices, boxes, device, inference)[0]
+                       device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME,
+                       points: np.ndarray | None = None) -> np.ndarray:
+        return self.decode_slices(volume, indices, boxes, device, inference, points)[0]
 
     def decode_slices(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None,
-                      device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME) -> tuple[np.ndarray, WindowStats]:
-        """Label slices and the box windows' statistics: every present box of a chunk of slices decoded in one
-        call, overlaps to the highest logit."""
+                      device: torch.device | str, inference: InferenceOptions = WHOLE_FRAME,
+                      points: np.ndarray | None = None) -> tuple[np.ndarray, WindowStats]:
+        """Label slices and the box windows' statistics: every prompt of a chunk of slices decoded together,
+        overlaps to the highest logit.
+
+        ``points``: float [n, organs, P, 3] (x, y in slice pixels, label 1 positive / 0 negative / -1 none): an
+        organ's points join its box on that slice, or prompt it alone where it has no box.
+        """
         indices = np.asarray(indices, dtype=np.int64)
         h, w = int(volume.shape[1]), int(volume.shape[2])
         out = np.zeros((len(indices), h, w), dtype=np.uint8)
@@ -201,7 +298,15 @@ class SamStep(ModelStep):
         if boxes is None:
             raise UsageError(f"--model {self.name} needs box prompts to predict")
         boxes = np.asarray(boxes)
+        if points is not None:
+            points = np.asarray(points, dtype=np.float32)
+            if points.shape[:2] != boxes.shape[:2] or points.ndim != 4 or points.shape[3] != 3:
+                raise ValueError(f"points {points.shape} do not fit boxes {boxes.shape}: expected [n, organs, P, 3]")
+            if not (points[..., 2] >= 0).any():
+                points = None
         present = boxes[..., 0] >= 0  # [n, organs]
+        if points is not None:
+            present = present | (points[..., 2] >= 0).any(axis=2)
         rows = np.flatnonzero(present.any(axis=1))
         if len(rows) == 0:
             return out, stats
@@ -216,22 +321,19 @@ class SamStep(ModelStep):
                 chunk = (inference.chunk or 8) if dev.type == "cuda" else 1
                 for start in range(0, len(rows), chunk):
                     part = rows[start : start + chunk]
-                    out[part], part_stats = self._predict_chunk(volume, indices[part], boxes[part], present[part], dev, inference)
+                    out[part], part_stats = self._predict_chunk(volume, indices[part], boxes[part], present[part], dev, inference,
+                                                                None if points is None else points[part])
                     stats = stats + part_stats
         finally:
             net.train(was_training)
         return out, stats
 
     # -- helpers ---------------------------------------------------------------
-    def _make_trainable(self) -> nn.Module:
-        if self.options.trainable == "hq":
-            return nn.ModuleDict({k: getattr(self.net.mask_decoder, k) for k in HQ_MODULES})
-        return self.net.mask_decoder
-
     def embedding_cache(self) -> EmbeddingCache | None:
-        """The on-disk encoder cache (None unless ``cache_embeddings``); its key needs one pass over the encoder."""
+        """The on-disk encoder cache (None unless ``cache_embeddings``, and while the encoder trains); its key needs
+        one pass over the encoder's tensors."""
         where = self.options.cache_embeddings
-        if not where:
+        if not where or self.encoder_live:
             return None
         if self._cache is None:
             from flaresam.paths import home
@@ -284,25 +386,40 @@ class SamStep(ModelStep):
         return emb, interm
 
     def _predict_chunk(self, volume: np.ndarray, idx: np.ndarray, boxes: np.ndarray, present: np.ndarray,
-                       dev: torch.device, inference: InferenceOptions) -> tuple[np.ndarray, WindowStats]:
+                       dev: torch.device, inference: InferenceOptions,
+                       points: np.ndarray | None = None) -> tuple[np.ndarray, WindowStats]:
         h, w = int(volume.shape[1]), int(volume.shape[2])
         slices = np.ascontiguousarray(volume[idx])
         emb, interm = self._slice_embeddings(slices, dev, inference.runtime)
         sl, org = np.nonzero(present)  # prompt -> (slice in chunk, organ index)
         input_hw = preprocess_shape(h, w, self.spec.image_size)
-        frame_boxes = torch.from_numpy(boxes_to_frame(boxes[sl, org].astype(np.float32), (h, w), input_hw)).to(dev)
-        net = self.net
-        batch = net.prompt_batch(emb, interm, frame_boxes, torch.from_numpy(sl).to(dev))
-        lowres_boxes = frame_boxes * (self.spec.lowres / self.spec.image_size) if inference.box_windows else None
-        pieces, fallbacks = decode_windows(decode_prompts(net.mask_decoder, batch), lowres_boxes, inference.window_fallback)
         post = self._postprocess.get((h, w, dev))
         if post is None:
             post = self._postprocess[(h, w, dev)] = SlicePostprocess.build((h, w), input_hw, self.spec.image_size,
                                                                            self.spec.lowres, dev)
         best = torch.full((len(idx), boxes.shape[1], h, w), float("-inf"), device=dev)
-        sl_t, org_t = torch.from_numpy(sl).to(dev), torch.from_numpy(org).to(dev)
-        for piece in pieces:
-            best[sl_t[piece.prompts], org_t[piece.prompts]] = post.to_slice(piece)
+        has_box = boxes[sl, org, 0] >= 0
+        n_points = np.zeros(len(sl), np.int64) if points is None else (points[sl, org, :, 2] >= 0).sum(axis=1)
+        fallbacks = 0
+        # one decoder call per kind of prompt (a box or not, and how many points): each kind has its own number of
+        # tokens and no padding token; box-only prompts take exactly the path they took before points existed
+        for kind_box, kind_points in sorted({(bool(b), int(p)) for b, p in zip(has_box, n_points)}, reverse=True):
+            group = np.flatnonzero((has_box == kind_box) & (n_points == kind_points))
+            g_sl, g_org = sl[group], org[group]
+            frame_boxes = None
+            if kind_box:
+                frame_boxes = torch.from_numpy(boxes_to_frame(boxes[g_sl, g_org].astype(np.float32), (h, w), input_hw)).to(dev)
+            point_prompts = None
+            if kind_points:
+                assert points is not None
+                point_prompts = _frame_points(points[g_sl, g_org], (h, w), input_hw, dev)
+            batch = self.net.prompt_batch(emb, interm, frame_boxes, torch.from_numpy(g_sl).to(dev), point_prompts)
+            windows = frame_boxes * (self.spec.lowres / self.spec.image_size) if inference.box_windows and frame_boxes is not None else None
+            pieces, n_fallbacks = decode_windows(decode_prompts(self.net.mask_decoder, batch), windows, inference.window_fallback)
+            fallbacks += n_fallbacks
+            sl_t, org_t = torch.from_numpy(g_sl).to(dev), torch.from_numpy(g_org).to(dev)
+            for piece in pieces:
+                best[sl_t[piece.prompts], org_t[piece.prompts]] = post.to_slice(piece)
         value, organ = best.max(dim=1)
         labels = torch.where(value > 0, organ + 1, torch.zeros_like(organ))
         return labels.to(torch.uint8).cpu().numpy(), WindowStats(len(sl), fallbacks)
@@ -332,3 +449,36 @@ class SamStep(ModelStep):
         emb = torch.from_numpy(np.stack([hit[0] for hit in hits])).to(dev).float()
         interm = torch.from_numpy(np.stack([hit[1] for hit in hits])).to(dev).float() if self.net.hq else None
         return emb, interm
+
+
+def _checkpoint_blocks(net: SamNet) -> None:
+    """Activation checkpointing of the image encoder's blocks: each block's forward runs through
+    ``torch.utils.checkpoint`` while gradients are on. The modules stay where they are (no wrapper renames them), so
+    state-dict keys and peft's adapters are untouched."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    from flaresam.models.sam.adaptation import encoder_blocks
+
+    def run(forward: Any, *args: Any) -> Any:
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False)
+        return forward(*args)
+
+    for block in encoder_blocks(net.image_encoder):
+        block.forward = partial(run, block.forward)  # an instance attribute: nn.Module.__call__ finds it first
+
+
+def _frame_points(points: np.ndarray, slice_hw: tuple[int, int], input_hw: tuple[int, int],
+                  dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points [N, P, 3] (x, y in slice pixels, label), each prompt with the same number K of real points ->
+    SAM's (coordinates [N, K, 2] in the frame, labels [N, K]): the real points in their order, no padding (SAM's
+    "not a point" token would change the mask)."""
+    real = points[..., 2] >= 0
+    k = int(real.sum(axis=1).max())
+    order = np.argsort(~real, axis=1, kind="stable")[:, :k]
+    points = np.take_along_axis(points, order[..., None], axis=1)
+    xy = boxes_to_frame(np.concatenate([points[..., :2], points[..., :2]], axis=-1).reshape(-1, 4), slice_hw, input_hw)
+    coords = torch.from_numpy(np.ascontiguousarray(xy[:, :2].reshape(points.shape[0], points.shape[1], 2))).to(dev)
+    return coords, torch.from_numpy(points[..., 2].astype(np.int64)).to(dev)
