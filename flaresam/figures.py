@@ -220,6 +220,6 @@ def click_curves(curves: Sequence[dict[str, Any]], path: str | os.PathLike[str],
     ax.set(title=title, xlabel="corrective clicks after the box", ylabel="2D Dice (all slice-organ pairs)",
            xticks=list(range(k + 1)))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: no line hidden
     fig.tight_layout()
     return save_figure(fig, path)

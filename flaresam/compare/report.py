@@ -341,14 +341,17 @@ def render_table(results: Mapping[str, Any]) -> Table:
 
     body: list[list[str]] = []
     refs: list[list[str]] = []
+    # trained parameters on the console where adaptation modes are compared (results.md and .csv always have them)
+    modes = bool(results["resolved"].get("trainable")) or any(":" in row["key"] for row in results["rows"])
     for r in summary_rows(results):
-        cells = [r["model"], r["prompts"], fmt(r["slice_dice"]), fmt(r["dsc_3d"]), fmt(r["nsd_3d"]), count(r["trainable_params"])]
+        cells = [r["model"], r["prompts"], fmt(r["slice_dice"]), fmt(r["dsc_3d"]), fmt(r["nsd_3d"])]
+        cells += [count(r["trainable_params"])] if modes else []
         (refs if r["source"].startswith("published") else body).append(cells)
     split = results["data"]["split"]
     small = small_line(results)
     return table(
         f"flaresam compare: {len(split['test'])} test cases (never used for training or choosing)",
-        ["model", "prompts", "2D Dice", "FLARE22 DSC", "FLARE22 NSD", "trained params"],
+        ["model", "prompts", "2D Dice", "FLARE22 DSC", "FLARE22 NSD"] + (["trained params"] if modes else []),
         body + refs,
         caption=results["note"] + " " + selection_line(results) + (" " + small if small else "")
         + " Read each SAM row against Box fill and its zero-shot row."
