@@ -448,11 +448,11 @@ def image_batch(sz: Sizes, spec: Any, slices: int) -> dict[str, Any]:
     return batch
 
 
-def training_step(step: Any, batch: dict[str, Any], dev: Any) -> Callable[[], None]:
+def training_step(step: Any, batch: Any, dev: Any, lr: float = 1e-5) -> Callable[[], None]:
     """One optimiser step of ``step`` on ``batch`` (bf16 autocast on CUDA), as a function to time."""
     import torch
 
-    opt = torch.optim.AdamW([p for p in step.trainable_module().parameters() if p.requires_grad], lr=1e-5)
+    opt = torch.optim.AdamW([p for p in step.trainable_module().parameters() if p.requires_grad], lr=lr)
 
     def one() -> None:
         with autocast(dev):
@@ -762,20 +762,12 @@ def bench_dense(rep: Report, sz: Sizes, args: argparse.Namespace) -> None:
         with rep.guard(**common):
             log(f"dense: {name} training steps")
             step = load_dense_step(name, DenseOptions(encoder_weights=None))
-            net = step.network().to(dev).train()
-            opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
-
-            def one() -> None:
-                with autocast(dev):
-                    loss, _ = step.loss(batch, dev)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
+            step.network().to(dev).train()
+            one = training_step(step, batch, dev, lr=3e-4)
             reset_peak(dev)
             _, per = timed(one, sz.dense_iters, dev, warmup=2)
             rep.emit(**common, images_per_s=round(b / per, 2), peak_mem_gb=peak_gb(dev))
-            step = net = opt = None  # frees the GPU before the next round
+            step = one = None  # frees the GPU before the next round
 
 
 # ---------------------------------------------------------------------------
