@@ -471,3 +471,38 @@ def test_channels_last_mask_head_keeps_the_autocast_dtype():
         ours, stock = run_stack(d.output_upscaling, x), d.output_upscaling(x)
     assert ours.dtype == stock.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), stock.float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("images, prompts", [(1, 5), (3, 7)])
+def test_first_layer_shared_per_image_equals_the_stock_transformer(images, prompts):
+    """The first layer's image-side work done once per image: the stock transformer's output, and its gradients
+    (in float64, where summation order cannot hide a difference)."""
+    from flaresam.models.sam import decoding
+
+    net = tiny().net
+    e = net.spec.embedding_size
+    g = torch.Generator().manual_seed(images)
+    emb = torch.randn(images, net.spec.prompt_dim, e, e, generator=g)
+    boxes = torch.rand(prompts, 2, generator=g) * 60
+    boxes = torch.cat([boxes, boxes + 40], 1)
+    index = torch.sort(torch.randint(0, images, (prompts,), generator=g)).values
+    with torch.no_grad():
+        batch = net.prompt_batch(emb, None, boxes, index)
+    stock = decoding.PromptBatch(batch.embeddings, None, batch.sparse, batch.dense.contiguous(), index, batch.image_pe)
+    for ours, theirs in zip(decoding.decode_tokens(net.mask_decoder, batch), decoding.decode_tokens(net.mask_decoder, stock)):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+    decoder = net.mask_decoder.double()
+    grads = []
+    for b in (batch, stock):
+        decoder.zero_grad()
+        dense = b.dense[:1].double().expand_as(b.dense) if b is batch else b.dense.double()  # .double() materialises
+        b64 = decoding.PromptBatch(b.embeddings.double(), None, b.sparse.double(), dense, index, b.image_pe.double())
+        assert (b64.dense.stride(0) == 0) == (b is batch)  # the shared path, then the stock one
+        hs, src = decoding.decode_tokens(decoder, b64, hq_token=False)
+        (hs.square().sum() + src.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in decoder.transformer.named_parameters() if p.grad is not None})
+    ours, theirs = grads
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    scale = max(float(t.abs().max()) for t in theirs.values())
+    for n in theirs:  # (the keys' biases have a true gradient of 0: softmax ignores them; both sides are ~1e-17 there)
+        assert torch.allclose(ours[n], theirs[n], rtol=1e-9, atol=1e-12 * scale), n

@@ -14,6 +14,7 @@ that the fine-tuned decoder has no reason to keep.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,14 +80,80 @@ def decode_tokens(decoder: Upstream, batch: PromptBatch, hq_token: bool | None =
     weights = [decoder.iou_token.weight, decoder.mask_tokens.weight] + ([decoder.hf_token.weight] if hq else [])
     out_tokens = torch.cat(weights, dim=0).unsqueeze(0).expand(n, -1, -1)
     tokens = torch.cat((out_tokens, batch.sparse), dim=1)
+    transformer = decoder.transformer
+    if n and batch.dense.stride(0) == 0 and transformer.layers[0].skip_first_layer_pe:
+        # no mask prompt: every prompt's dense embedding is the same "no mask" vector, so up to the first
+        # layer's image update the image tokens are one image's, not one prompt's (see first_layer)
+        return _decode_shared_first_layer(transformer, batch, tokens)
     # gather each prompt's image where the stock code repeats one image; index_select, not x[idx]:
     # its backward (index_add_) is deterministic on CPU, advanced indexing's (index_put_) is not
     src = torch.index_select(batch.embeddings, 0, batch.slice_index) + batch.dense
     b, c, h, w = src.shape
     # the positional encoding stays [1, C, E, E]: the transformer only adds it, so it broadcasts (the stock
     # code repeats it per prompt, and flattening that repeat copies it N times)
-    hs, src = decoder.transformer(src, batch.image_pe, tokens)
+    hs, src = transformer(src, batch.image_pe, tokens)
     return hs, src.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _decode_shared_first_layer(transformer: Upstream, batch: PromptBatch, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-way transformer with its first layer's image-side work done once per image, then the stock layers."""
+    n, _, c = tokens.shape
+    h, w = batch.embeddings.shape[-2:]
+    image = (batch.embeddings + batch.dense[:1]).flatten(2).transpose(1, 2)  # [B, HW, C]
+    image_pe = batch.image_pe.flatten(2).transpose(1, 2)  # [1, HW, C]
+    queries, keys = first_layer(transformer.layers[0], tokens, image, image_pe, batch.slice_index)
+    for layer in transformer.layers[1:]:
+        queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=image_pe)
+    q = queries + tokens
+    k = keys + image_pe
+    queries = transformer.norm_final_attn(queries + transformer.final_attn_token_to_image(q=q, k=k, v=keys))
+    return queries, keys.transpose(1, 2).reshape(n, c, h, w)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[..., T, C] -> [..., heads, T, C/heads] (the package's ``_separate_heads`` for any leading dims)."""
+    *lead, t, c = x.shape
+    return x.reshape(*lead, t, heads, c // heads).transpose(-3, -2)
+
+
+def first_layer(layer: Upstream, tokens: torch.Tensor, image: torch.Tensor, image_pe: torch.Tensor,
+                slice_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``TwoWayAttentionBlock`` (``skip_first_layer_pe``) for N prompts [N, T, C] on B images [B, HW, C].
+
+    Until its last step the block's image tokens are the image's own: the keys
+    and values of the token-to-image attention and the queries of the
+    image-to-token attention are projected once per image, not once per
+    prompt (a third of the transformer's large projections), and no per-prompt
+    copy of the image exists before the block's output. The arithmetic is the
+    stock block's (tested against it); only the order of the batch dimensions
+    differs.
+    """
+    queries = layer.norm1(layer.self_attn(q=tokens, k=tokens, v=tokens))
+    # token -> image: keys and values from each image once
+    t2i = layer.cross_attn_token_to_image
+    heads = t2i.num_heads
+    k = _heads(t2i.k_proj(image + image_pe), heads)  # [B, h, HW, d]
+    v = _heads(t2i.v_proj(image), heads)
+    q = _heads(t2i.q_proj(queries + tokens), heads)  # [N, h, T, d]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def per_prompt(x: torch.Tensor) -> torch.Tensor:  # one image broadcasts; several are gathered per prompt
+        return x if x.shape[0] == 1 else torch.index_select(x, 0, slice_index)
+
+    k_n, v_n = per_prompt(k), per_prompt(v)
+    attn = torch.softmax((q @ k_n.transpose(-1, -2)) * scale, dim=-1)  # [N, h, T, HW]
+    out = (attn @ v_n).transpose(1, 2).flatten(2)
+    queries = layer.norm2(queries + t2i.out_proj(out))
+    queries = layer.norm3(queries + layer.mlp(queries))
+    # image -> token: the image's queries once; each prompt's few tokens as keys and values
+    i2t = layer.cross_attn_image_to_token
+    q_img = _heads(i2t.q_proj(image + image_pe), heads)  # [B, h, HW, d]
+    k_tok = _heads(i2t.k_proj(queries + tokens), heads)  # [N, h, T, d]
+    v_tok = _heads(i2t.v_proj(queries), heads)
+    attn = torch.softmax((per_prompt(q_img) @ k_tok.transpose(-1, -2)) * scale, dim=-1)  # [N, h, HW, T]
+    out = (attn @ v_tok).transpose(1, 2).flatten(2)  # [N, HW, C']
+    keys = layer.norm4(per_prompt(image) + i2t.out_proj(out))
+    return queries, keys
 
 
 def hq_features(decoder: Upstream, image_embeddings: torch.Tensor, interm: torch.Tensor | None) -> torch.Tensor | None:
