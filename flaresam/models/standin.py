@@ -97,7 +97,7 @@ def standin_dir(recipe: StandinRecipe | None = None) -> Path:
 
 
 def standin_checkpoints(recipe: StandinRecipe | None = None, *, force: bool = False, quiet: bool = False) -> dict[str, Path]:
-    """The stand-in's two official-format files, built on first use (about a minute on 2 CPU cores) and cached.
+    """The stand-in's two official-format files, built on first use (3 to 4 minutes on 2 CPU cores) and cached.
 
     A file lock keeps two processes from building the same files at once; the
     folder is filled under a temporary name and renamed when complete.
