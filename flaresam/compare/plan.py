@@ -46,8 +46,6 @@ class DemoSettings:
     # CPU threads while each model trains: the SAM decoders' batched matrices gain from both cores of a laptop;
     # the demo's small dense networks lose more to OpenMP threads spinning against each other than they gain
     threads: tuple[tuple[str, int], ...] = (("hqsam", 2), ("sam", 2), ("unet", 1), ("deeplab", 1))
-    # LoRA runs of the demo (`--models hqsam:lora`): adapter options
-    lora: tuple[tuple[str, Any], ...] = ()
 
 
 DEMO = DemoSettings()  # read when a plan is resolved (tests replace it with a smaller demo)
@@ -243,10 +241,9 @@ def resolve(plan: ComparePlan) -> Resolved:
 
 
 def _demo_lr(settings: DemoSettings, models: tuple[str, ...]) -> dict[str, float]:
-    """The demo's learning rate of each model key: its own entry (``hqsam:lora``), else its family's."""
+    """The demo's learning rate of each model key, by its family (None: the run's own default, e.g. LoRA's)."""
     table = dict(settings.lr)
-    found = {m: table.get(m, table.get(family(m))) for m in models}
-    return {m: v for m, v in found.items() if v is not None}
+    return {m: table[family(m)] for m in models if family(m) in table}
 
 
 def _encoder_weights(given: str | None, demo: bool) -> str | None:
@@ -295,7 +292,6 @@ def train_config(r: Resolved, model: str, store: PreparedStore) -> TrainConfig:
                    "loss": r.plan.loss, "jitter": r.plan.jitter, "click_training": r.plan.click_training, "cache_embeddings": True}
         if model == "sam" and r.plan.trainable == "hq":
             options["trainable"] = None  # SAM has no HQ parts: its whole decoder trains, as the study's SAM row
-        options.update(dict(r.settings.lora) if r.demo and mode(model) == "lora" else {})
     else:
         options = {"encoder": r.encoder, "encoder_weights": r.encoder_weights}
     options = {k: v for k, v in options.items() if v is not None}

@@ -83,6 +83,11 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
     """The results.json document (format ``flaresam-compare/2``); ``small_organ_pairs`` only where SAM models ran,
     ``clicks`` (Dice-vs-clicks curves) only with ``--clicks``; ``parameters``: each run's trainable and total counts."""
     parameters = parameters or {}
+
+    def trained(key: str, kind: str) -> dict[str, int] | None:
+        """The parameter counts of a row's run ("hqsam:lora", "hqsam@auto"); a baseline trained nothing."""
+        return None if kind == "baseline" else parameters.get(key.split("@")[0])
+
     from flaresam.metrics import METRICS
     from flaresam.training.run_folder import versions
 
@@ -151,7 +156,7 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
                 "prompts": row.prompts,
                 "run": row.run,
                 "checkpoint": row.checkpoint,
-                "parameters": parameters.get(row.key.split("@")[0]) if row.kind != "baseline" else None,
+                "parameters": trained(row.key, row.kind),
                 "slice_dice": clean(row.slice_dice),
                 "flare22": {"mean": row.flare22["mean"], "per_organ": row.flare22["per_organ"], "cases": row.flare22["cases"]} if row.flare22 else None,
             }
@@ -168,8 +173,7 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
         results["clicks"] = {
             "clicks": r.plan.clicks,
             "rule": CLICK_RULE,
-            "rows": [{**c, "parameters": parameters.get(c["key"].split("@")[0]) if c["kind"] != "baseline" else None}
-                     for c in clicks],
+            "rows": [{**c, "parameters": trained(c["key"], c["kind"])} for c in clicks],
         }
     return results
 
@@ -274,10 +278,17 @@ def count(n: int | None) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
-def clicks_markdown(results: Mapping[str, Any]) -> list[str]:
-    """The Dice-vs-clicks table of ``--clicks`` (nothing without it)."""
+def click_table_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    """One row of cells per Dice-vs-clicks curve: model, trained parameters, 2D Dice at 0..K clicks (Markdown and
+    console alike)."""
     from flaresam.report import fmt
 
+    return [[c["label"], count((c.get("parameters") or {}).get("trainable"))] + [fmt(v) for v in c["slice_dice"]]
+            for c in results["clicks"]["rows"]]
+
+
+def clicks_markdown(results: Mapping[str, Any]) -> list[str]:
+    """The Dice-vs-clicks table of ``--clicks`` (nothing without it)."""
     clicks = results.get("clicks")
     if not clicks:
         return []
@@ -285,10 +296,7 @@ def clicks_markdown(results: Mapping[str, Any]) -> list[str]:
     lines = ["", f"## 2D Dice against corrective clicks (0..{k})", "", f"Protocol: {clicks['rule']}.", "",
              "| model | trained parameters | " + " | ".join(f"{i} click{'s' if i != 1 else ''}" for i in range(k + 1)) + " |",
              "|---|---:|" + "---:|" * (k + 1)]
-    for c in clicks["rows"]:
-        lines.append(f"| {c['label']} | {count((c.get('parameters') or {}).get('trainable'))} | "
-                     + " | ".join(fmt(v) for v in c["slice_dice"]) + " |")
-    return lines
+    return lines + ["| " + " | ".join(cells) + " |" for cells in click_table_rows(results)]
 
 
 def _organ_dsc(row: Row, labels: LabelSet) -> dict[str, float]:
@@ -361,15 +369,13 @@ def render_table(results: Mapping[str, Any]) -> Table:
 
 def render_clicks(results: Mapping[str, Any]) -> Table | None:
     """The console's Dice-vs-clicks table (None without ``--clicks``)."""
-    from flaresam.report import fmt, table
+    from flaresam.report import table
 
     clicks = results.get("clicks")
     if not clicks:
         return None
     k = clicks["clicks"]
-    body = [[c["label"], count((c.get("parameters") or {}).get("trainable"))] + [fmt(v) for v in c["slice_dice"]]
-            for c in clicks["rows"]]
     return table(f"2D Dice against corrective clicks (box, then up to {k})",
-                 ["model", "trained params"] + [str(i) for i in range(k + 1)], body,
+                 ["model", "trained params"] + [str(i) for i in range(k + 1)], click_table_rows(results),
                  caption="Each click: the most interior pixel of the largest error region (positive on a miss, negative "
                          "on a false positive). Read against the zero-shot rows and Box fill.")

@@ -192,7 +192,7 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
     """Pretrain the stand-in into ``out`` (two .pth files and a JSON record); returns the record."""
     from flaresam.models.sam.archs import arch_spec
     from flaresam.models.sam.checkpoint import is_hq_key
-    from flaresam.models.sam.decoding import PromptBatch, decode, decode_tokens, mask_features, mask_from_features
+    from flaresam.models.sam.decoding import PromptBatch, decode, decode_tokens, mask_features, mask_from_features, sam_points
     from flaresam.models.sam.loss import mask_loss
     from flaresam.models.sam.network import build_network
     from flaresam.models.sam.preprocess import frame_mask, normalise
@@ -221,9 +221,6 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
             idx = rng.choice(n, recipe.batch, replace=False)
             return (idx, *_prompt_batch(data, idx, recipe, rng, spec.image_size, spec.lowres))
 
-        def prompt_points(points: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-            return None if points is None else (points[..., :2], points[..., 2].long())
-
         def with_clicks(forward: Any, clicks: Clicks, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
             if not clicks[0]:
                 return forward(None)
@@ -231,7 +228,7 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
 
         def sam_logits(emb: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor, points: torch.Tensor | None) -> torch.Tensor:
             """SAM's single-mask output, decoded as a plain SAM decoder would (no HQ token among the tokens)."""
-            batch = PromptBatch.from_boxes(net.prompt_encoder, emb, None, boxes, index, prompt_points(points))
+            batch = PromptBatch.from_boxes(net.prompt_encoder, emb, None, boxes, index, sam_points(points))
             # no HQ token among the tokens: the SAM file drops the HQ tensors, so the decoder that loads it has none
             hs, src = decode_tokens(decoder, batch, hq_token=False)
             return mask_from_features(decoder.output_hypernetworks_mlps[0](hs[:, 1]), mask_features(decoder, src, None))[:, 0]
@@ -275,7 +272,7 @@ def build_standin(out: Path, recipe: StandinRecipe | None = None, quiet: bool = 
                 def forward(points: torch.Tensor | None) -> torch.Tensor:
                     with torch.no_grad():
                         batch = PromptBatch.from_boxes(net.prompt_encoder, emb_all[idx], interm_all[idx], boxes, index,
-                                                       prompt_points(points))
+                                                       sam_points(points))
                     return decode(decoder, batch)[:, 0]
 
                 valid = valid_all[idx][index]

@@ -51,6 +51,11 @@ class PromptBatch:
         return cls(embeddings, interm, sparse, dense, slice_index, prompt_encoder.get_dense_pe())
 
 
+def sam_points(points: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Points [N, P, 3] (frame x, y and label, -1 padding) as SAM's prompt encoder takes them: (coordinates, labels)."""
+    return None if points is None else (points[..., :2].float(), points[..., 2].long())
+
+
 def is_hq_decoder(decoder: Upstream) -> bool:
     return hasattr(decoder, "hf_token")
 

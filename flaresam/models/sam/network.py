@@ -16,7 +16,7 @@ from torch import nn
 
 from flaresam.errors import UsageError
 from flaresam.models.sam.archs import ArchSpec, arch_spec
-from flaresam.models.sam.decoding import PromptBatch, decode, is_hq_decoder
+from flaresam.models.sam.decoding import PromptBatch, decode, is_hq_decoder, sam_points
 from flaresam.models.sam.fast_encoder import encoder_runner
 from flaresam.models.sam.preprocess import PIXEL_MEAN, PIXEL_STD, normalise
 from flaresam.models.sam.upstream import Upstream, encoder_classes, sam_modeling
@@ -80,6 +80,12 @@ class SamNet(nn.Module):
         emb, interm = encoder_runner(self, x.device, runtime)(x)
         return emb, interm[0]
 
+    def encode_live(self, frames: torch.Tensor, input_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stock encoder modules on uint8 frames, gradients as the caller has them (an encoder that trains):
+        embeddings [B, C, E, E] and, for HQ-SAM, the early ViT feature [B, E, E, V]."""
+        embeddings, features = self.image_encoder(normalise(frames, input_hw, self.pixel_mean, self.pixel_std))
+        return embeddings, (features[0] if self.hq else None)
+
     def prompt_batch(self, embeddings: torch.Tensor, interm: torch.Tensor | None, boxes: torch.Tensor | None,
                      slice_index: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None) -> PromptBatch:
         """Box prompts [N, 4] and/or points (frame coordinates) on images ``slice_index`` [N] through the frozen
@@ -100,12 +106,10 @@ class SamNet(nn.Module):
         """
         if frames is not None:
             assert input_hw is not None, "frames need their input sizes"
-            embeddings, features = self.image_encoder(normalise(frames, input_hw, self.pixel_mean, self.pixel_std))
-            interm = features[0] if self.hq else None
+            embeddings, interm = self.encode_live(frames, input_hw)
         assert embeddings is not None
         with torch.no_grad():  # the prompt encoder is frozen
-            pts = None if points is None else (points[..., :2].float(), points[..., 2].long())
-            batch = self.prompt_batch(embeddings, interm, boxes, slice_index, pts)
+            batch = self.prompt_batch(embeddings, interm, boxes, slice_index, sam_points(points))
         return decode(self.mask_decoder, batch)
 
 

@@ -42,7 +42,6 @@ from flaresam.models.sam.preprocess import (
     PREPROCESS_VERSION,
     boxes_to_frame,
     frame_mask,
-    normalise,
     preprocess_shape,
     resize_slices,
 )
@@ -139,8 +138,7 @@ class SamStep(ModelStep):
         self.net = net
         self.spec = net.spec
         self.load_report = load_report
-        # how the frozen encoder runs: --compile implies the fast path; compiling is decided per use (train_dataset)
-        net.fast_encoder = True if options.compile_encoder and options.fast_encoder is None else options.fast_encoder
+        net.fast_encoder = self._fast_encoder()
         net.compile_encoder = bool(options.compile_encoder)
         for p in net.parameters():
             p.requires_grad_(False)
@@ -219,8 +217,7 @@ class SamStep(ModelStep):
             self.lora = None
         if self.encoder_live:
             self.encoder_live = False
-            opts = self.options
-            self.net.fast_encoder = True if opts.compile_encoder and opts.fast_encoder is None else opts.fast_encoder
+            self.net.fast_encoder = self._fast_encoder()
             self.net.__dict__.pop("_fast_runner", None)
             self._cache = None
 
@@ -252,13 +249,12 @@ class SamStep(ModelStep):
             def forward(points: torch.Tensor | None) -> torch.Tensor:
                 if torch.is_grad_enabled():
                     return net(None, None, boxes, slice_index, frames=frames, input_hw=input_hw, points=points)[:, 0].float()
-                if "fixed" not in frozen:  # click rounds: the encoder's output once, without gradients
-                    frozen["fixed"] = self.net.image_encoder(normalise(frames, input_hw, self.net.pixel_mean, self.net.pixel_std))
-                emb, feats = frozen["fixed"]
+                if not frozen:  # click rounds: the encoder's output once, without gradients
+                    frozen.extend(self.net.encode_live(frames, input_hw))
                 # the bare network: a DDP wrapper must see one forward per step on every rank, whatever the rounds
-                return self.net(emb, feats[0] if self.net.hq else None, boxes, slice_index, points=points)[:, 0].float()
+                return self.net(frozen[0], frozen[1], boxes, slice_index, points=points)[:, 0].float()
 
-            frozen: dict[str, Any] = {}
+            frozen: list[torch.Tensor | None] = []
         else:
             emb, interm = self._batch_embeddings(batch, dev)
 
@@ -329,6 +325,12 @@ class SamStep(ModelStep):
         return out, stats
 
     # -- helpers ---------------------------------------------------------------
+    def _fast_encoder(self) -> bool | None:
+        """How the frozen encoder runs (``SamNet.fast_encoder``): --compile implies the fast path; compiling is
+        decided per use (train_dataset)."""
+        opts = self.options
+        return True if opts.compile_encoder and opts.fast_encoder is None else opts.fast_encoder
+
     def embedding_cache(self) -> EmbeddingCache | None:
         """The on-disk encoder cache (None unless ``cache_embeddings``, and while the encoder trains); its key needs
         one pass over the encoder's tensors."""
