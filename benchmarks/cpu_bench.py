@@ -20,9 +20,10 @@ One JSON line per measurement on stdout (progress on stderr), the same code as
   ``--cache-slices``: the cold epoch encodes and fills the embedding cache, the warm one reads it
 * ``runtime``   the CPU runtimes side by side on the ``--size`` x ``--size`` x ``--slices`` phantom, each
   in a fresh process (seconds file to file, peak resident memory, voxel agreement with the stock loop):
-  the stock SamPredictor loop, `flaresam predict --runtime torch | onnx | openvino | onnx-int8`; the
-  int8 acceptance test (flaresam.predict.int8) on the phantom and on the real CT sample; and the
-  peak memory of a ``--stream-slices`` scan with a few prompted slices beside a 100-slice one
+  the stock SamPredictor loop, `flaresam predict --runtime torch | onnx | openvino`, and the reduced
+  precisions (openvino-bf16, onnx-int8) forced, i.e. without their acceptance test (what they cost);
+  the acceptance test (flaresam.predict.precision) of both on the phantom and on the real CT sample; and
+  the peak memory of a ``--stream-slices`` scan with a few prompted slices beside a 100-slice one
 
     python benchmarks/cpu_bench.py                      # ~5 minutes on 2 idle cores
     python benchmarks/cpu_bench.py --slices 20 --size 256 --only predict
@@ -40,12 +41,18 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench as gb
 
 SECTIONS = ("encoder", "parts", "predict", "baseline", "cache", "runtime")
-RUNTIME_ROWS = ("torch", "onnx", "openvino", "onnx-int8")
+CLIPPED = "window, clipped"
+FORCED = " forced"  # a reduced precision without its acceptance test: the figure of the precision itself
+RUNTIME_ROWS = (  # (runtime, mode): predict's default ("window") where it tells something, clipped everywhere
+    ("torch", "window"), ("torch", CLIPPED), ("onnx", CLIPPED), ("openvino", "window"), ("openvino", CLIPPED),
+    ("openvino-bf16" + FORCED, "window"), ("openvino-bf16" + FORCED, CLIPPED), ("onnx-int8" + FORCED, CLIPPED),
+)
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ts-example"
 
 
@@ -58,9 +65,6 @@ def peak_rss_gb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
-
-
-INT8_FORCED = "onnx-int8 forced"  # int8 weights without the acceptance test: the figure of int8 itself
 
 
 def child(argv: list[str]) -> int:
@@ -82,18 +86,19 @@ def child(argv: list[str]) -> int:
     t0 = time.perf_counter()
     if impl == "SamPredictor":
         gb.sampredictor_predict(Path(scan), Path(prompts), Path(model), Path(out), "cpu", per_box=False)
-    elif mode == "window, clipped" or runtime == INT8_FORCED:
+    elif mode == CLIPPED or runtime.endswith(FORCED):
         from flaresam.io.volume import read_label, read_volume, write_label
         from flaresam.models.options import InferenceOptions
+        from flaresam.models.sam.runtime import REDUCED
         from flaresam.predict.prompts import LabelPrompts
         from flaresam.predict.segmenter import Segmenter
         from flaresam.predict.volume import predict_volume
 
-        seg = Segmenter.load(model, device="cpu", runtime="onnx" if runtime == INT8_FORCED else runtime)
+        reduced = runtime.removesuffix(FORCED) if runtime.endswith(FORCED) else None
+        seg = Segmenter.load(model, device="cpu", runtime=REDUCED[reduced] if reduced else runtime)
         image = read_volume(scan)
         label = LabelPrompts(read_label(prompts, image.geometry, reference_path=scan).array)
-        inference = InferenceOptions(box_windows=mode != "full-frame", window_fallback=mode != "window, clipped",
-                                     runtime="onnx-int8" if runtime == INT8_FORCED else seg.runtime)
+        inference = InferenceOptions(box_windows=mode != "full-frame", window_fallback=mode != CLIPPED, runtime=reduced or seg.runtime)
         write_label(predict_volume(seg.step, image, seg.window, prompts=label, device="cpu", inference=inference), image.geometry, out)
     else:
         from flaresam.predict.runner import PredictRequest, run_prediction
@@ -117,17 +122,17 @@ def _run_child(args: list[str]) -> dict:
 
 
 def _organ_agreement(a: Path, b: Path) -> float:
-    """Share of the voxels that either file labels as an organ which both label alike (flaresam.predict.int8's measure)."""
+    """Share of the voxels that either file labels as an organ which both label alike (flaresam.predict.precision's measure)."""
     from flaresam.io.volume import read_volume
     from flaresam.organs import FLARE22
-    from flaresam.predict.int8 import agreement
+    from flaresam.predict.precision import agreement
 
     x, y = read_volume(a).array, read_volume(b).array
     return round(agreement(x, y, x, FLARE22.organs).agreement, 5)
 
 
 def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
-    """The CPU runtimes side by side, each in a fresh process; the int8 acceptance test; memory on a long scan."""
+    """The CPU runtimes side by side, each in a fresh process; the reduced precisions' acceptance test; memory on a long scan."""
     folder = work / "runtime"
     size, slices = args.size, args.slices
     gb.log(f"runtime: writing a {size}x{size}x{slices} phantom")
@@ -144,11 +149,12 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
 
     net = seg.step.network()
     int8_file(export_folder(net.image_encoder, net.arch, net.image_size))
-    rep.emit(**common, impl="export", seconds=round(time.perf_counter() - t0, 2), note="ONNX export and int8 quantisation, once per encoder")
+    rep.emit(**common, impl="export", seconds=round(time.perf_counter() - t0, 2),
+             note="ONNX export of the encoder and the decoder, int8 quantisation; once per model")
     stock, stock_s = folder / "SamPredictor-torch-window.nii.gz", None
-    rows = [("SamPredictor", "torch", "window")] + [("flaresam", r, m) for r in (*RUNTIME_ROWS, INT8_FORCED) for m in args.runtime_modes.split(";")]
+    rows = [("SamPredictor", "torch", "window")] + [("flaresam", r, m) for r, m in RUNTIME_ROWS]
     for impl, runtime, mode in rows:
-        out = folder / f"{impl}-{runtime}-{mode.replace(', ', '-')}.nii.gz"
+        out = folder / f"{impl}-{runtime}-{mode}.nii.gz".replace(", ", "-").replace(" ", "-")
         with rep.guard(**common, impl=impl, runtime=runtime, mode=mode):
             gb.log(f"runtime: {impl} {runtime} {mode}")
             got = _run_child([impl, runtime, str(scan), str(label), str(model), str(out), mode])
@@ -162,35 +168,51 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
                 extra["speedup_vs_stock"] = round(stock_s / got["seconds"], 2) if stock_s else None
             rep.emit(**common, impl=impl, runtime=runtime, mode=mode, **got, **extra,
                      target_s=45 if impl == "flaresam" else None, target_peak_rss_gb=2.0 if impl == "flaresam" else None)
-    _int8_acceptance(rep, seg, folder, scan, label)
+    _precision_acceptance(rep, seg, folder)
     _long_scan_memory(rep, args, folder, model)
 
 
-def _int8_acceptance(rep: gb.Report, seg: object, folder: Path, scan: Path, label: Path) -> None:
-    """flaresam.predict.int8's test on the benchmark's phantom and on the real CT sample (with its own labels as prompts)."""
+def _precision_acceptance(rep: gb.Report, seg: Any, folder: Path) -> None:
+    """flaresam.predict.precision's test of each reduced precision on its phantom and on the real CT sample (each
+    prompted with its own labels), for the benchmark's random-weight model and for a trained one: the demo's
+    stand-in HQ-SAM (``demo`` architecture, trained here on phantoms; built on first use, 3 to 4 minutes)."""
     import numpy as np
 
     from flaresam.data.phantom import make_phantom
     from flaresam.io.volume import read_label, read_volume, write_label, write_volume
+    from flaresam.models.sam.runtime import REDUCED, bf16_units
+    from flaresam.models.standin import standin_checkpoints
     from flaresam.organs import FLARE22
-    from flaresam.predict.int8 import PHANTOM, compare_runtimes
+    from flaresam.predict.precision import PHANTOM, compare_runtimes
+    from flaresam.predict.segmenter import Segmenter
 
     ph = make_phantom(size=PHANTOM["size"], slices=PHANTOM["slices"], seed=PHANTOM["seed"], flip=False)
-    small = (write_volume(ph.hu, ph.geometry, folder / "int8_0000.nii.gz"), write_label(ph.label, ph.geometry, folder / "int8_label.nii.gz"))
+    small = (write_volume(ph.hu, ph.geometry, folder / "precision_0000.nii.gz"),
+             write_label(ph.label, ph.geometry, folder / "precision_label.nii.gz"))
     cases = [("phantom of the acceptance test", *small)]  # (the 100-slice phantom took 169 s and said the same)
     if SAMPLE.is_dir():
         cases.append(("real CT sample", SAMPLE / "images" / "TS_0001_0000.nii.gz", SAMPLE / "labels" / "TS_0001.nii.gz"))
     else:
-        gb.log(f"runtime: {SAMPLE} not found: int8 is tested on the phantom only")
-    for name, image_path, label_path in cases:
-        with rep.guard(bench="runtime_int8", case=name):
-            image = read_volume(image_path)
-            truth = np.asarray(read_label(label_path, image.geometry, reference_path=image_path).array)
-            t0 = time.perf_counter()
-            found, _, _ = compare_runtimes(seg.step, image, seg.window, truth, FLARE22.organs)  # type: ignore[attr-defined]
-            rep.emit(bench="runtime_int8", case=name, shape=list(truth.shape), organ_voxels=found.organ_voxels,
-                     agreement=round(found.agreement, 5), max_dice_change=round(found.max_dice_change, 5), worst_organ=found.worst_organ,
-                     accepted=found.accepted, seconds=round(time.perf_counter() - t0, 1))
+        gb.log(f"runtime: {SAMPLE} not found: the reduced precisions are tested on the phantom only")
+    models = [("random vit_tiny (the benchmark's model)", seg)]
+    with rep.guard(bench="runtime_precision", model="stand-in"):
+        gb.log("runtime: the demo's stand-in HQ-SAM (a trained model; built on first use)")
+        models.append(("trained: the demo's stand-in HQ-SAM (demo arch)",
+                       Segmenter.load(standin_checkpoints(quiet=True)["hqsam"], device="cpu", runtime="onnx")))
+    for runtime in REDUCED:
+        if runtime == "openvino-bf16" and not bf16_units():
+            gb.log("runtime: this CPU has no bf16 units: openvino-bf16 is not tested")
+            continue
+        for model, segmenter in models:
+            for name, image_path, label_path in cases:
+                with rep.guard(bench="runtime_precision", runtime=runtime, model=model, case=name):
+                    image = read_volume(image_path)
+                    truth = np.asarray(read_label(label_path, image.geometry, reference_path=image_path).array)
+                    t0 = time.perf_counter()
+                    found, _, _ = compare_runtimes(segmenter.step, image, segmenter.window, truth, FLARE22.organs, runtime)
+                    rep.emit(bench="runtime_precision", runtime=runtime, model=model, case=name, shape=list(truth.shape),
+                             organ_voxels=found.organ_voxels, agreement=round(found.agreement, 5), max_dice_change=round(found.max_dice_change, 5),
+                             worst_organ=found.worst_organ, accepted=found.accepted, seconds=round(time.perf_counter() - t0, 1))
 
 
 def _long_scan_memory(rep: gb.Report, args: argparse.Namespace, folder: Path, model: Path) -> None:
@@ -266,8 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     ap.add_argument("--compile", action="store_true", help="also time the encoder compiled with inductor (about a minute to compile)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary folder)")
-    ap.add_argument("--runtime-modes", default="window;window, clipped",
-                    help="runtime section: flaresam's decoding modes, ';'-separated (window, full-frame, 'window, clipped')")
     ap.add_argument("--stream-slices", type=int, default=500, help="runtime section: slices of the long scan whose peak memory is measured")
     args = ap.parse_args(argv)
     if min(args.baseline_slices, args.slices, args.cache_slices) < 8 or args.size < 32:

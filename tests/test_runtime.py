@@ -1,4 +1,4 @@
-"""The frozen image encoder through ONNX Runtime and OpenVINO: the same numbers as torch, exported once, int8 only where it keeps the labels."""
+"""The frozen image encoder through ONNX Runtime and OpenVINO: the same numbers as torch, exported once, int8 and bf16 only where they keep the labels."""
 
 from __future__ import annotations
 
@@ -131,11 +131,27 @@ def test_resolving_the_runtime(monkeypatch):
         rt.resolve("openvino", "cpu")
     monkeypatch.setenv("FLARESAM_RUNTIME", "onnx")
     assert rt.resolve("auto", "cpu") == rt.ONNX and rt.resolve("torch", "cpu") == rt.TORCH
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setattr(rt, "bf16_units", lambda: False)
+    with pytest.raises(UsageError, match="needs a CPU with bf16 units"):
+        rt.resolve("openvino-bf16", "cpu")
+    monkeypatch.setattr(rt, "bf16_units", lambda: True)
+    assert rt.resolve("openvino-bf16", "cpu") == rt.OPENVINO_BF16
+
+
+@pytest.mark.skipif(not rt.available(rt.OPENVINO) or not rt.bf16_units(), reason="no bf16 units on this CPU")
+def test_bf16_changes_the_embeddings_a_little(tiny_net):
+    frames, hw = _frames(tiny_net)
+    ref, _ = tiny_net.encode(frames, hw, "torch")
+    e, _ = tiny_net.encode(frames, hw, rt.OPENVINO_BF16)
+    a, b = ref.numpy().ravel(), e.numpy().ravel()
+    cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert 0.99 < cosine < 1.0 - 1e-7  # close, and not f32 under another name
 
 
 def test_agreement_counts_organ_voxels_and_dice_changes():
     from flaresam.organs import FLARE22
-    from flaresam.predict.int8 import agreement
+    from flaresam.predict.precision import agreement
 
     ref = np.zeros((4, 10, 10), np.uint8)
     ref[:, 2:8, 2:8] = 1
@@ -148,46 +164,60 @@ def test_agreement_counts_organ_voxels_and_dice_changes():
     assert found.max_dice_change == pytest.approx(1 - 2 * 138 / (144 + 138))
 
 
-def test_int8_that_changes_the_labels_falls_back_to_fp32(monkeypatch):
-    from flaresam.predict import int8, segmenter
+@pytest.mark.parametrize(("reduced", "fp32"), [(rt.ONNX_INT8, rt.ONNX), (rt.OPENVINO_BF16, rt.OPENVINO)])
+def test_reduced_precision_that_changes_the_labels_falls_back_to_fp32(monkeypatch, reduced, fp32):
+    from flaresam.predict import precision, segmenter
     from flaresam.predict.segmenter import Segmenter
     from tests.conftest import sam_step
 
     warnings: list[str] = []
     step = sam_step("hqsam", arch="test_tiny", init="random", quiet=True)
     monkeypatch.setattr(segmenter, "load_model", lambda spec, device: (step, {"window": [40, 400]}))
-    monkeypatch.setattr(int8, "int8_verdict", lambda step, window, notify=None: int8.Agreement(1000, 0.97, 0.02, "pancreas"))
-    seg = Segmenter.load("m", device="cpu", runtime="onnx-int8", notify=lambda level, text: warnings.append(text))
-    assert seg.runtime == rt.ONNX and "pancreas" in warnings[0] and "fp32" in warnings[0]
-    monkeypatch.setattr(int8, "int8_verdict", lambda step, window, notify=None: int8.Agreement(1000, 0.999, 0.001, "liver"))
-    assert Segmenter.load("m", device="cpu", runtime="onnx-int8").runtime == rt.ONNX_INT8
+    monkeypatch.setattr(rt, "bf16_units", lambda: True)  # (the rule, whatever this CPU has)
+    asked: list[str] = []
+
+    def refused(step, window, runtime, notify=None):
+        asked.append(runtime)
+        return precision.Agreement(1000, 0.97, 0.02, "pancreas")
+
+    monkeypatch.setattr(precision, "precision_verdict", refused)
+    seg = Segmenter.load("m", device="cpu", runtime=reduced, notify=lambda level, text: warnings.append(text))
+    assert seg.runtime == fp32 and asked == [reduced] and "pancreas" in warnings[0] and "fp32" in warnings[0]
+    monkeypatch.setattr(precision, "precision_verdict", lambda step, window, runtime, notify=None: precision.Agreement(1000, 0.999, 0.001, "liver"))
+    assert Segmenter.load("m", device="cpu", runtime=reduced).runtime == reduced
 
 
-def test_the_int8_verdict_is_measured_once_per_model(monkeypatch):
+def test_the_verdict_is_measured_once_per_model_and_runtime(monkeypatch):
     from flaresam.data.window import Window
-    from flaresam.predict import int8
+    from flaresam.predict import precision
     from tests.conftest import sam_step
 
-    monkeypatch.setattr(int8, "PHANTOM", {"size": 32, "slices": 8, "seed": 1})  # (tiny: the rule, not the figure)
-    monkeypatch.setattr(int8, "SAMPLE", int8.SAMPLE.parent / "not-here")
+    monkeypatch.setattr(precision, "PHANTOM", {"size": 32, "slices": 8, "seed": 1})  # (tiny: the rule, not the figure)
+    monkeypatch.setattr(precision, "SAMPLE", precision.SAMPLE.parent / "not-here")
     runs: list[str] = []
-    real = int8.compare_runtimes
+    real = precision.compare_runtimes
 
     def counting(*a, **k):
         runs.append("x")
         return real(*a, **k)
 
-    monkeypatch.setattr(int8, "compare_runtimes", counting)
+    monkeypatch.setattr(precision, "compare_runtimes", counting)
     step = sam_step("hqsam", arch="test_tiny", init="random", quiet=True)
     said: list[str] = []
-    first = int8.int8_verdict(step, Window(), lambda level, text: said.append(text))
-    again = int8.int8_verdict(step, Window())
-    assert first == again and len(runs) == 1 and "once per model" in said[0]
+    assert precision.recorded_verdict(step, Window(), rt.ONNX_INT8) is None  # never measured: nothing on record, nothing run
+    first = precision.precision_verdict(step, Window(), rt.ONNX_INT8, lambda level, text: said.append(text))
+    assert precision.recorded_verdict(step, Window(), rt.ONNX_INT8) == first and len(runs) == 1
+    again = precision.precision_verdict(step, Window(), rt.ONNX_INT8)
+    assert first == again and len(runs) == 1 and "once per model" in said[0] and "onnx-int8" in said[0]
     assert 0.0 <= first.agreement <= 1.0 and first.case == "phantom"
+    precision.precision_verdict(step, Window(), rt.OPENVINO_BF16)  # another runtime, its own verdict
+    assert len(runs) == 2
     with torch.no_grad():  # another decoder, another verdict
         next(step.network().mask_decoder.parameters()).add_(0.1)
-    int8.int8_verdict(step, Window())
-    assert len(runs) == 2
+    precision.precision_verdict(step, Window(), rt.ONNX_INT8)
+    assert len(runs) == 3
+    with pytest.raises(ValueError, match="not a reduced-precision runtime"):
+        precision.precision_verdict(step, Window(), rt.OPENVINO)
 
 
 def test_predict_through_each_runtime_agrees_with_torch(tmp_path):
@@ -219,3 +249,34 @@ def test_predict_through_each_runtime_agrees_with_torch(tmp_path):
     for runtime in ("onnx", "openvino"):
         either = organ | (outs[runtime] > 0)
         assert float((outs[runtime][either] == outs["torch"][either]).mean()) >= 0.995, runtime
+
+
+def test_auto_takes_a_reduced_precision_only_where_this_model_passed_its_test_before(monkeypatch):
+    from flaresam.predict import precision, segmenter
+    from flaresam.predict.segmenter import Segmenter
+    from tests.conftest import sam_step
+
+    step = sam_step("hqsam", arch="test_tiny", init="random", quiet=True)
+    monkeypatch.setattr(segmenter, "load_model", lambda spec, device: (step, {"window": [40, 400]}))
+    monkeypatch.delenv("FLARESAM_RUNTIME")
+    monkeypatch.setattr(rt, "bf16_units", lambda: True)
+    measured: list[str] = []
+    monkeypatch.setattr(precision, "precision_verdict", lambda *a, **k: measured.append("x"))  # auto never runs the test
+    record: dict[str, precision.Agreement] = {}
+    monkeypatch.setattr(precision, "recorded_verdict", lambda step, window, runtime: record.get(runtime))
+    assert Segmenter.load("m", device="cpu").runtime == rt.OPENVINO  # nothing on record: fp32
+    record[rt.ONNX_INT8] = precision.Agreement(1000, 0.999, 0.001, "liver")
+    assert Segmenter.load("m", device="cpu").runtime == rt.ONNX_INT8
+    record[rt.OPENVINO_BF16] = precision.Agreement(1000, 0.98, 0.001, "liver")  # refused: not taken
+    assert Segmenter.load("m", device="cpu").runtime == rt.ONNX_INT8
+    record[rt.OPENVINO_BF16] = precision.Agreement(1000, 0.9999, 0.0001, "liver")
+    said: list[str] = []
+    seg = Segmenter.load("m", device="cpu", notify=lambda level, text: said.append(text))
+    assert seg.runtime == rt.OPENVINO_BF16 and "keeps its labels" in said[0]
+    assert Segmenter.load("m", device="cpu", runtime="openvino").runtime == rt.OPENVINO  # a runtime by name is that runtime
+    monkeypatch.setenv("FLARESAM_RUNTIME", "openvino")
+    assert Segmenter.load("m", device="cpu").runtime == rt.OPENVINO  # the environment's choice replaces auto's, as asked
+    monkeypatch.delenv("FLARESAM_RUNTIME")
+    monkeypatch.setattr(rt, "bf16_units", lambda: False)
+    assert Segmenter.load("m", device="cpu").runtime == rt.ONNX_INT8  # no bf16 units: the next one on record
+    assert not measured

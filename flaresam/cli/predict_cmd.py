@@ -48,7 +48,9 @@ def predict(
         "Default: in a window around its box, redone on the whole slice when the mask reaches the window's edge.",
     ),
     runtime: str = typer.Option(
-        "auto", "--runtime", help="SAM models' image encoder: auto (on a CPU OpenVINO, else ONNX Runtime; torch on CUDA) | torch | onnx | openvino | onnx-int8."
+        "auto", "--runtime", help="SAM models: what runs the image encoder (and, unless torch, the decoder's whole-frame part through ONNX Runtime): "
+        "auto (on a CPU OpenVINO, else ONNX Runtime; torch on CUDA) | torch | onnx | openvino | onnx-int8 | openvino-bf16 "
+        "(the last two only where the model's labels keep their result, tested once per model)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     offline: bool = offline_option("Never touch the network: checkpoints must already be cached."),  # sets FLARESAM_OFFLINE

@@ -48,7 +48,7 @@ class PredictRequest:
     full_frame: bool = False  # SAM: decode masks on the whole slice, not in windows around their boxes
     quiet: bool = False
     format: str | None = None  # "nifti" or "dicom-seg"; None: from --out's suffix (.dcm: dicom-seg), else nifti
-    runtime: str = "auto"  # a SAM model's image encoder: auto | torch | onnx | onnx-int8
+    runtime: str = "auto"  # what runs a SAM model: auto or one of flaresam.models.sam.runtime.RUNTIMES
 
     @property
     def output_format(self) -> str:

@@ -50,7 +50,7 @@ class Segmenter:
     proposer: ModelStep | None = None
     note: str | None = None  # one line when the model is no segmenter of real CT (phantom-trained, stand-in encoders)
     labels_known: bool = True  # False: a zero-shot SAM given no label set (FLARE22's by default; a proposer's replaces it)
-    runtime: str = "torch"  # what runs a SAM model's image encoder: torch, onnx or onnx-int8 (resolved)
+    runtime: str = "torch"  # what runs a SAM model's image encoder (and its decoder's whole-frame part): one of runtime.RUNTIMES (resolved)
 
     @classmethod
     def load(
@@ -72,8 +72,11 @@ class Segmenter:
         to name the organs of its prompts (else its proposer's, else FLARE22's).
         ``runtime``: what runs a SAM model's frozen image encoder
         (:mod:`flaresam.models.sam.runtime`): ``auto`` (the fastest measured on
-        this device), ``torch``, ``onnx`` or ``onnx-int8`` (used only where this
-        model's labels keep their result, :mod:`flaresam.predict.int8`; else fp32).
+        this device), ``torch``, ``onnx``, ``openvino``, or ``onnx-int8`` and
+        ``openvino-bf16`` (used only where this model's labels keep their
+        result, :mod:`flaresam.predict.precision`; else the same runtime in
+        fp32). With any but torch, the mask decoder's whole-frame part runs
+        through ONNX Runtime (:mod:`flaresam.models.sam.exported_decoder`).
         """
         from flaresam.training.devices import pick_device
 
@@ -228,13 +231,15 @@ class Segmenter:
 
 
 def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window: Window, notify: Notify) -> str:
-    """The runtime of a prompted model's image encoder, ready to run (exported now, on first use).
+    """The runtime of a prompted model's image encoder, ready to run (exported now, on first use, with the decoder's part).
 
-    int8 only where the model keeps its result (else fp32 ONNX Runtime). Under
+    A reduced precision only where the model keeps its result (else the same
+    runtime in fp32); under plain ``auto``, one this model passed before. Under
     ``auto``, a runtime that fails (export, load, check) falls back to torch with
     a warning; one asked for by name fails with its one-line error.
     """
     from flaresam.models.sam import runtime as rt
+    from flaresam.models.sam.exported_decoder import decoder_runner
 
     if not step.prompted:
         return rt.TORCH  # (a dense model has no frozen encoder to run elsewhere)
@@ -242,28 +247,49 @@ def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window:
     if resolved == rt.TORCH:
         return resolved
     try:
-        if resolved == rt.ONNX_INT8:
-            resolved = _int8_or_fp32(step, window, notify)
+        if resolved in rt.REDUCED:
+            resolved = _reduced_or_fp32(step, window, resolved, notify)
+        elif rt.plain_auto(choice):
+            resolved = _known_reduced(step, window, notify) or resolved
         rt.onnx_runner(step.network(), resolved)
+        decoder_runner(step.network(), resolved)
     except rt.RuntimeFailure as exc:
         if (choice or "auto").strip().lower() != rt.AUTO:
             raise
-        notify("warn", f"{exc}; running the encoder through torch")
+        notify("warn", f"{exc}; running the model through torch")
         return rt.TORCH
     return resolved
 
 
-def _int8_or_fp32(step: ModelStep, window: Window, notify: Notify) -> str:
+def _reduced_or_fp32(step: ModelStep, window: Window, runtime: str, notify: Notify) -> str:
+    """``runtime`` (onnx-int8, openvino-bf16) where this model's labels keep their result, else its fp32 runtime."""
     from flaresam.models.sam import runtime as rt
-    from flaresam.predict.int8 import MAX_DICE_CHANGE, MIN_AGREEMENT, int8_verdict
+    from flaresam.predict.precision import MAX_DICE_CHANGE, MIN_AGREEMENT, precision_verdict
 
-    verdict = int8_verdict(step, window, notify)
+    verdict = precision_verdict(step, window, runtime, notify)
     if verdict.accepted:
-        return rt.ONNX_INT8
-    notify("warn", f"int8 encoder weights change this model's labels ({verdict.case}: agreement {verdict.agreement:.2%} of organ voxels, "
+        return runtime
+    fp32 = rt.REDUCED[runtime]
+    notify("warn", f"{runtime} changes this model's labels ({verdict.case}: agreement {verdict.agreement:.2%} of organ voxels, "
                    f"Dice of {verdict.worst_organ} moved {verdict.max_dice_change:.4f}; needs >= {MIN_AGREEMENT:.1%} and <= "
-                   f"{MAX_DICE_CHANGE}): running fp32 through ONNX Runtime")
-    return rt.ONNX
+                   f"{MAX_DICE_CHANGE}): running fp32 through {'OpenVINO' if fp32 == rt.OPENVINO else 'ONNX Runtime'}")
+    return fp32
+
+
+def _known_reduced(step: ModelStep, window: Window, notify: Notify) -> str | None:
+    """Under ``auto``: a reduced precision this model was tested with before and kept its labels (bf16 first, the
+    faster; never tested here, which costs a minute: ``--runtime openvino-bf16`` or ``onnx-int8`` does that once)."""
+    from flaresam.models.sam import runtime as rt
+    from flaresam.predict.precision import recorded_verdict
+
+    for runtime in (rt.OPENVINO_BF16, rt.ONNX_INT8):
+        if not rt.available(runtime) or (runtime == rt.OPENVINO_BF16 and not rt.bf16_units()):
+            continue
+        verdict = recorded_verdict(step, window, runtime)
+        if verdict is not None and verdict.accepted:
+            notify("info", f"Running {runtime}: this model keeps its labels with it (tested: {verdict.agreement:.2%} of organ voxels alike)")
+            return runtime
+    return None
 
 
 def _label_set(labels: LabelSet | str | os.PathLike[str] | None) -> LabelSet | None:

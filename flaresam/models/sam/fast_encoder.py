@@ -289,7 +289,7 @@ class FastEncoder:
 def encoder_runner(net: Upstream, device: torch.device, runtime: str = "torch") -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
     """What :meth:`SamNet.encode` calls on ``device``: the stock encoder module or a faster equivalent.
 
-    ``runtime`` ``onnx`` / ``onnx-int8`` (CPU): the encoder exported to ONNX Runtime
+    ``runtime`` other than torch (CPU): the encoder exported to ONNX Runtime or OpenVINO
     (:mod:`flaresam.models.sam.runtime`). Otherwise torch:
 
     ``net.fast_encoder`` / ``net.compile_encoder``: True, False, or None for

@@ -31,6 +31,7 @@ one window covering the frame.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -132,8 +133,16 @@ class Decoded:
         return WindowLogits(idx, logits, t_px, l_px, trusted)
 
 
-def decode_prompts(decoder: nn.Module, batch: PromptBatch) -> Decoded:
-    """Everything of the mask decoder that needs the whole frame (the rest runs per window)."""
+def decode_prompts(decoder: nn.Module, batch: PromptBatch,
+                   frame: Callable[[PromptBatch], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None) -> Decoded:
+    """Everything of the mask decoder that needs the whole frame (the rest runs per window).
+
+    ``frame``: that part computed elsewhere, returning (mask vectors, transformer output, HQ feature) as here (the
+    decoder through a CPU runtime, :mod:`flaresam.models.sam.exported_decoder`); None: the decoder's own modules.
+    """
+    if frame is not None:
+        hyper, src, hq = frame(batch)
+        return Decoded(decoder, src, hyper, hq, batch.slice_index, conv_reach(decoder))
     hs, src = decode_tokens(decoder, batch)
     return Decoded(decoder, src, mask_hyper(decoder, hs), hq_features(decoder, batch.embeddings, batch.interm),
                    batch.slice_index, conv_reach(decoder))

@@ -74,7 +74,7 @@ class SamNet(nn.Module):
     def encode(self, frames: torch.Tensor, input_hw: torch.Tensor, runtime: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [B, S, S] frames -> image embeddings [B, C, E, E] and the early ViT feature [B, E, E, V].
 
-        ``runtime``: ``torch``, or ``onnx`` / ``onnx-int8`` on the CPU (:mod:`flaresam.models.sam.runtime`).
+        ``runtime``: ``torch``, or an exported runtime on the CPU (:mod:`flaresam.models.sam.runtime`).
         """
         x = normalise(frames, input_hw, self.pixel_mean, self.pixel_std)
         emb, interm = encoder_runner(self, x.device, runtime)(x)

@@ -11,11 +11,19 @@ come). torch stays the reference and the fallback; the choice is a *runtime*:
 * ``onnx``: ONNX Runtime, fp32;
 * ``openvino``: OpenVINO, fp32 (on a CPU with bf16 units its default would be
   bf16: f32 is asked for), reading the same exported file;
-* ``onnx-int8``: ONNX Runtime with int8 linear-layer weights; used for a model
-  only where its labels keep their result (:mod:`flaresam.predict.int8`);
+* ``onnx-int8``: ONNX Runtime with int8 linear-layer weights, and
+  ``openvino-bf16``: OpenVINO computing in bf16 (on a CPU with bf16 units);
+  each used for a model only where its labels keep their result
+  (:mod:`flaresam.predict.precision`), else that runtime in fp32;
 * ``auto``: OpenVINO, else ONNX Runtime, else torch on a CPU (the order measured
-  on a 2-core machine, docs/speed.md section 6); torch on CUDA.
+  on a 2-core machine, docs/speed.md section 6), and a reduced precision where
+  the model passed its test before (the caller's choice,
+  :func:`flaresam.predict.segmenter.Segmenter.load`); torch on CUDA.
   ``FLARESAM_RUNTIME`` in the environment replaces ``auto``'s choice.
+
+With any exported runtime the mask decoder's whole-frame part runs through ONNX
+Runtime (:mod:`flaresam.models.sam.exported_decoder`, exported with
+:func:`export_once` and checked with :func:`check_outputs` like the encoder).
 
 An export lives under ``$FLARESAM_HOME/runtimes/ARCH-KEY/``, KEY a hash of every
 encoder tensor and of the exporter's version: built in a temporary folder,
@@ -38,9 +46,10 @@ from torch import nn
 
 from flaresam.errors import DataError, UsageError
 
-TORCH, ONNX, ONNX_INT8, OPENVINO, AUTO = "torch", "onnx", "onnx-int8", "openvino", "auto"
-RUNTIMES = (TORCH, ONNX, ONNX_INT8, OPENVINO)
-EXPORTED = (ONNX, ONNX_INT8, OPENVINO)
+TORCH, ONNX, ONNX_INT8, OPENVINO, OPENVINO_BF16, AUTO = "torch", "onnx", "onnx-int8", "openvino", "openvino-bf16", "auto"
+RUNTIMES = (TORCH, ONNX, ONNX_INT8, OPENVINO, OPENVINO_BF16)
+EXPORTED = (ONNX, ONNX_INT8, OPENVINO, OPENVINO_BF16)
+REDUCED = {ONNX_INT8: ONNX, OPENVINO_BF16: OPENVINO}  # a reduced-precision runtime and its fp32 reference
 CHOICES = (AUTO, *RUNTIMES)
 AUTO_CPU = (OPENVINO, ONNX)  # the first one installed; measured (docs/speed.md, section 6): both beat torch, OpenVINO most
 RUNTIME_ENV = "FLARESAM_RUNTIME"
@@ -48,7 +57,8 @@ EXPORT_FORMAT = 2  # bump when the export changes: old folders are then rebuilt
 OPSET = 17
 ENCODER_FILE, INT8_FILE, META_FILE = "encoder.onnx", "encoder-int8.onnx", "meta.json"
 MIN_COSINE = 0.9999  # an export whose outputs differ more from torch's on the check input is refused
-NEEDS = {TORCH: (), ONNX: ("onnxruntime", "onnx"), ONNX_INT8: ("onnxruntime", "onnx"), OPENVINO: ("onnxruntime", "onnx", "openvino")}
+NEEDS = {TORCH: (), ONNX: ("onnxruntime", "onnx"), ONNX_INT8: ("onnxruntime", "onnx"), OPENVINO: ("onnxruntime", "onnx", "openvino"),
+         OPENVINO_BF16: ("onnxruntime", "onnx", "openvino")}
 
 EncoderRunner = Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
 
@@ -78,7 +88,21 @@ def resolve(choice: str | None, device: torch.device | str) -> str:
         raise UsageError(f"--runtime {choice} runs on the CPU; on {device} use --runtime torch (or auto)")
     if not available(choice):
         raise UsageError(f"--runtime {choice} needs {', '.join(NEEDS[choice])} (pip install them), or use --runtime torch")
+    if choice == OPENVINO_BF16 and not bf16_units():
+        raise UsageError("--runtime openvino-bf16 needs a CPU with bf16 units (AVX-512 BF16 or AMX); use --runtime openvino")
     return choice
+
+
+def plain_auto(choice: str | None) -> bool:
+    """``auto`` with nothing in ``FLARESAM_RUNTIME`` replacing it: the choice is flaresam's to make."""
+    return (choice or AUTO).strip().lower() == AUTO and not os.environ.get(RUNTIME_ENV, "").strip()
+
+
+def bf16_units() -> bool:
+    """Whether OpenVINO computes in bf16 on this CPU (without the units it would run f32 under the bf16 name)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def encoder_key(encoder: nn.Module) -> str:
@@ -129,46 +153,56 @@ def _export(encoder: nn.Module, image_size: int, folder: Path) -> None:
         again = _Pair(encoder)(x)
     if not all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(again, want)):
         raise RuntimeFailure("exporting the encoder changed the torch module's output; use --runtime torch")
-    got = _session(folder / ENCODER_FILE).run(None, {"x": x.numpy()})
-    for name, a, b in zip(("embedding", "interm"), got, want):
-        a, b = np.asarray(a, dtype=np.float64).ravel(), b.double().numpy().ravel()
+    check_outputs("encoder", ort_session(folder / ENCODER_FILE).run(None, {"x": x.numpy()}), want, ("embedding", "interm"))
+
+
+def check_outputs(part: str, got: list[np.ndarray], want: tuple[torch.Tensor, ...], names: tuple[str, ...]) -> None:
+    """An exported part's outputs on the check input against torch's: each of the same shape, cosine >= ``MIN_COSINE``."""
+    for name, out, ref in zip(names, got, want, strict=True):
+        if out.shape != tuple(ref.shape):
+            raise RuntimeFailure(f"the exported {part}'s {name} has shape {list(out.shape)}, torch's {list(ref.shape)}")
+        a, b = np.asarray(out, dtype=np.float64).ravel(), ref.double().numpy().ravel()
         cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-        if a.shape != b.shape or not cosine >= MIN_COSINE:
-            raise RuntimeFailure(f"the exported encoder's {name} differs from torch's (cosine {cosine:.6f} < {MIN_COSINE})")
+        if not cosine >= MIN_COSINE:
+            raise RuntimeFailure(f"the exported {part}'s {name} differs from torch's (cosine {cosine:.6f} < {MIN_COSINE})")
 
 
 def export_folder(encoder: nn.Module, arch: str, image_size: int, key: str | None = None, force: bool = False) -> Path:
     """The exported encoder's folder (exported on first use; a file lock keeps two processes from doing it twice)."""
+    key = key or encoder_key(encoder)
+    return export_once(f"{arch}-{key}", key, ENCODER_FILE, lambda tmp: _export(encoder, image_size, tmp),
+                       {"arch": arch, "image_size": image_size}, f"the {arch} image encoder", force)
+
+
+def export_once(name: str, key: str, filename: str, export: Callable[[Path], None], meta: dict[str, Any], what: str,
+                force: bool = False) -> Path:
+    """``$FLARESAM_HOME/runtimes/NAME``, holding ``filename`` made by ``export(folder)`` (which checks it against
+    torch) and ``meta.json``: made on first use in a temporary folder and renamed into place when whole."""
     from flaresam.io.atomic import build_folder_once
     from flaresam.paths import home
 
-    key = key or encoder_key(encoder)
-    target = home() / "runtimes" / f"{arch}-{key}"
-
     def complete(folder: Path) -> bool:
         try:
-            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-            size = (folder / ENCODER_FILE).stat().st_size
+            found = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+            size = (folder / filename).stat().st_size
         except (OSError, ValueError):
             return False
-        return isinstance(meta, dict) and meta.get("key") == key and meta.get("bytes") == size
+        return isinstance(found, dict) and found.get("key") == key and found.get("bytes") == size
 
     def build(tmp: Path) -> None:
-        _export(encoder, image_size, tmp)
-        meta = {"key": key, "arch": arch, "image_size": image_size, "opset": OPSET, "format": EXPORT_FORMAT, "torch": torch.__version__,
-                "bytes": (tmp / ENCODER_FILE).stat().st_size}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        export(tmp)
+        full = {"key": key, **meta, "opset": OPSET, "format": EXPORT_FORMAT, "torch": torch.__version__, "bytes": (tmp / filename).stat().st_size}
+        (tmp / META_FILE).write_text(json.dumps(full, indent=1), encoding="utf-8")
 
     try:
-        return build_folder_once(target, complete, build, force=force)
+        return build_folder_once(home() / "runtimes" / name, complete, build, force=force)
     except RuntimeFailure:
         raise
     except Exception as exc:  # the exporter and ONNX Runtime raise their own classes: one line, naming the way out
-        raise RuntimeFailure(f"cannot export the {arch} image encoder for the CPU runtime ({type(exc).__name__}: {_first(exc)}); "
-                             "use --runtime torch") from None
+        raise RuntimeFailure(f"cannot export {what} for the CPU runtime ({type(exc).__name__}: {first_line(exc)}); use --runtime torch") from None
 
 
-def _first(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
@@ -202,7 +236,8 @@ def _check_model(path: Path) -> None:
     onnx.checker.check_model(str(path))
 
 
-def _session(path: Path, threads: int | None = None) -> Any:
+def ort_session(path: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime session on the CPU, sharing the cores with torch between runs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -210,7 +245,9 @@ def _session(path: Path, threads: int | None = None) -> Any:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: its notes on unused initialisers are not the user's business
-    options.enable_cpu_mem_arena = False  # same speed here, 0.3 GB less peak memory (docs/speed.md, section 6)
+    # no memory arena: with freed memory kept in the process (flaresam.cpu_memory) the same speed, and less peak
+    # memory (encoder: 0.3 GB; decoder: its arena grew to the largest prompt count; docs/speed.md, section 6)
+    options.enable_cpu_mem_arena = False
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # torch decodes between encodes: no busy waiting
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -220,7 +257,7 @@ class OnnxEncoder:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.session = _session(path)
+        self.session = ort_session(path)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if x.device.type != "cpu":
@@ -233,15 +270,16 @@ class OnnxEncoder:
 
 
 class OpenVinoEncoder(OnnxEncoder):
-    """The same, through OpenVINO (f32) reading the exported file."""
+    """The same, through OpenVINO reading the exported file: in f32 (asked for: on a CPU with bf16 units its default
+    would be bf16), or in ``bf16``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, precision: str = "f32") -> None:
         import openvino as ov
 
         self.path = path
         core = ov.Core()
         compiled = core.compile_model(core.read_model(str(path)), "CPU",
-                                      {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"})
+                                      {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": precision})
         self.session = _OpenVinoSession(compiled.create_infer_request())
 
 
@@ -257,7 +295,7 @@ class _OpenVinoSession:
 
 
 def onnx_runner(net: Any, runtime: str) -> EncoderRunner:
-    """The net's encoder through ``runtime`` (onnx, onnx-int8, openvino), kept on the net until its tensors change.
+    """The net's encoder through ``runtime`` (onnx, onnx-int8, openvino, openvino-bf16), kept on the net until its tensors change.
 
     A cached export that no longer loads is exported again once; any failure is a one-line :class:`RuntimeFailure`.
     """
@@ -271,20 +309,22 @@ def onnx_runner(net: Any, runtime: str) -> EncoderRunner:
     if cached is not None and cached[0] == (id(encoder), state, runtime):
         return cached[1]
     key = cached[2] if cached is not None and cached[0][:2] == (id(encoder), state) else encoder_key(encoder)  # hashed once per weights
-    cls = OpenVinoEncoder if runtime == OPENVINO else OnnxEncoder
     runner: EncoderRunner | None = None
     for attempt in range(2):
         folder = export_folder(encoder, net.arch, net.image_size, key, force=attempt == 1)
         try:
             if runtime == ONNX_INT8 and attempt == 1:
                 (folder / INT8_FILE).unlink(missing_ok=True)
-            runner = cls(int8_file(folder) if runtime == ONNX_INT8 else folder / ENCODER_FILE)
+            if runtime in (OPENVINO, OPENVINO_BF16):
+                runner = OpenVinoEncoder(folder / ENCODER_FILE, "bf16" if runtime == OPENVINO_BF16 else "f32")
+            else:
+                runner = OnnxEncoder(int8_file(folder) if runtime == ONNX_INT8 else folder / ENCODER_FILE)
             break
         except RuntimeFailure:
             raise
         except Exception as exc:  # a damaged cached file: export again, once
             if attempt == 1:
-                raise RuntimeFailure(f"the {runtime} encoder in {folder} does not load ({type(exc).__name__}: {_first(exc)}); "
+                raise RuntimeFailure(f"the {runtime} encoder in {folder} does not load ({type(exc).__name__}: {first_line(exc)}); "
                                      "use --runtime torch") from None
     net.__dict__["_onnx_runner"] = ((id(encoder), state, runtime), runner, key)  # a plain attribute: not in the state dict
     assert runner is not None

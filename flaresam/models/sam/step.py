@@ -49,6 +49,7 @@ from flaresam.models.sam.training_clicks import click_rounds
 
 if TYPE_CHECKING:
     from flaresam.data.store import PreparedStore
+    from flaresam.models.sam.exported_decoder import ExportedDecoder
 
 LORA_LR = 1e-3  # --trainable lora's default learning rate (see SamStep.default_lr)
 NO_CHECKPOINT = (
@@ -403,6 +404,7 @@ class SamStep(ModelStep):
         has_box = boxes[sl, org, 0] >= 0
         n_points = np.zeros(len(sl), np.int64) if points is None else (points[sl, org, :, 2] >= 0).sum(axis=1)
         fallbacks = 0
+        frame = self._exported_decoder(dev, inference.runtime)
         # one decoder call per kind of prompt (a box or not, and how many points): each kind has its own number of
         # tokens and no padding token; box-only prompts take exactly the path they took before points existed
         for kind_box, kind_points in sorted({(bool(b), int(p)) for b, p in zip(has_box, n_points)}, reverse=True):
@@ -417,7 +419,7 @@ class SamStep(ModelStep):
                 point_prompts = _frame_points(points[g_sl, g_org], (h, w), input_hw, dev)
             batch = self.net.prompt_batch(emb, interm, frame_boxes, torch.from_numpy(g_sl).to(dev), point_prompts)
             windows = frame_boxes * (self.spec.lowres / self.spec.image_size) if inference.box_windows and frame_boxes is not None else None
-            pieces, n_fallbacks = decode_windows(decode_prompts(self.net.mask_decoder, batch), windows, inference.window_fallback)
+            pieces, n_fallbacks = decode_windows(decode_prompts(self.net.mask_decoder, batch, frame), windows, inference.window_fallback)
             fallbacks += n_fallbacks
             sl_t, org_t = torch.from_numpy(g_sl).to(dev), torch.from_numpy(g_org).to(dev)
             for piece in pieces:
@@ -425,6 +427,14 @@ class SamStep(ModelStep):
         value, organ = best.max(dim=1)
         labels = torch.where(value > 0, organ + 1, torch.zeros_like(organ))
         return labels.to(torch.uint8).cpu().numpy(), WindowStats(len(sl), fallbacks)
+
+    def _exported_decoder(self, dev: torch.device, runtime: str) -> ExportedDecoder | None:
+        """The decoder's whole-frame part through the encoder's CPU runtime (None: torch's modules)."""
+        if runtime == "torch" or dev.type != "cpu":
+            return None
+        from flaresam.models.sam.exported_decoder import decoder_runner
+
+        return decoder_runner(self.net, runtime)
 
     def _slice_embeddings(self, slices: np.ndarray, dev: torch.device, runtime: str = "torch") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings of a chunk of slices of one volume: from the cache where present, else encoded now.
