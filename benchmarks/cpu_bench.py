@@ -152,7 +152,10 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
     rep.emit(**common, impl="export", seconds=round(time.perf_counter() - t0, 2),
              note="ONNX export of the encoder and the decoder, int8 quantisation; once per model")
     stock, stock_s = folder / "SamPredictor-torch-window.nii.gz", None
-    rows = [("SamPredictor", "torch", "window")] + [("flaresam", r, m) for r, m in RUNTIME_ROWS]
+    from flaresam.models.sam.runtime import bf16_units
+
+    bf16 = bf16_units()  # without bf16 units OpenVINO would run f32 under the bf16 name: no such row
+    rows = [("SamPredictor", "torch", "window")] + [("flaresam", r, m) for r, m in RUNTIME_ROWS if bf16 or "bf16" not in r]
     for impl, runtime, mode in rows:
         out = folder / f"{impl}-{runtime}-{mode}.nii.gz".replace(", ", "-").replace(" ", "-")
         with rep.guard(**common, impl=impl, runtime=runtime, mode=mode):

@@ -16,14 +16,15 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(not rt.available(rt.ONNX), reason="onnxruntime/onnx not installed")]
 
 
-def _net(family: str, seed: int = 3):
+def _net(family: str, seed: int = 3, arch: str = "test_tiny"):
     from flaresam.models.sam.network import build_network
 
-    return build_network(family, "test_tiny", seed=seed).eval()
+    return build_network(family, arch, seed=seed).eval()
 
 
-def _batch(net, boxes_per_image: list[int], points: int = 0, seed: int = 0):
-    """Random embeddings for len(boxes_per_image) images and that many random boxes on each (+ ``points`` clicks each)."""
+def _batch(net, boxes_per_image: list[int], points: int = 0, seed: int = 0, boxes: bool = True):
+    """Random embeddings for len(boxes_per_image) images and that many random prompts on each: boxes (``boxes``) with
+    ``points`` clicks each, or clicks alone."""
     g = torch.Generator().manual_seed(seed)
     e = net.prompt_encoder.image_embedding_size
     images = len(boxes_per_image)
@@ -32,20 +33,22 @@ def _batch(net, boxes_per_image: list[int], points: int = 0, seed: int = 0):
     n = sum(boxes_per_image)
     s = net.image_size
     corners = torch.rand(n, 2, 2, generator=g) * (s - 1)
-    boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
+    box_prompts = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
     slice_index = torch.repeat_interleave(torch.arange(images), torch.tensor(boxes_per_image))
     clicks = None
     if points:
         clicks = (torch.rand(n, points, 2, generator=g) * (s - 1), torch.randint(0, 2, (n, points), generator=g))
-    return net.prompt_batch(emb, interm, boxes, slice_index, clicks)
+    return net.prompt_batch(emb, interm, box_prompts if boxes else None, slice_index, clicks)
 
 
 @pytest.mark.parametrize("family", ["hqsam", "sam"])
-@pytest.mark.parametrize(("boxes_per_image", "points"), [([5], 0), ([1], 2), ([3, 0, 2], 0), ([2, 4], 1)])
-def test_the_exported_decoder_gives_torchs_outputs(family, boxes_per_image, points):
-    """Prompt counts and token counts other than the traced ones (2 boxes); several images, one without prompts."""
+@pytest.mark.parametrize(("boxes_per_image", "points", "boxes"), [([5], 0, True), ([1], 2, True), ([3, 0, 2], 0, True), ([2, 4], 1, True),
+                                                                  ([2, 1], 3, False)])
+def test_the_exported_decoder_gives_torchs_outputs(family, boxes_per_image, points, boxes):
+    """Prompt counts and token counts other than the traced ones (2 boxes); several images, one without prompts;
+    clicks without a box (SAM's padding point is then one of the tokens)."""
     net = _net(family)
-    batch = _batch(net, boxes_per_image, points)
+    batch = _batch(net, boxes_per_image, points, boxes=boxes)
     with torch.no_grad():
         want = decode_prompts(net.mask_decoder, batch)
         got = decode_prompts(net.mask_decoder, batch, ed.decoder_runner(net, rt.ONNX))
@@ -57,6 +60,20 @@ def test_the_exported_decoder_gives_torchs_outputs(family, boxes_per_image, poin
         return
     prompted = sorted(set(batch.slice_index.tolist()))  # an image without prompts has no HQ feature anyone reads
     np.testing.assert_allclose(got.hq[prompted].numpy(), want.hq[prompted].numpy(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["hqsam", "sam"])
+def test_a_decoder_of_two_blocks_too(family):
+    """The ``demo`` architecture's decoder has two two-way blocks: the stock block after flaresam's shared first one."""
+    net = _net(family, arch="demo")
+    assert len(net.mask_decoder.transformer.layers) == 2
+    batch = _batch(net, [4, 3], points=1)
+    with torch.no_grad():
+        want = decode_prompts(net.mask_decoder, batch)
+        got = decode_prompts(net.mask_decoder, batch, ed.decoder_runner(net, rt.ONNX))
+    np.testing.assert_allclose(got.src.numpy(), want.src.numpy(), atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(got.hyper.numpy(), want.hyper.numpy(), atol=1e-4, rtol=1e-3)
+    assert not net.mask_decoder.training and not net.prompt_encoder.training
 
 
 def test_exported_once_per_decoder_and_again_when_its_tensors_change(monkeypatch):

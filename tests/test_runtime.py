@@ -276,6 +276,8 @@ def test_auto_takes_a_reduced_precision_only_where_this_model_passed_its_test_be
     assert Segmenter.load("m", device="cpu", runtime="openvino").runtime == rt.OPENVINO  # a runtime by name is that runtime
     monkeypatch.setenv("FLARESAM_RUNTIME", "openvino")
     assert Segmenter.load("m", device="cpu").runtime == rt.OPENVINO  # the environment's choice replaces auto's, as asked
+    monkeypatch.setenv("FLARESAM_RUNTIME", "auto")
+    assert Segmenter.load("m", device="cpu").runtime == rt.OPENVINO_BF16  # ... and "auto" there is auto
     monkeypatch.delenv("FLARESAM_RUNTIME")
     monkeypatch.setattr(rt, "bf16_units", lambda: False)
     assert Segmenter.load("m", device="cpu").runtime == rt.ONNX_INT8  # no bf16 units: the next one on record

@@ -14,8 +14,9 @@ reduced precision is accepted only when, on every case,
 
 Otherwise the model runs in fp32 through the same runtime. The verdict is kept
 beside the exported encoder, keyed by the whole model's tensors, the window,
-the cases, the runtime and its reduced model (the int8 file; OpenVINO's
-version), so the test runs once per model and runtime (a file lock keeps
+the cases, the runtime and its reduced model (the int8 file and ONNX
+Runtime's version; OpenVINO's version and the CPU), so the test runs once per
+model and runtime (a file lock keeps
 torchrun's processes from running it together).
 """
 
@@ -96,22 +97,25 @@ def verdict_key(step: ModelStep, window: Window, runtime: str, reduced_model: st
     """What a verdict is about: the whole model's tensors, the window, the cases, the runtime and its reduced model."""
     import hashlib
 
-    from flaresam.models.weights import tensors_digest
+    from flaresam.models.sam.runtime import module_digest
 
-    text = json.dumps([tensors_digest(step.network().state_dict()), [window.level, window.width], PHANTOM, cases, runtime, reduced_model,
-                       VERDICT_FORMAT])
+    text = json.dumps([module_digest(step.network()), [window.level, window.width], PHANTOM, cases, runtime, reduced_model, VERDICT_FORMAT])
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _reduced_model(folder: Path, runtime: str) -> str:
-    """What the reduced precision runs: the int8 file (made now, on first use), or OpenVINO's bf16 at its version."""
+    """What the reduced precision runs, where: the int8 file (made now, on first use) and ONNX Runtime's version, or
+    OpenVINO's version and this CPU (bf16 kernels differ between CPUs; a shared FLARESAM_HOME may see several)."""
     from flaresam.models.sam.runtime import ONNX_INT8, int8_file
 
     if runtime == ONNX_INT8:
-        return f"int8 file of {int8_file(folder).stat().st_size} bytes"
-    import openvino
+        import onnxruntime
 
-    return f"openvino {openvino.__version__} bf16"
+        return f"int8 file of {int8_file(folder).stat().st_size} bytes, onnxruntime {onnxruntime.__version__}"
+    import openvino as ov
+
+    core = ov.Core()
+    return f"openvino {ov.__version__} bf16 on {core.get_property('CPU', 'FULL_DEVICE_NAME')} {core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}"
 
 
 def precision_verdict(step: ModelStep, window: Window, runtime: str = "onnx-int8", notify: Any = None) -> Agreement:

@@ -257,6 +257,8 @@ def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window:
         if (choice or "auto").strip().lower() != rt.AUTO:
             raise
         notify("warn", f"{exc}; running the model through torch")
+        for runner in ("_onnx_runner", "_decoder_runner"):  # a part already compiled for the runtime: not kept for nothing
+            step.network().__dict__.pop(runner, None)
         return rt.TORCH
     return resolved
 

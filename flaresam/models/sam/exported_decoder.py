@@ -17,9 +17,9 @@ The traced code is flaresam's own decoding (:func:`decode_tokens`,
 :func:`mask_hyper`, :func:`hq_features`); the positional encoding and the
 "no mask" embedding are the prompt encoder's, traced as constants. The export
 is keyed by every tensor of the mask decoder and the prompt encoder (a
-fine-tuned decoder gets its own), checked against torch on prompt counts and
-kinds other than the traced ones, and kept under ``$FLARESAM_HOME/runtimes``
-like the encoder's.
+fine-tuned decoder gets its own) and by the traced source files, checked
+against torch on prompt counts and kinds other than the traced ones, and kept
+under ``$FLARESAM_HOME/runtimes`` like the encoder's.
 
 It runs through ONNX Runtime whichever runtime runs the encoder (int8 is the
 encoder's alone: the decoder stays fp32). Measured on 2 cores, one process,
@@ -30,6 +30,7 @@ dynamic prompt count costs it here).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from pathlib import Path
@@ -44,6 +45,7 @@ from flaresam.models.sam.decoding import PromptBatch, decode_tokens, hq_features
 from flaresam.models.sam.upstream import Upstream
 
 DECODER_FILE = "decoder.onnx"
+DECODER_FORMAT = 1  # bump when the export changes in a way the traced source files do not show
 OUTPUTS = ("hyper", "src", "hq")
 
 FrameOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -73,13 +75,26 @@ class _FrameDecoder(nn.Module):
 
 
 def decoder_key(net: Upstream) -> str:
-    """The exported decoder's folder key: every tensor of the mask decoder and the prompt encoder, and the exporter's versions."""
-    from flaresam.models.weights import tensors_digest
-
-    state = {**{f"d.{k}": v for k, v in net.mask_decoder.state_dict().items()},
-             **{f"p.{k}": v for k, v in net.prompt_encoder.state_dict().items()}}
-    text = f"decoder|{tensors_digest(state)}|{rt.EXPORT_FORMAT}|{rt.OPSET}|torch {torch.__version__}"
+    """The exported decoder's folder key: every tensor of the mask decoder and the prompt encoder, the code that is
+    traced (flaresam's decoding, which training shares and may change) and the exporter's versions."""
+    text = (f"decoder|{rt.module_digest(net.mask_decoder)}|{rt.module_digest(net.prompt_encoder)}|{_traced_code()}|{DECODER_FORMAT}|"
+            f"{rt.OPSET}|torch {torch.__version__}")
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+@functools.cache
+def _traced_code() -> str:
+    """A hash of the source files whose functions the export traces (this one and ``decoding``): an edit to them
+    makes a new export, not a stale one."""
+    import flaresam.models.sam.decoding as decoding
+
+    h = hashlib.blake2b(digest_size=12)
+    for path in (Path(__file__), Path(decoding.__file__ or "")):
+        try:
+            h.update(path.read_bytes())
+        except OSError:  # no source beside the bytecode: DECODER_FORMAT alone says when the export changed
+            h.update(str(path).encode())
+    return h.hexdigest()
 
 
 def _sample(net: Upstream, prompts: int, points: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -109,7 +124,15 @@ def _feeds(embedding: torch.Tensor, sparse: torch.Tensor, interm: torch.Tensor |
 
 def _export(net: Upstream, folder: Path) -> None:
     """``folder/decoder.onnx``, traced on two box prompts and checked against torch on three boxes and on one box with two points."""
-    module = _FrameDecoder(net).eval()
+    modes = [(m, m.training) for m in (net.mask_decoder, net.prompt_encoder)]
+    try:
+        _trace_and_check(_FrameDecoder(net).eval(), net, folder)
+    finally:
+        for m, mode in modes:  # the net's own modules: left as they were
+            m.train(mode)
+
+
+def _trace_and_check(module: _FrameDecoder, net: Upstream, folder: Path) -> None:
     embedding, sparse, interm = _sample(net, prompts=2, points=0, seed=0)
     names = ["embedding", "sparse"] + (["interm"] if net.hq else [])
     outputs = list(OUTPUTS[: 3 if net.hq else 2])

@@ -33,6 +33,7 @@ A cached file that no longer loads is exported again once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -94,22 +95,40 @@ def resolve(choice: str | None, device: torch.device | str) -> str:
 
 
 def plain_auto(choice: str | None) -> bool:
-    """``auto`` with nothing in ``FLARESAM_RUNTIME`` replacing it: the choice is flaresam's to make."""
-    return (choice or AUTO).strip().lower() == AUTO and not os.environ.get(RUNTIME_ENV, "").strip()
+    """``auto`` with nothing in ``FLARESAM_RUNTIME`` replacing it (or ``auto`` there too): the choice is flaresam's to make."""
+    return (choice or AUTO).strip().lower() == AUTO and os.environ.get(RUNTIME_ENV, "").strip().lower() in ("", AUTO)
 
 
+@functools.cache
 def bf16_units() -> bool:
-    """Whether OpenVINO computes in bf16 on this CPU (without the units it would run f32 under the bf16 name)."""
-    import openvino as ov
+    """Whether OpenVINO computes in bf16 on this CPU (without the units it would run f32 under the bf16 name); False
+    where OpenVINO cannot say (not installed, or its CPU plugin fails)."""
+    try:
+        import openvino as ov
 
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # any failure of the plugin means: no bf16 through it here
+        return False
+
+
+def module_digest(module: nn.Module) -> str:
+    """``tensors_digest`` of a module's state dict, hashed once per set of tensors (kept on the module until one of
+    them changes: loading, an in-place update): an export's key, a verdict's key."""
+    from flaresam.models.sam.tinyvit_fold import tensor_state
+    from flaresam.models.weights import tensors_digest
+
+    state = tensor_state(module)
+    cached = module.__dict__.get("_tensors_digest")
+    if cached is not None and cached[0] == state:
+        return str(cached[1])
+    digest = tensors_digest(module.state_dict())
+    module.__dict__["_tensors_digest"] = (state, digest)  # a plain attribute: not a submodule, not in the state dict
+    return digest
 
 
 def encoder_key(encoder: nn.Module) -> str:
     """The encoder's content hash (every tensor) with the exporter's and the export's versions: the export folder's name."""
-    from flaresam.models.weights import tensors_digest
-
-    text = f"{tensors_digest(encoder.state_dict())}|{EXPORT_FORMAT}|{OPSET}|torch {torch.__version__}"
+    text = f"{module_digest(encoder)}|{EXPORT_FORMAT}|{OPSET}|torch {torch.__version__}"
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
@@ -308,7 +327,7 @@ def onnx_runner(net: Any, runtime: str) -> EncoderRunner:
     cached = net.__dict__.get("_onnx_runner")
     if cached is not None and cached[0] == (id(encoder), state, runtime):
         return cached[1]
-    key = cached[2] if cached is not None and cached[0][:2] == (id(encoder), state) else encoder_key(encoder)  # hashed once per weights
+    key = encoder_key(encoder)  # hashed once per weights (module_digest)
     runner: EncoderRunner | None = None
     for attempt in range(2):
         folder = export_folder(encoder, net.arch, net.image_size, key, force=attempt == 1)
@@ -326,6 +345,6 @@ def onnx_runner(net: Any, runtime: str) -> EncoderRunner:
             if attempt == 1:
                 raise RuntimeFailure(f"the {runtime} encoder in {folder} does not load ({type(exc).__name__}: {first_line(exc)}); "
                                      "use --runtime torch") from None
-    net.__dict__["_onnx_runner"] = ((id(encoder), state, runtime), runner, key)  # a plain attribute: not in the state dict
+    net.__dict__["_onnx_runner"] = ((id(encoder), state, runtime), runner)  # a plain attribute: not in the state dict
     assert runner is not None
     return runner
