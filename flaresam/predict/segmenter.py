@@ -270,6 +270,7 @@ def _reduced_or_fp32(step: ModelStep, window: Window, runtime: str, notify: Noti
 
     verdict = precision_verdict(step, window, runtime, notify)
     if verdict.accepted:
+        notify("info", _kept(runtime, verdict))
         return runtime
     fp32 = rt.REDUCED[runtime]
     notify("warn", f"{runtime} changes this model's labels ({verdict.case}: agreement {verdict.agreement:.2%} of organ voxels, "
@@ -289,9 +290,14 @@ def _known_reduced(step: ModelStep, window: Window, notify: Notify) -> str | Non
             continue
         verdict = recorded_verdict(step, window, runtime)
         if verdict is not None and verdict.accepted:
-            notify("info", f"Running {runtime}: this model keeps its labels with it (tested: {verdict.agreement:.2%} of organ voxels alike)")
+            notify("info", _kept(runtime, verdict))
             return runtime
     return None
+
+
+def _kept(runtime: str, verdict: Any) -> str:
+    return (f"Running {runtime}: this model keeps its labels with it (tested; its worst case, the {verdict.case}: {verdict.agreement:.2%} of organ "
+            f"voxels alike, Dice moved <= {verdict.max_dice_change:.4f})")
 
 
 def _label_set(labels: LabelSet | str | os.PathLike[str] | None) -> LabelSet | None:
