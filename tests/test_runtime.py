@@ -111,6 +111,9 @@ def test_an_export_that_differs_from_torch_is_refused_and_auto_falls_back(tiny_n
     assert seg.runtime == rt.TORCH and "differs from torch" in said[0] and "through torch" in said[0]
     with pytest.raises(rt.RuntimeFailure):
         Segmenter.load("m", device="cpu", runtime="openvino")  # asked for by name: its error, not a silent fallback
+    monkeypatch.setenv("FLARESAM_RUNTIME", "onnx")
+    with pytest.raises(rt.RuntimeFailure):
+        Segmenter.load("m", device="cpu", runtime="auto")  # named in the environment: the same
 
 
 def test_resolving_the_runtime(monkeypatch):

@@ -235,8 +235,9 @@ def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window:
 
     A reduced precision only where the model keeps its result (else the same
     runtime in fp32); under plain ``auto``, one this model passed before. Under
-    ``auto``, a runtime that fails (export, load, check) falls back to torch with
-    a warning; one asked for by name fails with its one-line error.
+    plain ``auto``, a runtime that fails (export, load, check) falls back to torch
+    with a warning; one asked for by name (or in ``FLARESAM_RUNTIME``) fails with
+    its one-line error.
     """
     from flaresam.models.sam import runtime as rt
     from flaresam.models.sam.exported_decoder import decoder_runner
@@ -254,7 +255,7 @@ def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window:
         rt.onnx_runner(step.network(), resolved)
         decoder_runner(step.network(), resolved)
     except rt.RuntimeFailure as exc:
-        if (choice or "auto").strip().lower() != rt.AUTO:
+        if not rt.plain_auto(choice):  # asked for by name, here or in FLARESAM_RUNTIME: its error, not a silent fallback
             raise
         notify("warn", f"{exc}; running the model through torch")
         for runner in ("_onnx_runner", "_decoder_runner"):  # a part already compiled for the runtime: not kept for nothing
