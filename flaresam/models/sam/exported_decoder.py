@@ -84,11 +84,17 @@ def decoder_key(net: Upstream) -> str:
 
 @functools.cache
 def _traced_code() -> str:
-    """A hash of the source files whose functions the export traces (this one and ``decoding``): an edit to them
-    makes a new export, not a stale one."""
+    """A hash of the code the export traces (this file, ``decoding`` and the segment-anything-hq release whose
+    blocks it calls): an edit to it makes a new export, not a stale one."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import flaresam.models.sam.decoding as decoding
 
     h = hashlib.blake2b(digest_size=12)
+    try:
+        h.update(version("segment-anything-hq").encode())
+    except PackageNotFoundError:  # (a source checkout on the path): its files are not hashed, the rest still is
+        h.update(b"segment-anything-hq unknown")
     for path in (Path(__file__), Path(decoding.__file__ or "")):
         try:
             h.update(path.read_bytes())
