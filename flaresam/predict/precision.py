@@ -124,12 +124,11 @@ def precision_verdict(step: ModelStep, window: Window, runtime: str = "onnx-int8
     from filelock import FileLock
 
     from flaresam.io.atomic import atomic_write_text
-    from flaresam.models.sam.runtime import REDUCED, export_folder
+    from flaresam.models.sam.runtime import REDUCED
 
     if runtime not in REDUCED:
         raise ValueError(f"not a reduced-precision runtime: {runtime!r} (one of {', '.join(REDUCED)})")
-    net: Any = step.network()
-    folder = export_folder(net.image_encoder, net.arch, net.image_size)
+    folder = _encoder_folder(step)
     key = verdict_key(step, window, runtime, _reduced_model(folder, runtime), _case_names())
     path = folder / VERDICT_FILE
     with FileLock(str(folder / f".{VERDICT_FILE}.lock")):
@@ -153,13 +152,20 @@ def precision_verdict(step: ModelStep, window: Window, runtime: str = "onnx-int8
 def recorded_verdict(step: ModelStep, window: Window, runtime: str) -> Agreement | None:
     """The verdict kept for this model and reduced-precision ``runtime`` if it was measured before; never measures
     (``auto`` uses a reduced precision only where this says it was accepted)."""
-    from flaresam.models.sam.runtime import INT8_FILE, ONNX_INT8, export_folder
+    from flaresam.models.sam.runtime import INT8_FILE, ONNX_INT8
 
-    net: Any = step.network()
-    folder = export_folder(net.image_encoder, net.arch, net.image_size)
+    folder = _encoder_folder(step)
     if runtime == ONNX_INT8 and not (folder / INT8_FILE).is_file():
         return None  # never tested (the test makes the int8 file)
     return _lookup(_read(folder / VERDICT_FILE), verdict_key(step, window, runtime, _reduced_model(folder, runtime), _case_names()))
+
+
+def _encoder_folder(step: ModelStep) -> Path:
+    """The model's exported encoder's folder (exported now if it is not yet), where its verdicts are kept."""
+    from flaresam.models.sam.runtime import export_folder
+
+    net: Any = step.network()
+    return export_folder(net.image_encoder, net.arch, net.image_size)
 
 
 def _lookup(known: dict[str, Any], key: str) -> Agreement | None:

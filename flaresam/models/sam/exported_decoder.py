@@ -1,4 +1,4 @@
-"""The mask decoder's whole-frame part through ONNX Runtime or OpenVINO on the CPU, beside the exported encoder.
+"""The mask decoder's whole-frame part through ONNX Runtime on the CPU, beside the exported encoder.
 
 Once the encoder runs through a CPU runtime, the two-way transformer is the
 next largest share of ``flaresam predict``: for every box prompt it carries
@@ -173,23 +173,20 @@ class ExportedDecoder:
         # several images (a chunk of slices): one run per image, its prompts in their places
         hyper: torch.Tensor | None = None
         src: torch.Tensor | None = None
-        hqs: list[torch.Tensor] = []
+        hq: torch.Tensor | None = None  # per image; an image without prompts keeps zeros (no prompt reads it)
         for b in range(images):
             idx = torch.nonzero(batch.slice_index == b)[:, 0]
-            interm = None if batch.interm is None else batch.interm[b : b + 1]
             if not len(idx):
-                hqs.append(torch.zeros(0))
                 continue
+            interm = None if batch.interm is None else batch.interm[b : b + 1]
             h, s, q = self._image(batch.embeddings[b : b + 1], batch.sparse[idx], interm)
             if hyper is None or src is None:
                 hyper, src = h.new_empty((n, *h.shape[1:])), s.new_empty((n, *s.shape[1:]))
+                hq = None if q is None else q.new_zeros((images, *q.shape[1:]))
             hyper[idx], src[idx] = h, s
-            hqs.append(torch.zeros(0) if q is None else q)
+            if hq is not None and q is not None:
+                hq[b] = q[0]
         assert hyper is not None and src is not None
-        hq = None
-        if self.hq:
-            like = next(q for q in hqs if q.numel())
-            hq = torch.cat([q if q.numel() else torch.zeros_like(like) for q in hqs])  # an image without prompts: never read
         return hyper, src, hq
 
     def _image(self, embedding: torch.Tensor, sparse: torch.Tensor, interm: torch.Tensor | None) -> FrameOutputs:
@@ -209,18 +206,10 @@ def decoder_runner(net: Upstream, runtime: str) -> ExportedDecoder:
     cached: Any = net.__dict__.get("_decoder_runner")
     if cached is not None and cached[0] == state:
         return cached[1]
-    runner: ExportedDecoder | None = None
     key = decoder_key(net)
-    for attempt in range(2):
-        folder = rt.export_once(f"{net.arch}-decoder-{key}", key, DECODER_FILE, lambda tmp: _export(net, tmp),
-                                {"arch": net.arch, "part": "decoder", "hq": bool(net.hq)}, f"the {net.arch} mask decoder", force=attempt == 1)
-        try:
-            runner = ExportedDecoder(folder / DECODER_FILE, bool(net.hq))
-            break
-        except Exception as exc:  # a damaged cached file: export again, once
-            if attempt == 1:
-                raise rt.RuntimeFailure(f"the exported decoder in {folder} does not load ({type(exc).__name__}: {rt.first_line(exc)}); "
-                                        "use --runtime torch") from None
-    assert runner is not None
+    runner = rt.load_exported(
+        lambda force: rt.export_once(f"{net.arch}-decoder-{key}", key, DECODER_FILE, lambda tmp: _export(net, tmp),
+                                     {"arch": net.arch, "part": "decoder", "hq": bool(net.hq)}, f"the {net.arch} mask decoder", force),
+        lambda folder: ExportedDecoder(folder / DECODER_FILE, bool(net.hq)), "the exported decoder")
     net.__dict__["_decoder_runner"] = (state, runner)  # a plain attribute: not in the state dict
     return runner

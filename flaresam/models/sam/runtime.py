@@ -39,7 +39,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ NEEDS = {TORCH: (), ONNX: ("onnxruntime", "onnx"), ONNX_INT8: ("onnxruntime", "o
          OPENVINO_BF16: ("onnxruntime", "onnx", "openvino")}
 
 EncoderRunner = Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
+T = TypeVar("T")
 
 
 class RuntimeFailure(DataError):
@@ -328,23 +329,27 @@ def onnx_runner(net: Any, runtime: str) -> EncoderRunner:
     if cached is not None and cached[0] == (id(encoder), state, runtime):
         return cached[1]
     key = encoder_key(encoder)  # hashed once per weights (module_digest)
-    runner: EncoderRunner | None = None
-    for attempt in range(2):
-        folder = export_folder(encoder, net.arch, net.image_size, key, force=attempt == 1)
+
+    def load(folder: Path) -> EncoderRunner:
+        if runtime in (OPENVINO, OPENVINO_BF16):
+            return OpenVinoEncoder(folder / ENCODER_FILE, "bf16" if runtime == OPENVINO_BF16 else "f32")
+        return OnnxEncoder(int8_file(folder) if runtime == ONNX_INT8 else folder / ENCODER_FILE)
+
+    runner = load_exported(lambda force: export_folder(encoder, net.arch, net.image_size, key, force=force), load, f"the {runtime} encoder")
+    net.__dict__["_onnx_runner"] = ((id(encoder), state, runtime), runner)  # a plain attribute: not in the state dict
+    return runner
+
+
+def load_exported(folder: Callable[[bool], Path], load: Callable[[Path], T], what: str) -> T:
+    """``load(folder(force=False))``: a cached export, loaded; one that does not load (a damaged file) is exported
+    again (``folder(True)`` rebuilds the whole folder) and loaded once more; any failure is one RuntimeFailure line."""
+    for force in (False, True):
+        found = folder(force)
         try:
-            if runtime == ONNX_INT8 and attempt == 1:
-                (folder / INT8_FILE).unlink(missing_ok=True)
-            if runtime in (OPENVINO, OPENVINO_BF16):
-                runner = OpenVinoEncoder(folder / ENCODER_FILE, "bf16" if runtime == OPENVINO_BF16 else "f32")
-            else:
-                runner = OnnxEncoder(int8_file(folder) if runtime == ONNX_INT8 else folder / ENCODER_FILE)
-            break
+            return load(found)
         except RuntimeFailure:
             raise
         except Exception as exc:  # a damaged cached file: export again, once
-            if attempt == 1:
-                raise RuntimeFailure(f"the {runtime} encoder in {folder} does not load ({type(exc).__name__}: {first_line(exc)}); "
-                                     "use --runtime torch") from None
-    net.__dict__["_onnx_runner"] = ((id(encoder), state, runtime), runner)  # a plain attribute: not in the state dict
-    assert runner is not None
-    return runner
+            if force:
+                raise RuntimeFailure(f"{what} in {found} does not load ({type(exc).__name__}: {first_line(exc)}); use --runtime torch") from None
+    raise AssertionError("unreachable")
