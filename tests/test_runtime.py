@@ -266,11 +266,15 @@ def test_auto_takes_a_reduced_precision_only_where_this_model_passed_its_test_be
     monkeypatch.setattr(precision, "precision_verdict", lambda *a, **k: measured.append("x"))  # auto never runs the test
     record: dict[str, precision.Agreement] = {}
     monkeypatch.setattr(precision, "recorded_verdict", lambda step, window, runtime: record.get(runtime))
-    assert Segmenter.load("m", device="cpu").runtime == rt.OPENVINO  # nothing on record: fp32
+    hint: list[str] = []
+    assert Segmenter.load("m", device="cpu", notify=lambda level, text: hint.append(text)).runtime == rt.OPENVINO  # nothing on record: fp32
+    assert len(hint) == 1 and "openvino-bf16 is untested" in hint[0] and "--runtime openvino-bf16" in hint[0]  # ... saying how to test it
     record[rt.ONNX_INT8] = precision.Agreement(1000, 0.999, 0.001, "liver")
     assert Segmenter.load("m", device="cpu").runtime == rt.ONNX_INT8
     record[rt.OPENVINO_BF16] = precision.Agreement(1000, 0.98, 0.001, "liver")  # refused: not taken
-    assert Segmenter.load("m", device="cpu").runtime == rt.ONNX_INT8
+    hint.clear()
+    assert Segmenter.load("m", device="cpu", notify=lambda level, text: hint.append(text)).runtime == rt.ONNX_INT8
+    assert len(hint) == 1 and "keeps its labels" in hint[0]  # (both tested: no hint)
     record[rt.OPENVINO_BF16] = precision.Agreement(1000, 0.9999, 0.0001, "liver")
     said: list[str] = []
     seg = Segmenter.load("m", device="cpu", notify=lambda level, text: said.append(text))

@@ -286,13 +286,19 @@ def _known_reduced(step: ModelStep, window: Window, notify: Notify) -> str | Non
     from flaresam.models.sam import runtime as rt
     from flaresam.predict.precision import recorded_verdict
 
+    untested = []
     for runtime in (rt.OPENVINO_BF16, rt.ONNX_INT8):
         if not rt.available(runtime) or (runtime == rt.OPENVINO_BF16 and not rt.bf16_units()):
             continue
         verdict = recorded_verdict(step, window, runtime)
-        if verdict is not None and verdict.accepted:
+        if verdict is None:
+            untested.append(runtime)
+        elif verdict.accepted:
             notify("info", _kept(runtime, verdict))
             return runtime
+    if untested:  # say how to get the faster path: auto will not spend the test's time unasked
+        notify("info", f"Running fp32: {untested[0]} is untested for this model; `--runtime {untested[0]}` tests it once (under a "
+                       "minute on 2 cores) and every later auto run takes it if the labels keep their result")
     return None
 
 
