@@ -23,7 +23,10 @@ One JSON line per measurement on stdout (progress on stderr), the same code as
   the stock SamPredictor loop, `flaresam predict --runtime torch | onnx | openvino`, and the reduced
   precisions (openvino-bf16, onnx-int8) forced, i.e. without their acceptance test (what they cost);
   the acceptance test (flaresam.predict.precision) of both on the phantom and on the real CT sample; and
-  the peak memory of a ``--stream-slices`` scan with a few prompted slices beside a 100-slice one
+  the peak memory of a ``--stream-slices`` scan with a few prompted slices beside a 100-slice one.
+  With ``--model RUN/checkpoints/best.pt`` (a trained vit_tiny) the rows run that model instead, nothing
+  forced: its reduced precisions are tested first, untimed and kept, as a user's first
+  ``--runtime openvino-bf16`` run does, and the rows are predict's ``auto`` and each runtime by name
 
     python benchmarks/cpu_bench.py                      # ~5 minutes on 2 idle cores
     python benchmarks/cpu_bench.py --slices 20 --size 256 --only predict
@@ -52,6 +55,9 @@ FORCED = " forced"  # a reduced precision without its acceptance test: the figur
 RUNTIME_ROWS = (  # (runtime, mode): predict's default ("window") where it tells something, clipped everywhere
     ("torch", "window"), ("torch", CLIPPED), ("onnx", CLIPPED), ("openvino", "window"), ("openvino", CLIPPED),
     ("openvino-bf16" + FORCED, "window"), ("openvino-bf16" + FORCED, CLIPPED), ("onnx-int8" + FORCED, CLIPPED),
+)
+TRAINED_ROWS = (  # --model: a trained model's masks stay in their boxes, so predict's default is the clipped work; nothing forced
+    ("torch", "window"), ("onnx", "window"), ("openvino", "window"), ("auto", "window"), ("openvino-bf16", "window"), ("onnx-int8", "window"),
 )
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ts-example"
 
@@ -131,14 +137,38 @@ def _organ_agreement(a: Path, b: Path) -> float:
     return round(agreement(x, y, x, FLARE22.organs).agreement, 5)
 
 
+def _mean_dice(truth: Path, found: Path) -> float:
+    """Mean 3D Dice over the organs in ``truth`` (flaresam.metrics.dice)."""
+    import numpy as np
+
+    from flaresam.io.volume import read_volume
+    from flaresam.metrics import dice
+
+    t, f = read_volume(truth).array, read_volume(found).array
+    return round(float(np.mean([dice(f == k, t == k) for k in np.unique(t) if k])), 4)
+
+
+def _box_fill(scan: Path, label: Path, folder: Path) -> Path:
+    """The baseline without a model: each organ's box on each slice, filled (flaresam.data.prompts.box_fill)."""
+    from flaresam.data.prompts import box_fill
+    from flaresam.io.volume import read_label, read_volume, write_label
+    from flaresam.predict.prompts import LabelPrompts
+
+    image = read_volume(scan)
+    truth = read_label(label, image.geometry, reference_path=scan).array
+    return write_label(box_fill(LabelPrompts(truth).slice_boxes(), truth.shape), image.geometry, folder / "box-fill.nii.gz")
+
+
 def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
     """The CPU runtimes side by side, each in a fresh process; the reduced precisions' acceptance test; memory on a long scan."""
     folder = work / "runtime"
     size, slices = args.size, args.slices
     gb.log(f"runtime: writing a {size}x{size}x{slices} phantom")
     scan, label, organs = gb.write_case(folder, size, slices)
-    model = gb.make_checkpoint(work / "models" / "hqsam-vit_tiny.pt", "hqsam", arch="vit_tiny", init="random")
-    common = dict(bench="runtime", arch="vit_tiny", shape=[slices, size, size], organs=organs, threads=args.threads)
+    trained = args.model is not None
+    model = args.model if trained else gb.make_checkpoint(work / "models" / "hqsam-vit_tiny.pt", "hqsam", arch="vit_tiny", init="random")
+    common = dict(bench="runtime", arch="vit_tiny", shape=[slices, size, size], organs=organs, threads=args.threads,
+                  model=str(model) if trained else "random")
     os.environ["FLARESAM_BENCH_THREADS"] = str(args.threads)
     # the exports are made once per encoder and kept: a user's every later run finds them; made here, untimed
     from flaresam.predict.segmenter import Segmenter
@@ -148,14 +178,19 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
     from flaresam.models.sam.runtime import export_folder, int8_file
 
     net = seg.step.network()
+    common["arch"] = net.arch  # (--model: the checkpoint's)
     int8_file(export_folder(net.image_encoder, net.arch, net.image_size))
     rep.emit(**common, impl="export", seconds=round(time.perf_counter() - t0, 2),
              note="ONNX export of the encoder and the decoder, int8 quantisation; once per model")
+    if trained:
+        _record_verdicts(rep, seg, common)
+        rep.emit(**common, impl="Box fill (no model)", mean_dice_vs_truth=_mean_dice(label, _box_fill(scan, label, folder)))
     stock, stock_s = folder / "SamPredictor-torch-window.nii.gz", None
     from flaresam.models.sam.runtime import bf16_units
 
     bf16 = bf16_units()  # without bf16 units OpenVINO would run f32 under the bf16 name: no such row
-    rows = [("SamPredictor", "torch", "window")] + [("flaresam", r, m) for r, m in RUNTIME_ROWS if bf16 or "bf16" not in r]
+    rows = [("SamPredictor", "torch", "window")] + [("flaresam", r, m) for r, m in (TRAINED_ROWS if trained else RUNTIME_ROWS)
+                                                    if bf16 or "bf16" not in r]
     for impl, runtime, mode in rows:
         out = folder / f"{impl}-{runtime}-{mode}.nii.gz".replace(", ", "-").replace(" ", "-")
         with rep.guard(**common, impl=impl, runtime=runtime, mode=mode):
@@ -169,16 +204,34 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
                 extra = {"calls": "one per slice (all its boxes)"}
             else:
                 extra["speedup_vs_stock"] = round(stock_s / got["seconds"], 2) if stock_s else None
+            if trained:  # what the trained model is worth, read against the filled box
+                extra["mean_dice_vs_truth"] = _mean_dice(label, out)
             rep.emit(**common, impl=impl, runtime=runtime, mode=mode, **got, **extra,
                      target_s=45 if impl == "flaresam" else None, target_peak_rss_gb=2.0 if impl == "flaresam" else None)
-    _precision_acceptance(rep, seg, folder)
+    _precision_acceptance(rep, seg, folder, "trained vit_tiny (--model)" if trained else "random vit_tiny (the benchmark's model)")
     _long_scan_memory(rep, args, folder, model)
 
 
-def _precision_acceptance(rep: gb.Report, seg: Any, folder: Path) -> None:
+def _record_verdicts(rep: gb.Report, seg: Any, common: dict[str, Any]) -> None:
+    """Each reduced precision's acceptance test for this model, kept where predict finds it (a user's first
+    ``--runtime openvino-bf16`` / ``onnx-int8`` run does the same): untimed, like the exports."""
+    from flaresam.models.sam.runtime import REDUCED, bf16_units
+    from flaresam.predict.precision import precision_verdict
+
+    for runtime in REDUCED:
+        if runtime == "openvino-bf16" and not bf16_units():
+            continue
+        t0 = time.perf_counter()
+        found = precision_verdict(seg.step, seg.window, runtime)
+        rep.emit(**common, impl="acceptance test", runtime=runtime, seconds=round(time.perf_counter() - t0, 1), worst_case=found.case,
+                 agreement=round(found.agreement, 5), max_dice_change=round(found.max_dice_change, 5), accepted=found.accepted,
+                 note="once per model, kept; predict's auto takes an accepted one")
+
+
+def _precision_acceptance(rep: gb.Report, seg: Any, folder: Path, name: str) -> None:
     """flaresam.predict.precision's test of each reduced precision on its phantom and on the real CT sample (each
-    prompted with its own labels), for the benchmark's random-weight model and for a trained one: the demo's
-    stand-in HQ-SAM (``demo`` architecture, trained here on phantoms; built on first use, 3 to 4 minutes)."""
+    prompted with its own labels), case by case, for the benchmark's model and for the demo's stand-in HQ-SAM
+    (``demo`` architecture, trained here on phantoms; built on first use, 3 to 4 minutes)."""
     import numpy as np
 
     from flaresam.data.phantom import make_phantom
@@ -197,7 +250,7 @@ def _precision_acceptance(rep: gb.Report, seg: Any, folder: Path) -> None:
         cases.append(("real CT sample", SAMPLE / "images" / "TS_0001_0000.nii.gz", SAMPLE / "labels" / "TS_0001.nii.gz"))
     else:
         gb.log(f"runtime: {SAMPLE} not found: the reduced precisions are tested on the phantom only")
-    models = [("random vit_tiny (the benchmark's model)", seg)]
+    models = [(name, seg)]
     with rep.guard(bench="runtime_precision", model="stand-in"):
         gb.log("runtime: the demo's stand-in HQ-SAM (a trained model; built on first use)")
         models.append(("trained: the demo's stand-in HQ-SAM (demo arch)",
@@ -292,9 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also time the encoder compiled with inductor (about a minute to compile)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary folder)")
     ap.add_argument("--stream-slices", type=int, default=500, help="runtime section: slices of the long scan whose peak memory is measured")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="runtime section: a trained SAM/HQ-SAM checkpoint (the targets' model is vit_tiny) instead of the random vit_tiny "
+                         "(its reduced precisions tested, none forced)")
     args = ap.parse_args(argv)
     if min(args.baseline_slices, args.slices, args.cache_slices) < 8 or args.size < 32:
         ap.error("phantoms need --size >= 32 and --slices, --baseline-slices, --cache-slices >= 8")
+    if args.model is not None and not args.model.is_file():
+        ap.error(f"--model: no such file: {args.model}")
     sections = [s for s in SECTIONS if s in args.only.split(",")]
     args.device, args.attention, args.no_compile, args.smoke = "cpu", "sdpa,fold", not args.compile, False
     sizes = replace(

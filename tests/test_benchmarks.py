@@ -99,6 +99,11 @@ def test_gpu_bench_refuses_to_run_without_cuda_unless_smoke(tmp_path):
     assert code == 2 and "unknown section" in err
 
 
+def test_cpu_bench_refuses_a_missing_model(tmp_path):
+    code, lines, err = run("cpu_bench.py", "--only", "runtime", "--model", str(tmp_path / "none.pt"), tmp_path=tmp_path)
+    assert code == 2 and "--model: no such file" in err and lines == []
+
+
 def test_cpu_bench_encoder_section(tmp_path):
     code, lines, err = run("cpu_bench.py", "--only", "encoder", "--encoder-size", "32", "--threads", "1", tmp_path=tmp_path)
     assert code == 0, err[-3000:]
