@@ -56,7 +56,7 @@ RUNTIME_ROWS = (  # (runtime, mode): predict's default ("window") where it tells
     ("torch", "window"), ("torch", CLIPPED), ("onnx", CLIPPED), ("openvino", "window"), ("openvino", CLIPPED),
     ("openvino-bf16" + FORCED, "window"), ("openvino-bf16" + FORCED, CLIPPED), ("onnx-int8" + FORCED, CLIPPED),
 )
-TRAINED_ROWS = (  # --model: a trained model's masks stay in their boxes, so predict's default is the clipped work; nothing forced
+TRAINED_ROWS = (  # --model: a trained model's masks mostly stay in their boxes, so predict's default is close to the clipped work; nothing forced
     ("torch", "window"), ("onnx", "window"), ("openvino", "window"), ("auto", "window"), ("openvino-bf16", "window"), ("onnx-int8", "window"),
 )
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ts-example"

@@ -269,6 +269,11 @@ def test_auto_takes_a_reduced_precision_only_where_this_model_passed_its_test_be
     hint: list[str] = []
     assert Segmenter.load("m", device="cpu", notify=lambda level, text: hint.append(text)).runtime == rt.OPENVINO  # nothing on record: fp32
     assert len(hint) == 1 and "openvino-bf16 is untested" in hint[0] and "--runtime openvino-bf16" in hint[0]  # ... saying how to test it
+    record[rt.OPENVINO_BF16] = precision.Agreement(1000, 0.98, 0.001, "liver")  # bf16 refused, int8 untested: the hint names int8
+    hint.clear()
+    assert Segmenter.load("m", device="cpu", notify=lambda level, text: hint.append(text)).runtime == rt.OPENVINO
+    assert len(hint) == 1 and "onnx-int8 is untested" in hint[0] and "openvino-bf16" not in hint[0]
+    del record[rt.OPENVINO_BF16]
     record[rt.ONNX_INT8] = precision.Agreement(1000, 0.999, 0.001, "liver")
     assert Segmenter.load("m", device="cpu").runtime == rt.ONNX_INT8
     record[rt.OPENVINO_BF16] = precision.Agreement(1000, 0.98, 0.001, "liver")  # refused: not taken

@@ -49,7 +49,7 @@ def predict(
     ),
     runtime: str = typer.Option(
         "auto", "--runtime", help="SAM models: what runs the image encoder (and, unless torch, the decoder's whole-frame part through ONNX Runtime): "
-        "auto (on a CPU OpenVINO, else ONNX Runtime, in a reduced precision this model passed its test with before; torch on CUDA) "
+        "auto (on a CPU OpenVINO, else ONNX Runtime; in a reduced precision only where this model passed its test before; torch on CUDA) "
         "| torch | onnx | openvino | onnx-int8 | openvino-bf16 (the last two only where the model's labels keep their result, tested once per model)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

@@ -247,11 +247,13 @@ def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window:
     resolved = rt.resolve(choice, device)
     if resolved == rt.TORCH:
         return resolved
+    untested: str | None = None
     try:
         if resolved in rt.REDUCED:
             resolved = _reduced_or_fp32(step, window, resolved, notify)
         elif rt.plain_auto(choice):
-            resolved = _known_reduced(step, window, notify) or resolved
+            known, untested = _known_reduced(step, window, notify)
+            resolved = known or resolved
         rt.onnx_runner(step.network(), resolved)
         decoder_runner(step.network(), resolved)
     except rt.RuntimeFailure as exc:
@@ -261,6 +263,9 @@ def _encoder_runtime(step: ModelStep, choice: str, device: torch.device, window:
         for runner in ("_onnx_runner", "_decoder_runner"):  # a part already compiled for the runtime: not kept for nothing
             step.network().__dict__.pop(runner, None)
         return rt.TORCH
+    if untested:  # say how to get the faster path (once the fp32 runtime is known to run): auto will not spend the test's time unasked
+        notify("info", f"Running fp32: {untested} is untested for this model; `--runtime {untested}` tests it once (about a "
+                       "minute on 2 cores) and every later auto run takes it if the labels keep their result")
     return resolved
 
 
@@ -280,26 +285,24 @@ def _reduced_or_fp32(step: ModelStep, window: Window, runtime: str, notify: Noti
     return fp32
 
 
-def _known_reduced(step: ModelStep, window: Window, notify: Notify) -> str | None:
-    """Under ``auto``: a reduced precision this model was tested with before and kept its labels (bf16 first, the
-    faster; never tested here, which costs a minute: ``--runtime openvino-bf16`` or ``onnx-int8`` does that once)."""
+def _known_reduced(step: ModelStep, window: Window, notify: Notify) -> tuple[str | None, str | None]:
+    """Under ``auto``: (a reduced precision this model was tested with before and kept its labels, bf16 first, the
+    faster; the first one never tested, else None). Never tests here, which costs a minute: ``--runtime
+    openvino-bf16`` or ``onnx-int8`` does that once."""
     from flaresam.models.sam import runtime as rt
     from flaresam.predict.precision import recorded_verdict
 
-    untested = []
+    untested = None
     for runtime in (rt.OPENVINO_BF16, rt.ONNX_INT8):
         if not rt.available(runtime) or (runtime == rt.OPENVINO_BF16 and not rt.bf16_units()):
             continue
         verdict = recorded_verdict(step, window, runtime)
         if verdict is None:
-            untested.append(runtime)
+            untested = untested or runtime
         elif verdict.accepted:
             notify("info", _kept(runtime, verdict))
-            return runtime
-    if untested:  # say how to get the faster path: auto will not spend the test's time unasked
-        notify("info", f"Running fp32: {untested[0]} is untested for this model; `--runtime {untested[0]}` tests it once (under a "
-                       "minute on 2 cores) and every later auto run takes it if the labels keep their result")
-    return None
+            return runtime, None
+    return None, untested
 
 
 def _kept(runtime: str, verdict: Any) -> str:
