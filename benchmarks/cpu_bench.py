@@ -59,7 +59,6 @@ RUNTIME_ROWS = (  # (runtime, mode): predict's default ("window") where it tells
 TRAINED_ROWS = (  # --model: a trained model's masks mostly stay in their boxes, so predict's default is close to the clipped work; nothing forced
     ("torch", "window"), ("onnx", "window"), ("openvino", "window"), ("auto", "window"), ("openvino-bf16", "window"), ("onnx-int8", "window"),
 )
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ts-example"
 
 
 def peak_rss_gb() -> float:
@@ -167,8 +166,8 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
     scan, label, organs = gb.write_case(folder, size, slices)
     trained = args.model is not None
     model = args.model if trained else gb.make_checkpoint(work / "models" / "hqsam-vit_tiny.pt", "hqsam", arch="vit_tiny", init="random")
-    common = dict(bench="runtime", arch="vit_tiny", shape=[slices, size, size], organs=organs, threads=args.threads,
-                  model=str(model) if trained else "random")
+    common: dict[str, Any] = dict(bench="runtime", shape=[slices, size, size], organs=organs, threads=args.threads,
+                                  model=str(model) if trained else "random")
     os.environ["FLARESAM_BENCH_THREADS"] = str(args.threads)
     # the exports are made once per encoder and kept: a user's every later run finds them; made here, untimed
     from flaresam.predict.segmenter import Segmenter
@@ -178,7 +177,7 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
     from flaresam.models.sam.runtime import export_folder, int8_file
 
     net = seg.step.network()
-    common["arch"] = net.arch  # (--model: the checkpoint's)
+    common["arch"] = net.arch  # vit_tiny, or --model's
     int8_file(export_folder(net.image_encoder, net.arch, net.image_size))
     rep.emit(**common, impl="export", seconds=round(time.perf_counter() - t0, 2),
              note="ONNX export of the encoder and the decoder, int8 quantisation; once per model")
@@ -208,19 +207,16 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
                 extra["mean_dice_vs_truth"] = _mean_dice(label, out)
             rep.emit(**common, impl=impl, runtime=runtime, mode=mode, **got, **extra,
                      target_s=45 if impl == "flaresam" else None, target_peak_rss_gb=2.0 if impl == "flaresam" else None)
-    _precision_acceptance(rep, seg, folder, "trained vit_tiny (--model)" if trained else "random vit_tiny (the benchmark's model)")
+    _precision_acceptance(rep, seg, "trained vit_tiny (--model)" if trained else "random vit_tiny (the benchmark's model)")
     _long_scan_memory(rep, args, folder, model)
 
 
 def _record_verdicts(rep: gb.Report, seg: Any, common: dict[str, Any]) -> None:
     """Each reduced precision's acceptance test for this model, kept where predict finds it (a user's first
     ``--runtime openvino-bf16`` / ``onnx-int8`` run does the same): untimed, like the exports."""
-    from flaresam.models.sam.runtime import REDUCED, bf16_units
     from flaresam.predict.precision import precision_verdict
 
-    for runtime in REDUCED:
-        if runtime == "openvino-bf16" and not bf16_units():
-            continue
+    for runtime in _reduced_here():
         t0 = time.perf_counter()
         found = precision_verdict(seg.step, seg.window, runtime)
         rep.emit(**common, impl="acceptance test", runtime=runtime, seconds=round(time.perf_counter() - t0, 1), worst_case=found.case,
@@ -228,42 +224,36 @@ def _record_verdicts(rep: gb.Report, seg: Any, common: dict[str, Any]) -> None:
                  note="once per model, kept; predict's auto takes an accepted one")
 
 
-def _precision_acceptance(rep: gb.Report, seg: Any, folder: Path, name: str) -> None:
+def _reduced_here() -> list[str]:
+    """The reduced precisions this CPU can run (openvino-bf16 needs bf16 units: OpenVINO would run f32 under its name)."""
+    from flaresam.models.sam.runtime import OPENVINO_BF16, REDUCED, bf16_units
+
+    if not bf16_units():
+        gb.log("runtime: this CPU has no bf16 units: openvino-bf16 is not run")
+    return [r for r in REDUCED if r != OPENVINO_BF16 or bf16_units()]
+
+
+def _precision_acceptance(rep: gb.Report, seg: Any, name: str) -> None:
     """flaresam.predict.precision's test of each reduced precision on its phantom and on the real CT sample (each
     prompted with its own labels), case by case, for the benchmark's model and for the demo's stand-in HQ-SAM
     (``demo`` architecture, trained here on phantoms; built on first use, 3 to 4 minutes)."""
-    import numpy as np
-
-    from flaresam.data.phantom import make_phantom
-    from flaresam.io.volume import read_label, read_volume, write_label, write_volume
-    from flaresam.models.sam.runtime import REDUCED, bf16_units
     from flaresam.models.standin import standin_checkpoints
     from flaresam.organs import FLARE22
-    from flaresam.predict.precision import PHANTOM, compare_runtimes
+    from flaresam.predict.precision import SAMPLE, acceptance_cases, compare_runtimes
     from flaresam.predict.segmenter import Segmenter
 
-    ph = make_phantom(size=PHANTOM["size"], slices=PHANTOM["slices"], seed=PHANTOM["seed"], flip=False)
-    small = (write_volume(ph.hu, ph.geometry, folder / "precision_0000.nii.gz"),
-             write_label(ph.label, ph.geometry, folder / "precision_label.nii.gz"))
-    cases = [("phantom of the acceptance test", *small)]  # (the 100-slice phantom took 169 s and said the same)
-    if SAMPLE.is_dir():
-        cases.append(("real CT sample", SAMPLE / "images" / "TS_0001_0000.nii.gz", SAMPLE / "labels" / "TS_0001.nii.gz"))
-    else:
+    cases = acceptance_cases()  # the verdict's own: its phantom (a 100-slice one took 169 s and said the same), the real CT sample
+    if len(cases) == 1:
         gb.log(f"runtime: {SAMPLE} not found: the reduced precisions are tested on the phantom only")
     models = [(name, seg)]
     with rep.guard(bench="runtime_precision", model="stand-in"):
         gb.log("runtime: the demo's stand-in HQ-SAM (a trained model; built on first use)")
         models.append(("trained: the demo's stand-in HQ-SAM (demo arch)",
                        Segmenter.load(standin_checkpoints(quiet=True)["hqsam"], device="cpu", runtime="onnx")))
-    for runtime in REDUCED:
-        if runtime == "openvino-bf16" and not bf16_units():
-            gb.log("runtime: this CPU has no bf16 units: openvino-bf16 is not tested")
-            continue
+    for runtime in _reduced_here():
         for model, segmenter in models:
-            for name, image_path, label_path in cases:
+            for name, image, truth in cases:
                 with rep.guard(bench="runtime_precision", runtime=runtime, model=model, case=name):
-                    image = read_volume(image_path)
-                    truth = np.asarray(read_label(label_path, image.geometry, reference_path=image_path).array)
                     t0 = time.perf_counter()
                     found, _, _ = compare_runtimes(segmenter.step, image, segmenter.window, truth, FLARE22.organs, runtime)
                     rep.emit(bench="runtime_precision", runtime=runtime, model=model, case=name, shape=list(truth.shape),

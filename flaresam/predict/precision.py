@@ -136,7 +136,7 @@ def precision_verdict(step: ModelStep, window: Window, runtime: str = "onnx-int8
         found = _lookup(known, key)
         if found is not None:
             return found
-        cases = _cases()  # not measured yet (or in an older form): measure
+        cases = acceptance_cases()  # not measured yet (or in an older form): measure
         if notify is not None:
             notify("info", f"Testing whether {runtime} keeps this model's labels ({', '.join(n for n, _, _ in cases)}; once per model)")
         results = []
@@ -193,7 +193,7 @@ def _case_names() -> list[str]:
     return ["phantom"] + (["real CT sample"] if _sample_files() else [])
 
 
-def _cases() -> list[tuple[str, Volume, np.ndarray]]:
+def acceptance_cases() -> list[tuple[str, Volume, np.ndarray]]:
     """The phantom case, and the real CT sample where this is a development checkout that has it."""
     from flaresam.data.phantom import make_phantom
     from flaresam.io.volume import Volume, read_label, read_volume
