@@ -11,7 +11,7 @@ import typer
 from flaresam.cli.app import app
 
 weights_app = typer.Typer(
-    help="The official SAM, HQ-SAM and MobileSAM checkpoints: fetched on demand, SHA-256 verified.",
+    help="The official SAM, HQ-SAM and MobileSAM checkpoints, and LiteMedSAM: fetched on demand, SHA-256 verified.",
     no_args_is_help=True,
 )
 app.add_typer(weights_app, name="weights")
@@ -24,7 +24,7 @@ def weights_list(
     as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON on stdout instead of a table."),
     dest_dir: Path | None = typer.Option(None, "--dir", help=_DIR_HELP),
 ) -> None:
-    """Every known checkpoint: name, model, architecture, size, and whether it is in the cache."""
+    """Every known checkpoint: name, model, architecture, licence, size, whether it is in the cache, and where it comes from."""
     from flaresam.models import weights
     from flaresam.ui import info, out
 
@@ -32,7 +32,8 @@ def weights_list(
     for e in weights.REGISTRY:
         rows.append({
             "name": e.name, "title": e.title, "arch": e.arch, "decoder": e.decoder, "file": e.filename,
-            "bytes": e.bytes, "sha256": e.sha256, "url": e.url,
+            "bytes": e.bytes, "sha256": e.sha256, "url": e.url, "source": e.source, "licence": e.licence,
+            "official": e.official, "origin": e.origin,
             "path": str(weights.cached_path(e, dest_dir)), "state": weights.cache_state(e, dest_dir),
         })
     if as_json:
@@ -43,12 +44,20 @@ def weights_list(
     marks = {"cached": "[green]yes[/green]", "partial": "[yellow]partial[/yellow]",
              "wrong size": "[red]wrong size[/red]", "missing": "no"}
     table = Table(title="Checkpoints")
-    for col, justify in (("name", "left"), ("model", "left"), ("arch", "left"), ("decoder", "left"),
+    for col, justify in (("name", "left"), ("model", "left"), ("arch", "left"), ("official", "left"),
                          ("size", "right"), ("cached", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify, no_wrap=col in ("name", "size"))  # type: ignore[arg-type]
     for r in rows:
-        table.add_row(r["name"], r["title"], r["arch"], r["decoder"], weights.human_bytes(r["bytes"]), marks[r["state"]])
+        official = "yes" if r["official"] else "[yellow]no[/yellow]"
+        table.add_row(r["name"], r["title"], r["arch"], official, weights.human_bytes(r["bytes"]), marks[r["state"]])
     out.print(table)
+    licences: dict[str, list[str]] = {}
+    for r in rows:
+        licences.setdefault(r["licence"], []).append(r["name"])
+    info("Licence: " + "; ".join(f"{lic} ({'all' if len(n) == len(rows) else ', '.join(n)})" for lic, n in licences.items()))
+    for e in weights.REGISTRY:
+        if not e.official:
+            info(f"{e.name}: {e.origin}; {e.licence}; from the {e.source}; not an official SAM/HQ-SAM checkpoint")
     info(f"Cache: {weights.cache_dir(dest_dir)}")
 
 
@@ -94,7 +103,7 @@ def weights_path(
     if state != "cached":
         raise DataError(
             f"{name} is not in the cache ({state}): run `flaresam weights download {name}`, "
-            f"or put {entry.filename} from {entry.url} at {path}"
+            f"or put {entry.filename} from {entry.source} at {path}"
         )
     typer.echo(str(path))
 

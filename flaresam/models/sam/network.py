@@ -63,6 +63,10 @@ class SamNet(nn.Module):
     def lowres(self) -> int:
         return self.spec.lowres
 
+    def normalise(self, frames: torch.Tensor, input_hw: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, S, S] frames -> the encoder's float input, by the architecture's pixel rule."""
+        return normalise(frames, input_hw, self.pixel_mean, self.pixel_std, self.spec.preprocessing.pixels)
+
     def train(self, mode: bool = True) -> SamNet:
         """Frozen encoders stay in eval mode whatever the trainer asks (TinyViT has BatchNorm)."""
         super().train(mode)
@@ -76,14 +80,14 @@ class SamNet(nn.Module):
 
         ``runtime``: ``torch``, or an exported runtime on the CPU (:mod:`flaresam.models.sam.runtime`).
         """
-        x = normalise(frames, input_hw, self.pixel_mean, self.pixel_std)
+        x = self.normalise(frames, input_hw)
         emb, interm = encoder_runner(self, x.device, runtime)(x)
         return emb, interm[0]
 
     def encode_live(self, frames: torch.Tensor, input_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stock encoder modules on uint8 frames, gradients as the caller has them (an encoder that trains):
         embeddings [B, C, E, E] and, for HQ-SAM, the early ViT feature [B, E, E, V]."""
-        embeddings, features = self.image_encoder(normalise(frames, input_hw, self.pixel_mean, self.pixel_std))
+        embeddings, features = self.image_encoder(self.normalise(frames, input_hw))
         return embeddings, (features[0] if self.hq else None)
 
     def prompt_batch(self, embeddings: torch.Tensor, interm: torch.Tensor | None, boxes: torch.Tensor | None,
@@ -119,7 +123,24 @@ def build_image_encoder(spec: ArchSpec) -> nn.Module:
     if spec.encoder == "vit":
         kwargs["norm_layer"] = partial(nn.LayerNorm, eps=1e-6)
     encoder: nn.Module = encoder_classes()[spec.encoder](**kwargs)
+    if spec.encoder == "tinyvit" and spec.patch_stride != 4:
+        _stride_one_patch_embed(encoder, spec)
+    if spec.encoder == "tinyvit" and not spec.classifier_head:
+        encoder.norm_head, encoder.head = nn.Identity(), nn.Identity()
     return encoder
+
+
+def _stride_one_patch_embed(encoder: Upstream, spec: ArchSpec) -> None:
+    """LiteMedSAM's TinyViT: the patch embedding's two convolutions 1x1 at stride 1 (MobileSAM's are 3x3 at stride
+    2), so a 256 px input reaches the first stage at the 256 x 256 tokens a 1024 px one reaches it with; everything
+    after the patch embedding is MobileSAM's, built for its 1024 px input."""
+    if spec.patch_stride != 1:
+        raise ValueError(f"{spec.name}: TinyViT patch stride {spec.patch_stride} is not built (4 or 1)")
+    conv_bn = sam_modeling().tiny_vit_sam.Conv2d_BN
+    seq = encoder.patch_embed.seq
+    first, second = seq[0], seq[2]
+    seq[0] = conv_bn(first.c.in_channels, first.c.out_channels, 1, 1, 0)
+    seq[2] = conv_bn(second.c.in_channels, second.c.out_channels, 1, 1, 0)
 
 
 def build_network(model: str, arch: str, seed: int = 0, encoder_on_meta: bool = False) -> SamNet:

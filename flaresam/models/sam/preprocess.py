@@ -3,7 +3,9 @@
 SAM sees every image the same way: the longest side resized to the encoder's
 input size (1024 for the official models), the other side scaled by the same
 factor, the result padded bottom/right to a square, pixel-normalised with SAM's
-ImageNet mean/std. Box prompts and target masks must live in that same frame,
+ImageNet mean/std. An architecture may say otherwise
+(:class:`flaresam.models.sam.archs.Preprocessing`: LiteMedSAM resizes by area
+to 256 and scales each image by its own range). Box prompts and target masks must live in that same frame,
 and predicted logits must be cropped and resized back to the slice's own size
 before they can be scored. Everything here is batched and vectorised so that a
 training step or a volume prediction never loops over images in Python.
@@ -30,6 +32,10 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 # Bump when anything below changes what the encoder sees: the embedding cache keys on it.
 PREPROCESS_VERSION = 2  # 2: PIL's resize, as SamPredictor.set_image
 
+RESIZES = ("bilinear", "area")
+PIXEL_RULES = ("imagenet", "minmax")
+MINMAX_EPS = 1e-8  # LiteMedSAM's np.clip(max - min, 1e-8): a constant image becomes all zeros
+
 
 def preprocess_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
     """(h', w') of a ``height`` x ``width`` slice once its longest side is ``image_size`` (SAM's rounding)."""
@@ -37,18 +43,20 @@ def preprocess_shape(height: int, width: int, image_size: int) -> tuple[int, int
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def resize_slices(slices: np.ndarray | torch.Tensor, image_size: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+def resize_slices(slices: np.ndarray | torch.Tensor, image_size: int, device: torch.device | str | None = None,
+                  method: str = "bilinear") -> tuple[torch.Tensor, tuple[int, int]]:
     """uint8 [B, H, W] slices -> uint8 [B, S, S] (resized longest side, zero-padded) and (h', w').
 
-    The resize is PIL's bilinear resize of the uint8 image, the very call that
-    ``SamPredictor.set_image`` makes (``ResizeLongestSide.apply_image``), so the
-    encoder sees the pixels the stock predictor gives it (a float resize
+    ``method="bilinear"``: PIL's bilinear resize of the uint8 image, the very
+    call that ``SamPredictor.set_image`` makes (``ResizeLongestSide.apply_image``),
+    so the encoder sees the pixels the stock predictor gives it (a float resize
     rounded back to uint8 differs from PIL by one grey level on about 29 % of
-    pixels at 512 -> 1024). PIL runs on the CPU; the result goes to ``device``
-    (default: where ``slices`` is).
+    pixels at 512 -> 1024). ``method="area"``: OpenCV's ``INTER_AREA``, the call
+    LiteMedSAM's inference makes. Both run on the CPU; the result goes to
+    ``device`` (default: where ``slices`` is).
     """
-    from PIL import Image
-
+    if method not in RESIZES:
+        raise ValueError(f"unknown resize {method!r}; one of {', '.join(RESIZES)}")
     if device is None:
         device = slices.device if isinstance(slices, torch.Tensor) else "cpu"
     arr = slices.cpu().numpy() if isinstance(slices, torch.Tensor) else np.asarray(slices)
@@ -57,9 +65,22 @@ def resize_slices(slices: np.ndarray | torch.Tensor, image_size: int, device: to
     b, h, w = arr.shape
     nh, nw = preprocess_shape(h, w, image_size)
     out = np.zeros((b, image_size, image_size), dtype=np.uint8)
+    resize = _area_resize if method == "area" else _pil_bilinear
     for i in range(b):
-        out[i, :nh, :nw] = arr[i] if (nh, nw) == (h, w) else np.asarray(Image.fromarray(arr[i]).resize((nw, nh), Image.Resampling.BILINEAR))
+        out[i, :nh, :nw] = arr[i] if (nh, nw) == (h, w) else resize(arr[i], nh, nw)
     return torch.from_numpy(out).to(device), (nh, nw)
+
+
+def _pil_bilinear(image: np.ndarray, nh: int, nw: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+
+
+def _area_resize(image: np.ndarray, nh: int, nw: int) -> np.ndarray:
+    import cv2
+
+    return np.asarray(cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA))
 
 
 def frame_mask(input_hw: torch.Tensor, size: int) -> torch.Tensor:
@@ -70,23 +91,45 @@ def frame_mask(input_hw: torch.Tensor, size: int) -> torch.Tensor:
     return rows[:, :, None] & cols[:, None, :]
 
 
-def normalise(images: torch.Tensor, input_hw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, S, S] grey frames -> float [B, 3, S, S] as SAM's ``preprocess`` makes them.
+def normalise(images: torch.Tensor, input_hw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              pixels: str = "imagenet") -> torch.Tensor:
+    """uint8 [B, S, S] grey frames -> float [B, 3, S, S] as the encoder's training made them.
 
-    The grey slice is repeated into 3 channels, normalised per channel, and the
-    padding set to 0 *after* normalisation (SAM pads the normalised image).
-    ``mean``/``std`` are [3, 1, 1] tensors (the model's buffers).
+    ``pixels="imagenet"`` (SAM's ``preprocess``): the grey slice repeated into
+    3 channels, normalised per channel with ``mean``/``std`` ([3, 1, 1], the
+    model's buffers). ``"minmax"`` (LiteMedSAM): each image scaled to [0, 1]
+    by the minimum and maximum of its unpadded region. Either way the padding
+    is 0 *after* normalisation (both pad the normalised image).
     """
-    x = images.to(mean.dtype).unsqueeze(1)
-    x = (x - mean) / std
     valid = frame_mask(input_hw, images.shape[-1]).unsqueeze(1)
+    x = images.to(mean.dtype).unsqueeze(1)
+    if pixels == "minmax":
+        lo = torch.where(valid, x, torch.inf).amin(dim=(1, 2, 3), keepdim=True)
+        hi = torch.where(valid, x, -torch.inf).amax(dim=(1, 2, 3), keepdim=True)
+        x = ((x - lo) / (hi - lo).clamp_min(MINMAX_EPS)).expand(-1, 3, -1, -1)
+    elif pixels == "imagenet":
+        x = (x - mean) / std
+    else:
+        raise ValueError(f"unknown pixel rule {pixels!r}; one of {', '.join(PIXEL_RULES)}")
     return x * valid
 
 
-def boxes_to_frame(boxes: np.ndarray | torch.Tensor, slice_hw: tuple[int, int], input_hw: tuple[int, int]):
-    """Slice-pixel boxes (x0, y0, x1, y1) -> the S x S frame's coordinates (float)."""
+def boxes_to_frame(boxes: np.ndarray | torch.Tensor, slice_hw: tuple[int, int], input_hw: tuple[int, int],
+                   rounding: str = "none"):
+    """Slice-pixel boxes (x0, y0, x1, y1) -> the S x S frame's coordinates (float).
+
+    ``rounding="floor"`` (LiteMedSAM's ``resize_box_to_256``): scaled by S /
+    the longest side and truncated to whole frame pixels.
+    """
     h, w = slice_hw
     nh, nw = input_hw
+    if rounding == "floor":
+        s = max(nh, nw) / max(h, w)  # S / the longest side: the frame's size is the resized longest side
+        if isinstance(boxes, torch.Tensor):
+            return torch.floor(boxes.to(torch.float64) * s).to(torch.float32)
+        return np.floor(np.asarray(boxes, dtype=np.float64) * s).astype(np.float32)
+    if rounding != "none":
+        raise ValueError(f"unknown box rounding {rounding!r}")
     scale = (nw / w, nh / h, nw / w, nh / h)
     if isinstance(boxes, torch.Tensor):
         return boxes.to(torch.float32) * torch.tensor(scale, dtype=torch.float32, device=boxes.device)

@@ -228,7 +228,7 @@ class SamStep(ModelStep):
         return SamSliceDataset(
             store, case_ids, image_size=self.spec.image_size, lowres=self.spec.lowres,
             prompts=self.options.prompts, seed=seed, cache=self.embedding_cache(), need_interm=self.net.hq,
-            click_share=self.options.click_training,
+            click_share=self.options.click_training, preprocessing=self.spec.preprocessing,
         )
 
     @staticmethod
@@ -345,7 +345,7 @@ class SamStep(ModelStep):
             from flaresam.models.weights import tensors_digest
 
             digest = tensors_digest(self.net.image_encoder.state_dict())
-            pre = {"preprocess": PREPROCESS_VERSION, "mean": PIXEL_MEAN, "std": PIXEL_STD}
+            pre = {"preprocess": PREPROCESS_VERSION, "mean": PIXEL_MEAN, "std": PIXEL_STD, **self.spec.preprocessing.key()}
             key = model_key(digest, self.arch, self.spec.image_size, pre)
             info = {"arch": self.arch, "checkpoint": self.options.checkpoint or f"random:{self.options.init_seed}",
                     "encoder_digest": digest, **pre}
@@ -412,7 +412,8 @@ class SamStep(ModelStep):
             g_sl, g_org = sl[group], org[group]
             frame_boxes = None
             if kind_box:
-                frame_boxes = torch.from_numpy(boxes_to_frame(boxes[g_sl, g_org].astype(np.float32), (h, w), input_hw)).to(dev)
+                frame_boxes = torch.from_numpy(boxes_to_frame(boxes[g_sl, g_org].astype(np.float32), (h, w), input_hw,
+                                                              self.spec.preprocessing.box_rounding)).to(dev)
             point_prompts = None
             if kind_points:
                 assert points is not None
@@ -449,7 +450,7 @@ class SamStep(ModelStep):
             hits = [cache.load(k, interm=True) for k in keys]
         todo = [j for j, hit in enumerate(hits) if hit is None]
         if todo:
-            frames, (nh, nw) = resize_slices(slices[todo], self.spec.image_size, dev)
+            frames, (nh, nw) = resize_slices(slices[todo], self.spec.image_size, dev, self.spec.preprocessing.resize)
             input_hw = torch.tensor([[nh, nw]] * len(todo), device=dev)
             e, i = self._encode(frames, input_hw, runtime)
             if cache is None:
