@@ -93,7 +93,8 @@ class SamSliceDataset(torch.utils.data.Dataset):
         prompts = slice_prompts(np.asarray(case.label[z]), self.prompts, case.boxes[z], case.pixels[z])
         input_hw = preprocess_shape(h, w, self.image_size)
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        boxes = jitter_boxes(boxes_to_frame(prompts.boxes, (h, w), input_hw, self.preprocessing.box_rounding), self.prompts.jitter_px, rng, input_hw, self.image_size)
+        frame_boxes = boxes_to_frame(prompts.boxes, (h, w), input_hw, self.preprocessing.box_rounding)
+        boxes = jitter_boxes(frame_boxes, self.prompts.jitter_px, rng, input_hw, self.image_size)
         targets = lowres_targets(torch.from_numpy(prompts.masks), input_hw, self.image_size, self.lowres)
         clicks, click_seed = 0, 0
         if self.click_share > 0 and rng.random() < self.click_share:  # drawn after the jitter: boxes stay as without
