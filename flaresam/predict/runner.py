@@ -183,7 +183,7 @@ def _find_proposer(req: PredictRequest, notify: Notify) -> str:
 
 
 def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notify, dist: Dist, device: torch.device) -> list[Path]:
-    from flaresam.io.volume import read_volume
+    from flaresam.io.volume import read_label, read_volume
 
     scans = _scan_inputs(Path(req.scan))
     many = len(scans) > 1 or (Path(req.scan).is_dir() and not (isinstance(scans[0], Path) and scans[0] == Path(req.scan)))
@@ -210,6 +210,8 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notif
         first = next(reads)
         if isinstance(first[1], DataError):
             raise first[1]
+        if req.prompts_from:  # and its prompt label: readable, on its grid, values a uint8 label holds (the model's organs: later)
+            read_label(req.prompts_from, first[1].geometry, reference_path=first[0], max_label=None)
         reads = iter([first])
     say = notify if dist.main else silent  # what every process would say alike, rank 0 says
     segmenter = _segmenter(req, say, str(device))
