@@ -117,30 +117,29 @@ def test_a_renamed_organ_in_a_store_is_named(run_cli, tmp_path):
 # ===========================================================================
 
 
+# what a hostile prompts.json / labels.json holds, by kind ("huge" is written sparse, "folder" is a folder)
+_HOSTILE_BYTES = {
+    "latin-1": lambda: '{"space": "voxel", "boxes": [{"organ": "f\xe9gado", "min": [1, 1, 1], "max": [2, 2, 2]}]}'.encode("latin-1"),
+    "nested": lambda: b"[" * 100_000 + b"]" * 100_000,
+    "nested-object": lambda: b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,
+    "random": lambda: np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes(),
+    "digits-5000": lambda: b'{"space": "voxel", "boxes": [{"organ": "liver", "min": [' + b"9" * 5000 + b', 1, 1], "max": [2, 2, 2]}]}',
+    "empty": lambda: b"",
+}
+
+
 def _hostile_json(kind: str, path: Path) -> Path:
-    if kind == "latin-1":
-        path.write_bytes('{"space": "voxel", "boxes": [{"organ": "f\xe9gado", "min": [1, 1, 1], "max": [2, 2, 2]}]}'.encode("latin-1"))
-    elif kind == "nested":
-        path.write_text("[" * 100_000 + "]" * 100_000)
-    elif kind == "nested-object":
-        path.write_text('{"a": ' * 50_000 + "1" + "}" * 50_000)
-    elif kind == "random":
-        path.write_bytes(np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes())
+    if kind == "folder":
+        path.mkdir()
     elif kind == "huge":
         with open(path, "wb") as f:  # a sparse file: 17 MiB of zeros, past the reader's bound
             f.truncate(17 * 1024 * 1024)
-    elif kind == "digits-5000":
-        path.write_text('{"space": "voxel", "boxes": [{"organ": "liver", "min": [' + "9" * 5000 + ', 1, 1], "max": [2, 2, 2]}]}')
-    elif kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "folder":
-        path.mkdir()
     else:
-        raise AssertionError(kind)
+        path.write_bytes(_HOSTILE_BYTES[kind]())
     return path
 
 
-HOSTILE_JSON = ["latin-1", "nested", "nested-object", "random", "huge", "digits-5000", "empty", "folder"]
+HOSTILE_JSON = [*_HOSTILE_BYTES, "huge", "folder"]
 
 
 @pytest.mark.parametrize("kind", HOSTILE_JSON)
@@ -618,21 +617,10 @@ def test_torch_save_on_a_real_full_disk(tmp_path, tiny_disk):
 @pytest.fixture
 def read_only_mount(tmp_path):
     """A tmpfs the test fills, then remounted read-only (root only: root writes through mode bits)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "ro"
-    mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
-
-    def seal() -> None:
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-
-    try:
-        yield mnt, seal
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    seal = lambda: subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)  # noqa: E731
+    for mounted in test_hostile.mounted_tmpfs(mnt, "1m"):
+        yield mounted, seal
 
 
 def test_a_complete_read_only_int8_cache_is_read(read_only_mount):

@@ -26,7 +26,7 @@ def _got(value: Any) -> str:
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
-    return f"{text} (a {type(value).__name__})"
+    return f"{text} ({type(value).__name__})"
 
 
 def _fail(name: str, value: Any, takes: str) -> ArgumentError:
