@@ -454,6 +454,14 @@ def test_a_broken_link_in_a_sub_folder_of_scans_is_named(series_folder, run_cli,
     _one_line_error(r, 1, str(top / "ct" / "x.dcm"))
 
 
+def test_a_broken_link_among_scan_files_is_no_dicom_matter(run_cli, tmp_path, stub_model):
+    scans = tmp_path / "scans"
+    _write(_ct_image(), scans / "a_0000.nii.gz")
+    os.symlink(tmp_path / "gone.nii.gz", scans / "b_0000.nii.gz")
+    r = run_cli("predict", scans, "--model", "dense", "-o", tmp_path / "out", "-q")
+    assert r.code == 0 and (tmp_path / "out" / "a.nii.gz").is_file(), r
+
+
 @pytest.mark.parametrize("cut", [0.5, 0.9, 0.3])
 def test_a_dicom_file_cut_short_is_named(cut, series_folder, run_cli, tmp_path, stub_model):
     victim = sorted(series_folder.iterdir())[7]
@@ -516,6 +524,21 @@ def test_a_patient_name_without_a_caret_gives_no_warning(tmp_path):
         write_dicom_seg(organ_pattern(), volume.geometry, series, ORGANS, tmp_path / "seg.dcm")
     assert [str(w.message) for w in seen] == []
     assert str(pydicom.dcmread(tmp_path / "seg.dcm").PatientName) == "Anonymous"  # copied as it is
+
+
+def test_predict_writes_a_seg_of_a_one_word_patient_name_in_silence(series_folder, run_cli, tmp_path, stub_model):
+    import pydicom
+
+    for f in sorted(series_folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.PatientName = "ANONYMIZED"
+        ds.save_as(f)
+    out = tmp_path / "seg.dcm"
+    with warnings.catch_warnings(record=True) as seen:  # (a real process would print them on stderr)
+        warnings.simplefilter("always")
+        r = run_cli("predict", series_folder, "--model", "dense", "-o", out, "-q")
+    assert r.code == 0 and r.err == "" and [str(w.message) for w in seen] == [], r
+    assert pydicom.dcmread(out).Modality == "SEG"
 
 
 # ===========================================================================
@@ -690,3 +713,20 @@ def test_compare_bounds_its_clicks(clicks, run_cli, tmp_path):
     r = run_cli("compare", "--clicks", clicks, "--models", "hqsam", "--out", tmp_path / "cmp", "--runs", tmp_path / "runs", "-q")
     _one_line_error(r, 2, "--clicks")
     assert not (tmp_path / "cmp").exists() and not (tmp_path / "runs").exists()
+
+
+def test_weights_export_onto_a_full_disk(run_cli, tmp_path, tiny_disk):
+    from tests.conftest import phantom_store
+    from tests.test_hostile import _fill
+
+    store = phantom_store(tmp_path / "data", cases=3, size=32, slices=8, seed=0)
+    run = tmp_path / "run"
+    done = run_cli("finetune", "--data", store.root, "--model", "hqsam", "--arch", "test_tiny", "--init", "random",
+                   "--epochs", "1", "--max-steps", "1", "--out", run, "-q")
+    assert done.code == 0, done.err
+    _fill(tiny_disk, 8 * 1024)
+    target = tiny_disk / "export.pth"
+    r = run_cli("weights", "export", run, "-o", target)
+    line = _one_line_error(r, 1, str(target), "the disk is full")
+    assert "inline_container" not in line
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]

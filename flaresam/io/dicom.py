@@ -129,43 +129,50 @@ def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
 def _check_left_out(folder: Path, listed: set[str]) -> None:
     """DataError naming a file of ``folder`` that GDCM left out of every series and that should be in one.
 
-    GDCM skips what it cannot read without a word, and a broken link in the
-    folder makes it drop real slices too: the series then reads with a gap, or
-    not at all, and the message would blame a missing slice. So: a broken link
-    is refused by name, as is a DICOM file (its 'DICM' mark) that pydicom cannot
-    read whole (cut short, damaged). Other files (notes, thumbnails) stay ignored.
+    GDCM skips what it cannot read without a word, and a broken link in a
+    folder of DICOM files makes it drop real slices too: the series then reads
+    with a gap, or not at all, and the message would blame a missing slice. So
+    a DICOM file (its 'DICM' mark) that pydicom cannot read whole (cut short,
+    damaged) is refused by name, and so is a broken link in a folder that holds
+    DICOM files. Other files (notes, thumbnails, scans of other formats) stay
+    ignored, as do flaresam's own temporary files (swept when it next writes here).
     """
-    for entry in sorted(folder.iterdir()):
-        if entry.name in listed or entry.is_dir() or is_temporary(entry.name):  # (flaresam's own are swept when it next writes here)
+    left = [e for e in sorted(folder.iterdir()) if e.name not in listed and not is_temporary(e.name) and not e.is_dir()]
+    broken = [e for e in left if e.is_symlink() and not e.exists()]
+    marked = False
+    for entry in left:
+        if entry in broken:
             continue
-        if entry.is_symlink() and not entry.exists():
-            raise DataError(f"{entry}: a broken link in the DICOM folder {folder} (it points to {os.readlink(entry)}); remove it or restore its file")
-        problem = _unreadable_dicom(entry)
+        is_dicom, problem = _dicom_problem(entry)
         if problem is not None:
             raise DataError(f"{entry}: a DICOM file that cannot be read ({problem}); remove it or restore it, then read {folder} again")
+        marked = marked or is_dicom
+    if broken and (listed or marked):
+        raise DataError(f"{broken[0]}: a broken link in the DICOM folder {folder} (it points to {os.readlink(broken[0])}); "
+                        "remove it or restore its file")
 
 
-def _unreadable_dicom(path: Path) -> str | None:
-    """Why a file marked as DICOM cannot be read whole; None for a readable one or for no DICOM file at all."""
+def _dicom_problem(path: Path) -> tuple[bool, str | None]:
+    """(whether the file is marked as DICOM, why it cannot be read whole, or None)."""
     import pydicom
 
     try:
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return False, exc.strerror or str(exc)
     if len(head) < 132 or head[128:132] != b"DICM":
-        return None
+        return False, None
     try:
         ds = pydicom.dcmread(path)
         if "PixelData" in ds:
             expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8
             if "TransferSyntaxUID" in ds.file_meta and not ds.file_meta.TransferSyntaxUID.is_compressed and len(ds.PixelData) < expected:
-                return f"cut short: {len(ds.PixelData)} of its {expected} bytes of pixel data"
+                return True, f"cut short: {len(ds.PixelData)} of its {expected} bytes of pixel data"
     except Exception as exc:  # pydicom raises many kinds on a damaged file; each means the same here
         text = str(exc).strip()
-        return text.splitlines()[0][:200] if text else type(exc).__name__
-    return None
+        return True, text.splitlines()[0][:200] if text else type(exc).__name__
+    return True, None
 
 
 def read_series(series: DicomSeries, pixel_type: Any = None) -> Any:
