@@ -338,6 +338,8 @@ SP = (3.0, 1.5, 1.5)
         ({"direction": "identity"}, "direction"),
         ({"direction": [1, 0, 0, 0, 1, 0, 0, 0]}, "direction"),
         ({"direction": [2, 0, 0, 0, 1, 0, 0, 0, 1]}, "direction"),
+        ({"direction": [[1, 0, 0], [0, 1]]}, "direction"),
+        ({"direction": [["1", 0, 0], [0, 1, 0], [0, 0, 1]]}, "direction"),
         ({"organs": 3}, "organs"),
         ({"organs": [True]}, "organs"),
         ({"organs": {"liver": 1}}, "organs"),
@@ -373,6 +375,11 @@ def test_api_refuses_arrays_that_hold_no_intensities(dtype, segmenter):
 def test_api_refuses_arrays_of_other_shapes(shape, segmenter):
     with pytest.raises(ArgumentError, match=r"^image: got an array of shape"):
         segmenter.segment(np.zeros(shape, np.int16), spacing=SP)
+
+
+def test_api_takes_arrays_and_nested_lists_for_its_grid(segmenter):
+    out = segmenter.segment(GOOD, spacing=np.array(SP), origin=np.zeros(3), direction=np.eye(3).tolist())
+    assert out.shape == GOOD.shape
 
 
 def test_api_takes_float16_as_intensities(segmenter):

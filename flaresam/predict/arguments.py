@@ -37,7 +37,10 @@ def real_numbers(name: str, value: Any, count: int, takes: str, *, positive: boo
     """``value`` as ``count`` finite real numbers (positive ones where ``positive``): a list, tuple or numpy array of them."""
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         raise _fail(name, value, takes)
-    items = list(np.asarray(value, dtype=object).reshape(-1)) if isinstance(value, np.ndarray) else list(value)
+    try:  # nested lists (a 3 x 3 direction) count by their numbers
+        items = list(np.asarray(value, dtype=object).reshape(-1))
+    except ValueError:  # ragged
+        raise _fail(name, value, takes) from None
     if len(items) != count or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, Real) for v in items):
         raise _fail(name, value, takes)
     numbers = tuple(float(v) for v in items)
