@@ -306,6 +306,17 @@ def test_prepare_refuses_a_non_finite_scan(fill, suffix, run_cli, tmp_path):
     _one_line_error(r, 1, f"case_0000{suffix}", "finite")
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_score_refuses_a_label_with_nan_that_itk_reads_as_zero(suffix, run_cli, tmp_path):
+    values = np.zeros((8, 16, 16), np.float32)
+    values[2:6, 4:10, 4:10] = 1
+    values[0, 0, 0] = np.nan
+    pred = _write(_label_image(values), tmp_path / "pred" / f"case{suffix}")
+    gt = _write(_label_image(), tmp_path / "gt" / f"case{suffix}")
+    r = run_cli("score", pred, gt, "-q", "--workers", "1")
+    _one_line_error(r, 1, str(pred), "1 NaN")
+
+
 # ===========================================================================
 # 4. the Python API: one flaresam exception naming the argument
 # ===========================================================================

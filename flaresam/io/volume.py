@@ -506,7 +506,7 @@ def check_finite(array: np.ndarray, where: str | os.PathLike[str]) -> None:
 
 def _non_finite(where: str | os.PathLike[str], nan: int, inf: int, size: int) -> DataError:
     what = " and ".join(w for w in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if w)
-    return DataError(f"{where}: {what} of its {size} voxels; a scan's intensities must all be finite numbers")
+    return DataError(f"{where}: {what} of its {size} voxels; every voxel must be a finite number")
 
 
 def _only_series(folder: Path) -> DicomSeries:
