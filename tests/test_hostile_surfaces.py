@@ -674,6 +674,38 @@ def test_a_complete_read_only_int8_cache_is_read(read_only_mount):
     assert sorted(p.name for p in folder.iterdir()) == [INT8_FILE]  # no lock file tried beside it
 
 
+@pytest.fixture
+def read_only_home(tmp_path, monkeypatch):
+    """FLARESAM_HOME on a tmpfs the test fills, then remounts read-only."""
+    home = tmp_path / "home"
+    seal = lambda: subprocess.run(["mount", "-o", "remount,ro", str(home)], check=True)  # noqa: E731
+    for mounted in test_hostile.mounted_tmpfs(home, "256m"):
+        monkeypatch.setenv("FLARESAM_HOME", str(mounted))
+        yield seal
+
+
+def test_auto_runs_from_a_complete_read_only_runtime_cache(read_only_home, monkeypatch):
+    """The issue's case: a first run exported the encoder and decoder and tested int8 once; the cache is then read-only."""
+    from flaresam.models.sam import runtime as rt
+    from flaresam.predict import precision, segmenter
+    from flaresam.predict.segmenter import Segmenter
+    from tests.conftest import sam_step
+
+    if not rt.available(rt.ONNX_INT8):
+        pytest.skip("needs onnxruntime")
+    step = sam_step("hqsam", arch="test_tiny", init="random", quiet=True)
+    monkeypatch.setattr(segmenter, "load_model", lambda spec, device: (step, {"window": [40, 400]}))
+    monkeypatch.delenv("FLARESAM_RUNTIME")
+    first = Segmenter.load("m", device="cpu").runtime  # exports what auto runs
+    rt.int8_file(precision._encoder_folder(step))  # as `--runtime onnx-int8` leaves it
+    read_only_home()
+    for runner in ("_onnx_runner", "_decoder_runner"):  # a new process: read from the cache
+        step.network().__dict__.pop(runner, None)
+    said: list[str] = []
+    assert Segmenter.load("m", device="cpu", notify=lambda level, text: said.append(text)).runtime == first
+    assert not any("through torch" in text for text in said)  # no fallback either
+
+
 # ===========================================================================
 # 8. temporary files: never a suffix readers collect; a killed writer's swept next time
 # ===========================================================================
