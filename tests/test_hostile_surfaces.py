@@ -758,6 +758,14 @@ def test_a_live_writers_temporary_is_not_swept(tmp_path):
 # ===========================================================================
 
 
+@pytest.mark.parametrize("mode", ["last-blocks:99999999999999999999", "last-blocks:33", "last-blocks:²", "last-blocks:0"])
+def test_compare_bounds_its_model_keys(mode, run_cli, tmp_path):
+    start = time.monotonic()
+    r = run_cli("compare", "--models", f"sam:{mode}", "--out", tmp_path / "cmp", "--runs", tmp_path / "runs", "-q")
+    _one_line_error(r, 2, mode, "1..32")
+    assert time.monotonic() - start < 20 and not (tmp_path / "cmp").exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("clicks", ["21", "1000"])
 def test_compare_bounds_its_clicks(clicks, run_cli, tmp_path):
     r = run_cli("compare", "--clicks", clicks, "--models", "hqsam", "--out", tmp_path / "cmp", "--runs", tmp_path / "runs", "-q")
