@@ -217,6 +217,15 @@ def test_negative_points_alone_are_refused(points, run_cli, tmp_path, ct, stub_m
     assert not out.exists()
 
 
+def test_many_points_are_checked_in_linear_time():
+    from flaresam.predict.prompts import check_prompts_document
+
+    points = [{"organ": "liver", "point": [3, 3, 3], "positive": False}] * 200_000 + [{"organ": "liver", "point": [4, 4, 4]}]
+    start = time.monotonic()
+    check_prompts_document({"space": "voxel", "points": points}, "prompts.json")  # the positive point comes last
+    assert time.monotonic() - start < 20
+
+
 def test_negative_points_with_a_box_or_a_positive_point_are_fine(tmp_path, ct):
     from flaresam.io.volume import read_volume
     from flaresam.predict.prompts import boxes_from_spec

@@ -342,8 +342,9 @@ def _one_box_each(p: str, n: int, organ: str, seen: dict[str, int]) -> None:
 
 def _positive_somewhere(p: str, marks: list[tuple[str, bool]], boxed: set[str]) -> None:
     """Every organ with points has a box or a positive point: negative points alone say only where it is not."""
-    for n, (organ, positive) in enumerate(marks):
-        if not positive and organ not in boxed and not any(o == organ and pos for o, pos in marks):
+    placed = boxed | {organ for organ, positive in marks if positive}
+    for n, (organ, _) in enumerate(marks):
+        if organ not in placed:
             raise DataError(f"{p}: point {n} ({organ}): {organ} has only negative points and no box; a negative point says "
                             f"where {organ} is not: add a box or a positive point for it")
 
