@@ -31,3 +31,12 @@ class NotImplementedYet(UsageError):
 
     def __init__(self, what: str) -> None:
         super().__init__(f"{what} is not implemented yet")
+
+
+class ArgumentError(UsageError, ValueError, TypeError):
+    """A Python API call's argument that cannot work: names the argument, what it got and what it takes.
+
+    A :class:`UsageError` (the command line's exit 2), and a ``ValueError`` and a
+    ``TypeError``, so that a caller's ``except ValueError`` or ``except TypeError``
+    around a call still catches it.
+    """

@@ -13,7 +13,6 @@ a tolerance takes FLARE22's tolerance for the same organ, else
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from flaresam.jsondoc import read_json_document, shown
 
 if TYPE_CHECKING:
     import numpy as np
@@ -66,16 +67,28 @@ class LabelSet:
         ids = [o.id for o in self.organs]
         if ids != list(range(1, len(ids) + 1)):
             have = sorted(ids)
-            missing = sorted(set(range(1, max(have) + 1)) - set(have))
-            what = f"ids {have} have gaps ({missing} missing)" if missing and len(set(have)) == len(have) else f"ids {have}"
+            shown = ", ".join(str(i) for i in have[:16]) + (", ..." if len(have) > 16 else "")
+            what = f"ids [{shown}]"
+            # the gaps only where ids are few and small: a single id of 10**12 must not build a range to it
+            if len(set(have)) == len(have) and all(1 <= i <= MAX_ORGANS for i in have):
+                missing = sorted(set(range(1, have[-1] + 1)) - set(have))
+                what += f" have gaps ([{', '.join(str(i) for i in missing[:16])}{', ...' if len(missing) > 16 else ''}] missing)"
             raise LabelSetError(
                 f"label set {self.name!r}{self._from()}: {what}; label values must be 1..N in order without gaps, as nnU-Net requires "
                 "(remap the labels first)"
             )
+        keyless = [o for o in self.organs if not o.name]
+        if keyless:
+            o = keyless[0]
+            raise LabelSetError(
+                f"label set {self.name!r}{self._from()}: organ {o.id} ({o.display!r}) has no name flaresam can use: names are keys "
+                "of letters a-z and digits (liver, right_kidney); give it one (its display name may stay as it is)"
+            )
         names = [o.name for o in self.organs]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise LabelSetError(f"label set {self.name!r}{self._from()}: organ names used twice: {', '.join(dupes)}")
+            detail = "; ".join(f"{n} (ids {', '.join(str(o.id) for o in self.organs if o.name == n)})" for n in dupes)
+            raise LabelSetError(f"label set {self.name!r}{self._from()}: organ names used twice: {detail}")
 
     def _from(self) -> str:
         return f" ({self.source})" if self.source else ""
@@ -105,11 +118,11 @@ class LabelSet:
 
     def organ(self, key: int | str) -> Organ:
         """An organ by id, snake_case name or display name, in any case ('ivc', 'gall_bladder', 'kidney_left' are aliases)."""
-        if isinstance(key, int) or (isinstance(key, str) and key.strip().isdigit()):
-            try:
-                return self.by_id[int(key)]
-            except KeyError:
-                raise ValueError(f"no {self.name} organ with id {key} (ids are 1..{self.max_label})") from None
+        if isinstance(key, int) or (isinstance(key, str) and _ID_TEXT.fullmatch(key.strip())):
+            number = key if isinstance(key, int) else (int(key) if len(key.strip()) <= 12 else -1)  # (no int() of 5,000 digits)
+            if number not in self.by_id:
+                raise ValueError(f"no {self.name} organ with id {shown(key)} (ids are 1..{self.max_label})")
+            return self.by_id[number]
         found = find_organ(self.organs, str(key))
         if found is None:
             raise ValueError(f"unknown organ '{key}' in {self.name}; known: {', '.join(self.by_name)}")
@@ -167,12 +180,16 @@ class LabelSet:
 
     def differences(self, other: LabelSet) -> str | None:
         """None when both mean the same organ by every label value; else one line saying how they differ."""
+        changes = self.changes(other)
+        return None if changes is None else f"{self.describe()} vs {other.describe()}: {changes}"
+
+    def changes(self, other: LabelSet) -> str | None:
+        """None when both mean the same organ by every label value; else the label values that differ ('2: kidney vs renal')."""
         if self.same_labels(other):
             return None
         mine, theirs = {o.id: o.name for o in self.organs}, {o.id: o.name for o in other.organs}
         diff = [f"{i}: {mine.get(i, '-')} vs {theirs.get(i, '-')}" for i in sorted(set(mine) | set(theirs)) if mine.get(i) != theirs.get(i)]
-        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-        return f"{self.describe()} vs {other.describe()}: {shown}"
+        return "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
 
 
 _ALIASES = {"ivc": "inferior_vena_cava", "gall_bladder": "gallbladder", "postcava": "inferior_vena_cava"}
@@ -284,10 +301,19 @@ def _default_organ(oid: int, name: str, display: str | None = None) -> Organ:
     return Organ(oid, key, shown, PALETTE[(oid - 1) % len(PALETTE)], DEFAULT_NSD_TOLERANCE_MM)
 
 
+_ID_TEXT = re.compile(r"[0-9]+")  # ASCII digits only: "²".isdigit() is True, and int("²") fails
+
+
 def _int_id(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
-        raise LabelSetError(f"{where}: label value {json.dumps(value)} is not an integer")
-    return int(value)
+    """A label value of a label table: an integer (or its decimal text) in 0..MAX_ORGANS, the values a uint8 label holds."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not _ID_TEXT.fullmatch(value.strip().lstrip("-"))):
+        raise LabelSetError(f"{where}: label value {shown(value)} is not an integer")
+    if isinstance(value, str) and len(value.strip()) > 12:  # (compared as text: int() of thousands of digits is slow, then refused)
+        raise LabelSetError(f"{where}: label value {shown(value)} is outside 0..{MAX_ORGANS}: labels are stored as uint8, at most {MAX_ORGANS} organs")
+    number = int(value)
+    if not 0 <= number <= MAX_ORGANS:
+        raise LabelSetError(f"{where}: label value {shown(value)} is outside 0..{MAX_ORGANS}: labels are stored as uint8, at most {MAX_ORGANS} organs")
+    return number
 
 
 def _from_mapping(labels: Mapping[str, Any], name: str, source: str) -> LabelSet:
@@ -367,12 +393,7 @@ def _from_labels_json(spec: Mapping[str, Any], source: str) -> LabelSet:
 def read_label_set(path: str | Path) -> LabelSet:
     """A label set from a ``labels.json`` or an nnU-Net ``dataset.json`` (LabelSetError saying what is wrong)."""
     p = Path(path)
-    try:
-        spec = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LabelSetError(f"{p}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LabelSetError(f"{p}: not a valid JSON file ({exc})") from None
+    spec = read_json_document(p, "label table (labels.json or dataset.json)", error=LabelSetError)
     if not isinstance(spec, dict) or "labels" not in spec:
         raise LabelSetError(f"{p}: no 'labels' table (expected an nnU-Net dataset.json or a flaresam labels.json)")
     if p.name == DATASET_FILE or isinstance(spec["labels"], Mapping):

@@ -315,7 +315,7 @@ def _box(organ="liver", lo=(1, 1, 1), hi=(5, 5, 4)):
         (json.dumps({"space": "voxel", "boxes": ["liver"]}), "needs 'organ'"),
         (json.dumps({"space": "voxel", "boxes": [_box(organ="heart")]}), "unknown organ"),
         (json.dumps({"space": "voxel", "boxes": [_box(lo=(90, 90, 90), hi=(99, 99, 99))]}), "outside the scan"),
-        ("{not json", "not a valid boxes JSON"),
+        ("{not json", "not valid JSON"),
         (json.dumps([_box()]), "expected"),
         (json.dumps({"space": "voxel", "boxes": [_box(lo=(1, 1, 1), hi=(0, 0, 0))]}), "empty"),
     ],
@@ -545,20 +545,24 @@ def test_weights_lock_files_stay_out_of_the_checkpoint_folder(tmp_path):
 # ---- a full disk ----------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 64 KiB tmpfs mounted under tmp_path (root only; skipped elsewhere), unmounted after."""
+def mounted_tmpfs(mnt: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``mnt`` (root only; the test is skipped elsewhere), unmounted after: a generator for fixtures."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
     mnt.mkdir()
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True, check=False)
     if p.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs mounted under tmp_path (root only; skipped elsewhere), unmounted after."""
+    yield from mounted_tmpfs(tmp_path / "tiny", "64k")
 
 
 def _fill(folder: Path, leave: int) -> None:

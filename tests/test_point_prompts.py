@@ -160,9 +160,10 @@ def test_box_prompts_still_take_boxes_alone():
 def test_load_prompts_json_reads_a_file(tmp_path):
     geom = _geometry()
     path = tmp_path / "prompts.json"
-    path.write_text(json.dumps({"space": "voxel", "points": [{"organ": "liver", "point": [1, 2, 3], "positive": False}]}))
+    path.write_text(json.dumps({"space": "voxel", "points": [{"organ": "liver", "point": [1, 2, 3], "positive": False},
+                                                             {"organ": "liver", "point": [2, 2, 3]}]}))  # (negative points alone: refused)
     assert load_prompts_json is load_boxes_json
-    (pt,) = load_prompts_json(path, geom).points
+    pt, _ = load_prompts_json(path, geom).points
     assert (pt.z, pt.y, pt.x, pt.positive) == (3, 27.0, 38.0, False)
 
 

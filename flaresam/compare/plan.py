@@ -28,6 +28,8 @@ DENSE = tuple(k for k, spec in MODELS.items() if not spec.prompted)  # ("unet", 
 SELECT = ("best", "last")
 
 
+MAX_CLICKS = 20  # compare --clicks: SAM's interactive studies stop within 20 clicks; each one costs a full decode of the test set
+
 @dataclass(frozen=True)
 class DemoSettings:
     """The built-in demo: phantoms small enough for a 2-core CPU, and the stand-in SAM (flaresam.models.standin)."""
@@ -180,8 +182,8 @@ def resolve(plan: ComparePlan) -> Resolved:
         raise DataError(f"--data {plan.data}: no such folder")
     settings = DEMO
     prompted = [m for m in plan.models if family(m) in PROMPTED]
-    if plan.clicks < 0:
-        raise UsageError(f"--clicks must be >= 0, got {plan.clicks}")
+    if not 0 <= plan.clicks <= MAX_CLICKS:
+        raise UsageError(f"--clicks must be 0..{MAX_CLICKS} (each click decodes every test slice of every SAM row once more), got {plan.clicks}")
     if plan.clicks and not prompted:
         raise UsageError("--clicks needs a SAM model in --models (clicks correct a prompted model's masks)")
     seen: dict[tuple[str, str], str] = {}

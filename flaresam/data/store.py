@@ -448,7 +448,8 @@ def prepare_dataset(
     if before is not None and not labels.same_labels(before):
         if label_set is None and not force:
             raise UsageError(
-                f"{out} was prepared with the label set {before.describe()}, and {data_dir} now names {labels.describe()}: "
+                f"{out} was prepared with the label set {before.describe()}, and {data_dir} now names {labels.describe()} "
+                f"({before.changes(labels)}): "
                 "pass --labels FILE (or --force) to prepare it again with the new organs, or prepare into another --out"
             )
         force = True  # the values mean other organs now: every case is checked and boxed again

@@ -9,7 +9,10 @@ leaves the previous file (or nothing), never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -17,14 +20,48 @@ from typing import Any
 
 from flaresam.errors import DataError, UsageError
 
+# Writers that choose the format by the file's name keep it at the end of their temporary name (hidden, and
+# flaresam's own folder listings skip hidden files); every other temporary file ends in ".tmp", never in a suffix
+# that readers collect (a DICOM tool picks any ".dcm" in a series folder up as an instance)
+_NAMED_BY_SUFFIX = (".nii.gz", ".tar.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".pdf", ".svg", ".jpg")
+_TEMP_MARK = ".flaresam-"  # .NAME.flaresam-PID-RANDOM.tmp[SUFFIX]: whose it is, and which process writes it
+_TEMP_NAME = re.compile(r"^\..*\.flaresam-(\d+)-[^.]*\.tmp(\.[^/]*)?$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 def _suffixes(path: Path) -> str:
-    # keep compound suffixes (".nii.gz") so format-sniffing writers still work
-    name = path.name
-    for compound in (".nii.gz", ".tar.gz"):
-        if name.endswith(compound):
-            return compound
-    return path.suffix
+    """The suffix a temporary file for ``path`` keeps: the format's, where its writer needs it (".nii.gz" compound), else none."""
+    name = path.name.lower()
+    return next((path.name[-len(s):] for s in _NAMED_BY_SUFFIX if name.endswith(s)), "")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of flaresam's temporary files (left by a process killed while it wrote)."""
+    return _TEMP_NAME.match(name) is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_temporaries(folder: Path) -> None:
+    """Remove flaresam's temporary files in ``folder`` whose writing process is gone (killed mid-write, SIGKILL)."""
+    try:
+        entries = [e for e in os.scandir(folder) if _TEMP_MARK in e.name]
+    except OSError:
+        return  # a folder that cannot be listed: the write itself says what is wrong
+    for entry in entries:
+        found = _TEMP_NAME.match(entry.name)
+        if found is None or int(found.group(1)) == os.getpid() or _alive(int(found.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another process swept it first
+            os.unlink(entry.path)
 
 
 class WriteError(DataError, OSError):
@@ -38,8 +75,34 @@ class WriteError(DataError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc) or type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (exc.strerror if isinstance(exc, OSError) else None) or (text.splitlines()[0] if text else type(exc).__name__)
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether ``exc`` (or what it was raised from: pydicom and torch wrap the system's error) is a full disk."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:  # torch's stream writer says only "file write failed": ask the file system
+        return shutil.disk_usage(folder).free < 64 * 1024
+    except OSError:
+        return False
+
+
+def write_error(target: str | os.PathLike[str], exc: BaseException) -> WriteError:
+    """The one line for a write of ``target`` that failed with ``exc``: 'the disk is full' where it is, else the
+    reason's first line; every writer's failure goes through here (pydicom's data-element dump and torch's
+    ``inline_container.cc`` text never reach the user)."""
+    target = Path(target)
+    if _disk_full(exc, target.parent):
+        return WriteError(f"cannot write {target}: the disk is full (no space left on device)")
+    if not isinstance(exc, OSError):  # a library's own error (torch's enforce text): not the user's words
+        return WriteError(f"cannot write {target}: the write failed ({type(exc).__name__} from its writer)")
+    return WriteError(f"cannot write {target}: {_reason(exc)}")
 
 
 def _fsync(path: Path, directory: bool = False) -> None:
@@ -85,13 +148,14 @@ def atomic_path(path: str | os.PathLike[str], verify: Callable[[Path], None] | N
         if target.is_dir():
             raise WriteError(f"cannot write {target}: it is a folder")
         target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temporaries(target.parent)
         fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp" + _suffixes(target), dir=target.parent
+            prefix=f".{target.name}{_TEMP_MARK}{os.getpid()}-", suffix=".tmp" + _suffixes(target), dir=target.parent
         )
     except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
         raise WriteError(f"cannot write {target}: a file lies on its folder path") from None
     except OSError as exc:
-        raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
+        raise write_error(target, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -108,8 +172,8 @@ def atomic_path(path: str | os.PathLike[str], verify: Callable[[Path], None] | N
             _fsync(target.parent, directory=True)
         except WriteError:
             raise
-        except OSError as exc:  # ENOSPC and the like carry no file name: give the user's
-            raise WriteError(f"cannot write {target}: {_reason(exc)}") from None
+        except (OSError, RuntimeError) as exc:  # ENOSPC and the like carry no file name (torch's: a RuntimeError): give the user's
+            raise write_error(target, exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()

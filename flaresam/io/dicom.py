@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flaresam.errors import DataError
+from flaresam.io.atomic import is_temporary
 from flaresam.io.itk import itk_message, quiet_sitk
 
 # Series of these modalities hold no CT slices: derived objects that tools write beside a scan.
@@ -26,6 +27,10 @@ NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR",
 
 # shortest tail of a SeriesInstanceUID used to tell series of one folder apart in names
 _MIN_TAG_CHARS = 6
+
+
+class NoSeries(DataError):
+    """A folder that holds no DICOM image series (a folder of other files is no error for a caller that looks for scans)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
         raise DataError(f"{p}: cannot list its DICOM series ({itk_message(exc)})") from None
     except OSError as exc:
         raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    _check_left_out(p, {f.name for _, files in found for f in files})
     skipped: list[str] = []
     images: list[tuple[str, tuple[Path, ...]]] = []
     for uid, files in found:
@@ -114,10 +120,59 @@ def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
             images.append((uid, files))
     if not images:
         if skipped:
-            raise DataError(f"{p}: folder holds no DICOM series of images (only {', '.join(sorted(set(skipped)))})")
-        raise DataError(f"{p}: folder holds no DICOM series (nor a scan file ITK reads)")
+            raise NoSeries(f"{p}: folder holds no DICOM series of images (only {', '.join(sorted(set(skipped)))})")
+        raise NoSeries(f"{p}: folder holds no DICOM series (nor a scan file ITK reads)")
     tags = _tags([uid for uid, _ in images])
     return [DicomSeries(folder=p, uid=uid, files=files, tag=tag) for (uid, files), tag in zip(images, tags)]
+
+
+def _check_left_out(folder: Path, listed: set[str]) -> None:
+    """DataError naming a file of ``folder`` that GDCM left out of every series and that should be in one.
+
+    GDCM skips what it cannot read without a word, and a broken link in a
+    folder of DICOM files makes it drop real slices too: the series then reads
+    with a gap, or not at all, and the message would blame a missing slice. So
+    a DICOM file (its 'DICM' mark) that pydicom cannot read whole (cut short,
+    damaged) is refused by name, and so is a broken link in a folder that holds
+    DICOM files. Other files (notes, thumbnails, scans of other formats) stay
+    ignored, as do flaresam's own temporary files (swept when it next writes here).
+    """
+    left = [e for e in sorted(folder.iterdir()) if e.name not in listed and not is_temporary(e.name) and not e.is_dir()]
+    broken = [e for e in left if e.is_symlink() and not e.exists()]
+    marked = False
+    for entry in left:
+        if entry in broken:
+            continue
+        is_dicom, problem = _dicom_problem(entry)
+        if problem is not None:
+            raise DataError(f"{entry}: a DICOM file that cannot be read ({problem}); remove it or restore it, then read {folder} again")
+        marked = marked or is_dicom
+    if broken and (listed or marked):
+        raise DataError(f"{broken[0]}: a broken link in the DICOM folder {folder} (it points to {os.readlink(broken[0])}); "
+                        "remove it or restore its file")
+
+
+def _dicom_problem(path: Path) -> tuple[bool, str | None]:
+    """(whether the file is marked as DICOM, why it cannot be read whole, or None)."""
+    import pydicom
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as exc:
+        return False, exc.strerror or str(exc)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return False, None
+    try:
+        ds = pydicom.dcmread(path)
+        if "PixelData" in ds:
+            expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8
+            if "TransferSyntaxUID" in ds.file_meta and not ds.file_meta.TransferSyntaxUID.is_compressed and len(ds.PixelData) < expected:
+                return True, f"cut short: {len(ds.PixelData)} of its {expected} bytes of pixel data"
+    except Exception as exc:  # pydicom raises many kinds on a damaged file; each means the same here
+        text = str(exc).strip()
+        return True, text.splitlines()[0][:200] if text else type(exc).__name__
+    return True, None
 
 
 def read_series(series: DicomSeries, pixel_type: Any = None) -> Any:

@@ -21,6 +21,7 @@ because ``display_color`` (0.24) and ``CIELabColor.from_rgb`` are newer.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,24 @@ def _read_headers(series: DicomSeries) -> list[Any]:
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise DataError(f"{f}: cannot read as DICOM ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
     return out
+
+
+# what a SEG copies from its sources and references them by (highdicom refuses an empty one, after the whole prediction)
+SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def check_seg_source(series: DicomSeries) -> None:
+    """DataError naming the file and the UIDs unless every file of ``series`` has what a SEG references: checked before
+    any work (``predict --format dicom-seg``) and again when the SEG is written."""
+    _check_source_uids(series, _read_headers(series))
+
+
+def _check_source_uids(series: DicomSeries, datasets: Sequence[Any]) -> None:
+    for path, ds in zip(series.files, datasets):
+        missing = [name for name in SOURCE_UIDS if not str(ds.get(name, "") or "").strip()]
+        if missing:
+            raise DataError(f"{path}: empty or missing {', '.join(missing)}; a DICOM-SEG references its source images by "
+                            "these UIDs, so this series cannot take one (write NIfTI instead: --format nifti)")
 
 
 def _slice_of_each_file(series: DicomSeries, datasets: Sequence[Any], geometry: Geometry) -> list[int]:
@@ -226,6 +245,7 @@ def write_dicom_seg(
     present = [by_id[v] for v in values]  # sorted by id: segment numbers 1..n
 
     datasets = _read_headers(series)
+    _check_source_uids(series, datasets)
     slices = _slice_of_each_file(series, datasets, geometry)
     lut = np.zeros(256, dtype=np.uint8)
     for number, organ in enumerate(present, start=1):
@@ -236,21 +256,24 @@ def write_dicom_seg(
     algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
     source_number = datasets[0].get("SeriesNumber")
     try:
-        seg = hd.seg.Segmentation(
-            source_images=datasets,
-            pixel_array=frames,
-            segmentation_type="BINARY",
-            segment_descriptions=[_segment_description(n, o, algorithm) for n, o in enumerate(present, start=1)],
-            series_instance_uid=hd.UID(),
-            series_number=min(int(source_number) + 1000, 2**31 - 1) if source_number not in (None, "") else 1000,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="flaresam",
-            manufacturer_model_name=algorithm_name,
-            software_versions=algorithm_version,
-            device_serial_number="none",
-            series_description=series_description,
-        )
+        with warnings.catch_warnings():
+            # the source's Patient Name is copied as it is; highdicom warns (with its source line) when it has no '^'
+            warnings.filterwarnings("ignore", message=r".*unlikely to represent the intended person name", category=UserWarning)
+            seg = hd.seg.Segmentation(
+                source_images=datasets,
+                pixel_array=frames,
+                segmentation_type="BINARY",
+                segment_descriptions=[_segment_description(n, o, algorithm) for n, o in enumerate(present, start=1)],
+                series_instance_uid=hd.UID(),
+                series_number=min(int(source_number) + 1000, 2**31 - 1) if source_number not in (None, "") else 1000,
+                sop_instance_uid=hd.UID(),
+                instance_number=1,
+                manufacturer="flaresam",
+                manufacturer_model_name=algorithm_name,
+                software_versions=algorithm_version,
+                device_serial_number="none",
+                series_description=series_description,
+            )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"cannot write {target}: highdicom refused the SEG for {series.description} ({first})") from None
@@ -307,6 +330,7 @@ def read_dicom_seg_labels(
     if series.uid not in referenced:
         raise DataError(f"{p}: segments series {', '.join(sorted(referenced)) or '(none)'}, not {series.uid}")
     datasets = _read_headers(series)
+    _check_source_uids(series, datasets)
     slices = _slice_of_each_file(series, datasets, geometry)
     organ_of_segment = np.zeros(max(seg.segment_numbers) + 1, dtype=np.uint8)
     for number in seg.segment_numbers:

@@ -322,18 +322,57 @@ def _gzip_stream_length(path: Path) -> int:
     return total
 
 
-def _check_nifti(path: Path) -> None:
+def _nifti_header(path: Path) -> tuple[bool, bytes]:
+    """(whether the file is gzip-compressed, its first 540 bytes of header)."""
     with open(path, "rb") as f:
         compressed = f.read(2) == _GZIP_MAGIC
     try:
         if compressed:
             with gzip.open(path, "rb") as g:
-                header = g.read(540)
-        else:
-            with open(path, "rb") as f:
-                header = f.read(540)
+                return compressed, g.read(540)
+        with open(path, "rb") as f:
+            return compressed, f.read(540)
     except (EOFError, gzip.BadGzipFile, zlib.error):
         raise DataError(f"{path}: truncated or damaged: the compressed stream ends inside the header") from None
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float voxels
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """DataError when a float NIfTI's voxels hold NaN or infinity: ITK reads NaN as 0, so the array read cannot show it.
+
+    Reads the voxel data a second time (float scans only; integer CT costs nothing here).
+    """
+    compressed, header = _nifti_header(path)
+    extent = _nifti_extent(header)
+    if extent is None:  # no single-file NIfTI (or too short to be one): ITK's read says what it is
+        return
+    endian = "<" if struct.unpack("<i", header[:4])[0] in (348, 540) else ">"
+    nifti1 = struct.unpack(endian + "i", header[:4])[0] == 348
+    code = struct.unpack(endian + "h", header[70:72] if nifti1 else header[12:14])[0]
+    if code not in _NIFTI_FLOATS:
+        return
+    offset, nbytes = extent
+    dtype = np.dtype(endian + _NIFTI_FLOATS[code])
+    nan = inf = 0
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        f.seek(offset)
+        left = nbytes
+        while left > 0:
+            chunk = f.read(min(left, dtype.itemsize << 22))
+            if not chunk:
+                break
+            left -= len(chunk)
+            values = np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype)
+            nan += int(np.count_nonzero(np.isnan(values)))
+            inf += int(np.count_nonzero(np.isinf(values)))
+    if nan or inf:
+        raise _non_finite(path, nan, inf, nbytes // dtype.itemsize)
+
+
+def _check_nifti(path: Path) -> None:
+    compressed, header = _nifti_header(path)
     extent = _nifti_extent(header)
     if extent is None:
         return
@@ -443,6 +482,33 @@ def borrowed_array(image: Any) -> np.ndarray:
     return view
 
 
+def check_finite(array: np.ndarray, where: str | os.PathLike[str]) -> None:
+    """DataError naming ``where`` unless every voxel is a finite real number (no NaN, no infinity, no complex value).
+
+    The one rule for every volume read and every image the API is given: a scan
+    of NaN would otherwise be windowed to zeros and "segmented" without a word.
+    Integer voxels are finite by their type; float ones cost one pass (min and
+    max propagate NaN and show an infinity, without a temporary the size of the volume).
+    """
+    kind = array.dtype.kind
+    if kind in "iub":
+        return
+    if kind != "f":
+        raise DataError(f"{where}: voxels of type {array.dtype} are no intensities; a scan holds real numbers (integers or floats)")
+    if not array.size:
+        return
+    with np.errstate(all="ignore"):
+        lo, hi = float(np.min(array)), float(np.max(array))
+    if np.isfinite(lo) and np.isfinite(hi):
+        return
+    raise _non_finite(where, int(np.count_nonzero(np.isnan(array))), int(np.count_nonzero(np.isinf(array))), array.size)
+
+
+def _non_finite(where: str | os.PathLike[str], nan: int, inf: int, size: int) -> DataError:
+    what = " and ".join(w for w in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if w)
+    return DataError(f"{where}: {what} of its {size} voxels; every voxel must be a finite number")
+
+
 def _only_series(folder: Path) -> DicomSeries:
     """The one image series of a DICOM folder; DataError when there are several (never pick one silently)."""
     found = list_series(folder)
@@ -463,6 +529,11 @@ def read_image(path: str | os.PathLike[str] | DicomSeries, pixel_type: Any = Non
         raise DataError(f"{p}: no such file or folder")
     if p.is_file():
         check_complete(p)
+        if p.name.lower().endswith((".nii", ".nii.gz")):
+            try:
+                _check_nifti_finite(p)
+            except OSError as exc:
+                raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
     try:
         # (reads are not wrapped in _c_stderr_silenced: they run in predict's read-ahead thread,
         # and the main thread's own stderr lines must not vanish meanwhile; with ITK's warnings
@@ -483,6 +554,7 @@ def read_image(path: str | os.PathLike[str] | DicomSeries, pixel_type: Any = Non
         raise DataError(f"{p}: expected a 3D volume, got a {image.GetDimension()}D image")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"{p}: expected a scalar volume, got {image.GetNumberOfComponentsPerPixel()} components per voxel")
+    check_finite(borrowed_array(image), p)
     return image
 
 

@@ -4,7 +4,7 @@ positive/negative points), or from a dense model."""
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,8 @@ import numpy as np
 from flaresam.data.store import slice_boxes
 from flaresam.errors import DataError, UsageError
 from flaresam.io.volume import Geometry
-from flaresam.organs import FLARE22, NUM_ORGANS, LabelSet, Organ
+from flaresam.jsondoc import shown
+from flaresam.organs import FLARE22, NUM_ORGANS, LabelSet, Organ, snake
 
 if TYPE_CHECKING:
     from flaresam.models.base import ModelStep
@@ -188,13 +189,18 @@ def load_boxes_json(path: str | os.PathLike[str], geometry: Geometry, labels: La
     Either list may be missing or empty, not both.
     """
     p = Path(path)
-    try:
-        spec = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{p}: no such boxes file") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{p}: not a valid boxes JSON ({exc})") from None
-    return boxes_from_spec(spec, geometry, labels, str(p))
+    return boxes_from_spec(read_prompts_document(p), geometry, labels, str(p))
+
+
+def read_prompts_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A ``prompts.json`` / ``boxes.json`` read (at most :data:`~flaresam.jsondoc.MAX_JSON_BYTES`) and checked in every
+    way that needs neither the scan nor the model (:func:`check_prompts_document`): what ``predict`` does before any work."""
+    from flaresam.jsondoc import read_json_document
+
+    p = Path(path)
+    spec = read_json_document(p, "prompts.json")
+    check_prompts_document(spec, str(p))
+    return spec
 
 
 load_prompts_json = load_boxes_json  # the same reader under the file's newer name (prompts.json)
@@ -203,29 +209,16 @@ load_prompts_json = load_boxes_json  # the same reader under the file's newer na
 def boxes_from_spec(spec: Any, geometry: Geometry, labels: LabelSet = FLARE22, source: str = "boxes") -> BoxPrompts:
     """The boxes and points of a parsed ``boxes.json`` / ``prompts.json`` document (what the Python API takes as a dict)."""
     p = source
-    if (
-        not isinstance(spec, dict)
-        or not isinstance(spec.get("boxes", []), list)
-        or not isinstance(spec.get("points", []), list)
-    ):
-        raise DataError(f"{p}: expected {{\"space\": ..., \"boxes\": [...], \"points\": [...]}}")
+    check_prompts_document(spec, p)
     space = spec.get("space", "world")
-    if space not in ("world", "voxel"):
-        raise DataError(f"{p}: space must be 'world' or 'voxel', got {space!r}")
     box_specs: list[Any] = spec.get("boxes", [])
     point_specs: list[Any] = spec.get("points", [])
-    if not box_specs and not point_specs:
-        raise DataError(f"{p}: no boxes and no points; give at least one box or one point")
     shape = np.asarray(geometry.canonical_shape)
     out: list[Box3D] = []
     seen: dict[str, int] = {}
     for n, entry in enumerate(box_specs):
         org, lo, hi = _box_entry(p, n, entry, labels)
-        if org.name in seen:  # docs/prompts.md: at most one box per organ
-            raise DataError(f"{p}: box {n} is a second box for {org.name} (box {seen[org.name]} is the first); give one box per organ")
-        seen[org.name] = n
-        if np.any(hi < lo):
-            raise DataError(f"{p}: box {n} ({org.name}) is empty: max < min")
+        _one_box_each(p, n, org.name, seen)
         corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
         world = corners if space == "world" else _file_index_to_world(corners, geometry)
         idx = _world_to_canonical_index(world, geometry)
@@ -237,8 +230,9 @@ def boxes_from_spec(spec: Any, geometry: Geometry, labels: LabelSet = FLARE22, s
         hi_i = np.clip(hi_i, 0, shape - 1)
         out.append(Box3D(org, int(lo_i[0]), int(hi_i[0]), int(lo_i[1]), int(hi_i[1]), int(lo_i[2]), int(hi_i[2])))
     points: list[Point3D] = []
-    for n, entry in enumerate(point_specs):
-        org, xyz, positive = _point_entry(p, n, entry, labels)
+    resolved = [_point_entry(p, n, entry, labels) for n, entry in enumerate(point_specs)]
+    _positive_somewhere(p, [(org.name, positive) for org, _, positive in resolved], set(seen))
+    for n, (org, xyz, positive) in enumerate(resolved):
         world = xyz[None] if space == "world" else _file_index_to_world(xyz[None], geometry)
         idx = _world_to_canonical_index(world, geometry)[0]
         # a voxel owns [centre - 0.5, centre + 0.5): the point must fall in one of the scan's voxels
@@ -291,50 +285,129 @@ def _numbers(values: np.ndarray) -> list[float | int]:
     return out
 
 
-def _entry_organ(need: str, entry: dict[str, Any], labels: LabelSet) -> Organ:
-    """The organ an entry names (a name, display name or id; never a JSON boolean)."""
+# Coordinates beyond this (mm, or voxels) are as good as infinitely far: a box to +-1e308 covers the scan on that
+# side; clamped here, they stay finite through the world -> voxel arithmetic (no overflow, no numpy warning)
+FAR = 1e9
+
+
+def check_prompts_document(spec: Any, source: str) -> None:
+    """A prompts.json document's form, checked without the scan or the model: its lists, ``space``, every entry's
+    keys and types, finite coordinates, a non-empty box, one box per organ, and no organ with negative points only.
+
+    (Organ names are matched to a label set, and boxes and points placed on the scan, by :func:`boxes_from_spec`.)
+    """
+    p = source
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("boxes", []), list)
+        or not isinstance(spec.get("points", []), list)
+    ):
+        raise DataError(f"{p}: expected {{\"space\": ..., \"boxes\": [...], \"points\": [...]}}")
+    space = spec.get("space", "world")
+    if space not in ("world", "voxel"):
+        raise DataError(f"{p}: space must be 'world' or 'voxel', got {shown(space)}")
+    box_specs: list[Any] = spec.get("boxes", [])
+    point_specs: list[Any] = spec.get("points", [])
+    if not box_specs and not point_specs:
+        raise DataError(f"{p}: no boxes and no points; give at least one box or one point")
+    seen: dict[str, int] = {}
+    for n, entry in enumerate(box_specs):
+        need = _box_need(p, n)
+        if not isinstance(entry, dict) or not all(k in entry for k in ("organ", "min", "max")):
+            raise DataError(need)
+        key = _organ_key(need, entry)
+        where = f"{p}: box {n} ({key})"
+        lo, hi = _three_numbers(need, where, "min", entry["min"]), _three_numbers(need, where, "max", entry["max"])
+        if np.any(hi < lo):
+            raise DataError(f"{where} is empty: max < min")
+        _one_box_each(p, n, key, seen)
+    marks: list[tuple[str, bool]] = []
+    for n, entry in enumerate(point_specs):
+        need = _point_need(p, n)
+        if not isinstance(entry, dict) or not all(k in entry for k in ("organ", "point")):
+            raise DataError(need)
+        key = _organ_key(need, entry)
+        where = f"{p}: point {n} ({key})"
+        _three_numbers(need, where, "point", entry["point"])
+        marks.append((key, _positive(where, entry)))
+    _positive_somewhere(p, marks, set(seen))
+
+
+def _one_box_each(p: str, n: int, organ: str, seen: dict[str, int]) -> None:
+    """docs/prompts.md: at most one box per organ (``seen``: organ -> its first box, filled here)."""
+    if organ in seen:
+        raise DataError(f"{p}: box {n} is a second box for {organ} (box {seen[organ]} is the first); give one box per organ")
+    seen[organ] = n
+
+
+def _positive_somewhere(p: str, marks: list[tuple[str, bool]], boxed: set[str]) -> None:
+    """Every organ with points has a box or a positive point: negative points alone say only where it is not."""
+    placed = boxed | {organ for organ, positive in marks if positive}
+    for n, (organ, _) in enumerate(marks):
+        if organ not in placed:
+            raise DataError(f"{p}: point {n} ({organ}): {organ} has only negative points and no box; a negative point says "
+                            f"where {organ} is not: add a box or a positive point for it")
+
+
+def _organ_key(need: str, entry: dict[str, Any]) -> str:
+    """An entry's organ as written (a name or an id; never a JSON boolean), as a key for the checks of the document's form."""
     name = entry["organ"]
     if isinstance(name, bool) or not isinstance(name, (str, int)):  # json true == 1 would be organ 1 (liver)
-        raise DataError(f"{need}; 'organ' is {json.dumps(name)}")
+        raise DataError(f"{need}; 'organ' is {shown(name)}")
+    return (snake(name) or name) if isinstance(name, str) else str(name)
+
+
+def _entry_organ(need: str, entry: dict[str, Any], labels: LabelSet) -> Organ:
+    """The organ an entry names (a name, display name or id) among ``labels``."""
+    _organ_key(need, entry)
     try:
-        return labels.organ(name)
+        return labels.organ(entry["organ"])
     except (KeyError, ValueError) as exc:
         raise DataError(f"{need} ({exc})") from None
 
 
 def _three_numbers(need: str, where: str, key: str, value: Any) -> np.ndarray:
-    """``value`` as three finite numbers; ``where`` names the entry ("p: box 3 (liver)") for the non-finite message."""
+    """``value`` as three finite numbers, any beyond :data:`FAR` clamped to it; ``where`` names the entry ("p: box 3 (liver)")."""
     if not isinstance(value, list) or len(value) != 3:
-        raise DataError(f"{need}; '{key}' is {json.dumps(value)}")
+        raise DataError(f"{need}; '{key}' is {shown(value)}")
+    out = []
     for v in value:
         # bool is an int in Python: true/false are no coordinates
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise DataError(f"{need}; '{key}' holds {json.dumps(v)}, not a number")
-        if not np.isfinite(v):
-            word = "NaN" if np.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+            raise DataError(f"{need}; '{key}' holds {shown(v)}, not a number")
+        if isinstance(v, float) and not math.isfinite(v):
+            word = "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
             raise DataError(f"{where}: '{key}' holds {word}, not a finite number")
-    return np.asarray(value, dtype=float)
+        out.append(float(max(-FAR, min(FAR, v))))  # (compared as Python numbers: an integer of 401 digits is no float)
+    return np.asarray(out, dtype=float)
+
+
+def _box_need(p: str, n: int) -> str:
+    return f"{p}: box {n} needs 'organ' (a name), 'min' [x, y, z] and 'max' [x, y, z]"
+
+
+def _point_need(p: str, n: int) -> str:
+    return f"{p}: point {n} needs 'organ' (a name), 'point' [x, y, z] and optionally 'positive' (true or false)"
+
+
+def _positive(where: str, entry: dict[str, Any]) -> bool:
+    positive = entry.get("positive", True)
+    if not isinstance(positive, bool):  # "yes", 1 or null are no answers
+        raise DataError(f"{where}: 'positive' must be true or false, got {shown(positive)}")
+    return positive
 
 
 def _box_entry(p: str, n: int, entry: Any, labels: LabelSet) -> tuple[Organ, np.ndarray, np.ndarray]:
-    """One boxes.json entry, strictly typed: an organ name and two lists of three finite numbers."""
-    need = f"{p}: box {n} needs 'organ' (a name), 'min' [x, y, z] and 'max' [x, y, z]"
-    if not isinstance(entry, dict) or not all(k in entry for k in ("organ", "min", "max")):
-        raise DataError(need)
+    """One boxes.json entry (its form checked by :func:`check_prompts_document`): its organ and two corners."""
+    need = _box_need(p, n)
     org = _entry_organ(need, entry, labels)
     where = f"{p}: box {n} ({org.name})"
     return org, _three_numbers(need, where, "min", entry["min"]), _three_numbers(need, where, "max", entry["max"])
 
 
 def _point_entry(p: str, n: int, entry: Any, labels: LabelSet) -> tuple[Organ, np.ndarray, bool]:
-    """One prompts.json point, strictly typed: an organ name, three finite numbers and an optional JSON boolean."""
-    need = f"{p}: point {n} needs 'organ' (a name), 'point' [x, y, z] and optionally 'positive' (true or false)"
-    if not isinstance(entry, dict) or not all(k in entry for k in ("organ", "point")):
-        raise DataError(need)
+    """One prompts.json point (its form checked by :func:`check_prompts_document`): its organ, position and sign."""
+    need = _point_need(p, n)
     org = _entry_organ(need, entry, labels)
     where = f"{p}: point {n} ({org.name})"
-    xyz = _three_numbers(need, where, "point", entry["point"])
-    positive = entry.get("positive", True)
-    if not isinstance(positive, bool):  # "yes", 1 or null are no answers
-        raise DataError(f"{where}: 'positive' must be true or false, got {json.dumps(positive)}")
-    return org, xyz, positive
+    return org, _three_numbers(need, where, "point", entry["point"]), _positive(where, entry)

@@ -16,7 +16,7 @@ from flaresam.io.atomic import refuse_overwrite
 from flaresam.io.volume import Volume
 from flaresam.messages import Level, Notify, silent
 from flaresam.organs import LabelSet, Organ
-from flaresam.predict.prompts import BoxPrompts, LabelPrompts, load_boxes_json
+from flaresam.predict.prompts import BoxPrompts, LabelPrompts, load_boxes_json, read_prompts_document
 from flaresam.predict.segmenter import Segmenter
 from flaresam.predict.volume import DEFAULT_BATCH, organ_statistics
 
@@ -91,11 +91,11 @@ def _scan_inputs(scan: Path) -> list[Scan]:
 
 def _series_in(folder: Path, whole: bool = False) -> list[Scan]:
     """The DICOM series in ``folder`` (none when it holds none); ``whole``: a folder of one series as the folder itself."""
-    from flaresam.io.dicom import list_series
+    from flaresam.io.dicom import NoSeries, list_series
 
     try:
         series = list_series(folder)
-    except DataError:
+    except NoSeries:  # (a damaged file in a series folder is an error, named; not a folder without scans)
         return []
     return [folder] if whole and len(series) == 1 else list(series)
 
@@ -183,7 +183,7 @@ def _find_proposer(req: PredictRequest, notify: Notify) -> str:
 
 
 def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notify, dist: Dist, device: torch.device) -> list[Path]:
-    from flaresam.io.volume import read_volume
+    from flaresam.io.volume import read_label, read_volume
 
     scans = _scan_inputs(Path(req.scan))
     many = len(scans) > 1 or (Path(req.scan).is_dir() and not (isinstance(scans[0], Path) and scans[0] == Path(req.scan)))
@@ -194,6 +194,8 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notif
         raise DataError("--prompts-from/--boxes name one file: predict scans one at a time, or use a dense --proposer")
 
     _check_outputs(req, scans, many)  # a bad -o fails now, not after the whole prediction
+    if req.boxes is not None:
+        read_prompts_document(req.boxes)  # a bad prompts.json fails now, not after the model and its runtime have started
     mine = scans[dist.rank :: dist.world]  # under torchrun each process predicts its share; alone, all of them
 
     def read_or_error(path: Scan) -> Volume | DataError:
@@ -204,6 +206,13 @@ def _run_prediction(req: PredictRequest, pool: ThreadPoolExecutor, notify: Notif
             return exc
 
     reads = _read_ahead(pool, mine, read_or_error) if mine else iter(())
+    if not many and mine:  # one scan: it is read (and refused, if it must be) before the model is built
+        first = next(reads)
+        if isinstance(first[1], DataError):
+            raise first[1]
+        if req.prompts_from:  # and its prompt label: readable, on its grid, values a uint8 label holds (the model's organs: later)
+            read_label(req.prompts_from, first[1].geometry, reference_path=first[0], max_label=None)
+        reads = iter([first])
     say = notify if dist.main else silent  # what every process would say alike, rank 0 says
     segmenter = _segmenter(req, say, str(device))
     organs = segmenter.organs(req.organs)
@@ -314,6 +323,7 @@ def _outputs_of(req: PredictRequest, scan: Scan, many: bool) -> tuple[Path, Path
 def _check_outputs(req: PredictRequest, scans: list[Scan], many: bool) -> None:
     """Refuse, before any work, outputs that cannot be written or that would overwrite an input."""
     from flaresam.io.atomic import check_writable
+    from flaresam.io.dicom_seg import check_seg_source
     from flaresam.io.volume import check_writable_volume
 
     fmt = req.output_format
@@ -341,6 +351,7 @@ def _check_outputs(req: PredictRequest, scans: list[Scan], many: bool) -> None:
             if target.suffix.lower() != ".dcm":
                 raise UsageError(f"{target}: a DICOM-SEG output is a .dcm file")
             check_writable(target)
+            check_seg_source(_series_of(scan))  # the headers a SEG copies, checked before any work
         else:
             check_writable_volume(target)
         for extra in (stats, png):
@@ -374,11 +385,9 @@ def _predict_one(
     label = segmenter.segment_volume(image, prompts, organs=organs, batch_size=req.batch_size, full_frame=req.full_frame, quiet=quiet)
     target, stats_path, png = _outputs_of(req, scan, many)
     if req.output_format == DICOM_SEG:
-        from flaresam.io.dicom import DicomSeries, list_series
         from flaresam.io.dicom_seg import write_dicom_seg
 
-        series = scan if isinstance(scan, DicomSeries) else list_series(Path(scan))[0]
-        write_dicom_seg(label, image.geometry, series, labels.organs, target)
+        write_dicom_seg(label, image.geometry, _series_of(scan), labels.organs, target)
     else:
         write_label(label, image.geometry, target)
     written.append(target)
@@ -391,6 +400,13 @@ def _predict_one(
         preview(image.array, label, image.spacing, png, title=scan.name, labels=labels)
         written.append(png)
     return written
+
+
+def _series_of(scan: Scan) -> DicomSeries:
+    """The DICOM series a scan is (a folder of one series is that series)."""
+    from flaresam.io.dicom import DicomSeries, list_series
+
+    return scan if isinstance(scan, DicomSeries) else list_series(Path(scan))[0]
 
 
 def _stem(scan: Scan) -> str:

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flaresam.data.window import Window
-from flaresam.errors import DataError, UsageError
+from flaresam.errors import ArgumentError, DataError, UsageError
 from flaresam.io.volume import Geometry, Volume
 from flaresam.messages import Notify, silent
 from flaresam.models.options import InferenceOptions
 from flaresam.organs import FLARE22, LabelSet, Organ, recorded_label_set
 from flaresam.predict.model import checkpoint_window, load_model, provenance_note
-from flaresam.predict.prompts import BoxPrompts, LabelPrompts, ProposerPrompts, boxes_from_spec, load_boxes_json
+from flaresam.predict.prompts import LABEL_PROMPT_KINDS, BoxPrompts, LabelPrompts, ProposerPrompts, boxes_from_spec, load_boxes_json
 from flaresam.predict.volume import DEFAULT_BATCH, predict_volume
 
 if TYPE_CHECKING:
@@ -78,8 +78,12 @@ class Segmenter:
         fp32). With any but torch, the mask decoder's whole-frame part runs
         through ONNX Runtime (:mod:`flaresam.models.sam.exported_decoder`).
         """
+        from flaresam.predict import arguments as check
         from flaresam.training.devices import pick_device
 
+        model, device, runtime = check.model_name("model", model), check.device(device), check.runtime(runtime)
+        if proposer is not None:
+            proposer = check.model_name("proposer", proposer)
         dev = pick_device(device) if isinstance(device, str) else device
         step, ckpt = load_model(str(model), dev)
         given = _label_set(labels)
@@ -142,6 +146,9 @@ class Segmenter:
         quiet: bool = True,
     ) -> np.ndarray:
         """Canonical uint8 labels [z, y, x] of ``volume``; a SAM model without ``prompts`` uses the proposer."""
+        from flaresam.predict.arguments import batch_size as checked_batch_size
+
+        batch_size = checked_batch_size(batch_size)
         if self.step.prompted and prompts is None:
             if self.proposer is None:
                 raise DataError(
@@ -192,6 +199,15 @@ class Segmenter:
         ``prompt_kind`` box, point or box+point), or neither, when the
         segmenter has a proposer. ``boxes`` may hold points too (docs/prompts.md).
         """
+        from flaresam.predict import arguments as check
+
+        check.image_like("image", image)
+        check.boxes(boxes)
+        if prompt_label is not None:
+            check.image_like("prompt_label", prompt_label)
+        prompt_kind = check.choice("prompt_kind", prompt_kind, LABEL_PROMPT_KINDS)
+        organs = check.organs(organs)
+        batch_size, full_frame, quiet = check.batch_size(batch_size), check.flag("full_frame", full_frame), check.flag("quiet", quiet)
         volume, as_array = _as_volume(image, spacing, origin, direction)
         if boxes is not None and prompt_label is not None:
             raise UsageError("give either boxes or prompt_label, not both")
@@ -218,6 +234,10 @@ class Segmenter:
 
         if isinstance(label, np.ndarray):  # voxels in the image's own array order: they take its geometry
             import SimpleITK as sitk
+
+            from flaresam.predict.arguments import label_values
+
+            label = label_values(label)
 
             if tuple(label.shape) != tuple(volume.geometry.size[::-1]):
                 raise DataError(f"prompt label of shape {label.shape} does not match the image's {tuple(volume.geometry.size[::-1])}")
@@ -318,38 +338,30 @@ def _label_set(labels: LabelSet | str | os.PathLike[str] | None) -> LabelSet | N
     return label_set_file(labels)
 
 
-def _image_from_array(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float] | None = None,
-                      direction: Sequence[float] | None = None) -> Any:
+def _image_from_array(array: np.ndarray, spacing: Any, origin: Any = None, direction: Any = None) -> Any:
     """A SimpleITK image of voxels [k, j, i] with ``spacing`` mm along those axes, and ITK's origin and direction (default identity)."""
     import SimpleITK as sitk
 
-    if array.ndim != 3:
-        raise DataError(f"expected a 3D array [k, j, i], got shape {array.shape}")
-    sp = [float(v) for v in spacing]
-    if len(sp) != 3 or not all(np.isfinite(v) and v > 0 for v in sp):
-        raise UsageError(f"spacing must be three positive distances in mm along the array's axes, got {list(spacing)}")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    from flaresam.predict import arguments as check
+
+    sp, org, d = check.spacing(spacing), check.origin(origin), check.direction(direction)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(check.image_array(array)))
     image.SetSpacing(sp[::-1])  # ITK's order is i, j, k
-    if origin is not None:
-        if len(origin) != 3 or not all(np.isfinite(float(v)) for v in origin):
-            raise UsageError(f"origin must be three coordinates in mm (x, y, z), got {list(origin)}")
-        image.SetOrigin([float(v) for v in origin])
-    if direction is not None:
-        d = np.asarray(direction, dtype=float).reshape(-1)
-        if d.size != 9 or not np.allclose(d.reshape(3, 3) @ d.reshape(3, 3).T, np.eye(3), atol=1e-4):
-            raise UsageError(f"direction must be 9 values of an orthonormal matrix (ITK's, row-major), got {list(direction)}")
-        image.SetDirection(d.tolist())
+    if org is not None:
+        image.SetOrigin(org)
+    if d is not None:
+        image.SetDirection(d)
     return image
 
 
 def _as_volume(image: ImageLike, spacing: Sequence[float] | None, origin: Sequence[float] | None = None,
                direction: Sequence[float] | None = None) -> tuple[Volume, bool]:
     """(canonical Volume, whether the caller gave an array) for any image ``segment`` accepts."""
-    from flaresam.io.volume import borrowed_array, read_volume
+    from flaresam.io.volume import borrowed_array, check_finite, read_volume
 
     if isinstance(image, np.ndarray):
         if spacing is None:
-            raise UsageError("a numpy image needs spacing=(...) in mm along its axes [k, j, i]")
+            raise ArgumentError("spacing: a numpy image needs spacing=(...), three distances in mm along its axes [k, j, i]")
         sitk_image = _image_from_array(image, spacing, origin, direction)
         path = None
         as_array = True
@@ -360,6 +372,7 @@ def _as_volume(image: ImageLike, spacing: Sequence[float] | None, origin: Sequen
             raise UsageError(f"cannot segment a {type(image).__name__}: give a SimpleITK.Image, a path or a numpy array")
         if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
             raise DataError(f"expected a scalar 3D image, got {image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} components")
+        check_finite(borrowed_array(image), "image")
         sitk_image, path, as_array = image, None, False
     geometry = Geometry.from_image(sitk_image)
     return Volume(array=geometry.to_canonical(borrowed_array(sitk_image)), geometry=geometry, path=path), as_array

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 MODES = ("decoder", "hq", "lora", "last-blocks:N", "all")
+MAX_BLOCKS = 32  # last-blocks:N: vit_h's 32 blocks, the deepest SAM encoder (each encoder's own count is checked when it is built)
 LORA_TARGETS = ("encoder", "decoder", "encoder+decoder")
 ADAPTER = "default"  # peft's adapter name: one adapter per run
 # peft matches a string target against each module's full name (re.fullmatch)
@@ -49,8 +50,9 @@ class Trainable:
     def parse(cls, text: str) -> Trainable:
         mode, _, count = str(text).strip().lower().partition(":")
         if mode == "last-blocks":
-            if not count.isdigit() or int(count) < 1:
-                raise UsageError(f"--trainable {text!r}: give the number of blocks, e.g. last-blocks:2")
+            # ASCII digits ("²".isdigit() is True), at most the deepest encoder's blocks: no run starts on an N that cannot be
+            if not (count.isascii() and count.isdigit()) or len(count) > 3 or not 1 <= int(count) <= MAX_BLOCKS:
+                raise UsageError(f"--trainable {text!r}: give the number of blocks, 1..{MAX_BLOCKS}, e.g. last-blocks:2")
             return cls(mode, int(count))
         if mode not in MODES or count:
             raise UsageError(f"--trainable {text!r}: choose one of: {', '.join(MODES)}")

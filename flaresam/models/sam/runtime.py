@@ -79,10 +79,11 @@ def available(runtime: str = ONNX) -> bool:
 def resolve(choice: str | None, device: torch.device | str) -> str:
     """The runtime that runs: ``auto`` (or ``FLARESAM_RUNTIME``) is the measured order on a CPU and torch on CUDA."""
     choice = (choice or AUTO).strip().lower()
+    source = "--runtime"  # where the choice came from, as messages name it
     if choice == AUTO and os.environ.get(RUNTIME_ENV, "").strip():
-        choice = os.environ[RUNTIME_ENV].strip().lower()
+        choice, source = os.environ[RUNTIME_ENV].strip().lower(), f"{RUNTIME_ENV} (in the environment)"
     if choice not in CHOICES:
-        raise UsageError(f"--runtime must be one of {', '.join(CHOICES)}, got {choice!r}")
+        raise UsageError(f"{source} must be one of {', '.join(CHOICES)}, got {choice!r}")
     cpu = torch.device(device).type == "cpu"
     if choice == AUTO:
         return next((r for r in AUTO_CPU if available(r)), TORCH) if cpu else TORCH
@@ -237,6 +238,8 @@ def int8_file(folder: Path) -> Path:
     from flaresam.io.atomic import atomic_path
 
     target = folder / INT8_FILE
+    if target.is_file():  # made before: read as it is (a complete cache may be read-only; the lock is only to make it)
+        return target
     with FileLock(str(folder / f".{INT8_FILE}.lock")):
         if not target.is_file():
             quiet = logging.getLogger().level
