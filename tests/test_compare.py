@@ -21,7 +21,8 @@ def tiny_demo(monkeypatch):
 
     from flaresam.models import standin
 
-    small = dataclasses.replace(compare_plan.DEMO, cases=5, size=32, slices=8, epochs=tuple((m, 1) for m in compare_plan.DISPLAY))
+    small = dataclasses.replace(compare_plan.DEMO, cases=5, size=32, slices=8, epochs=tuple((m, 1) for m in compare_plan.DISPLAY),
+                                sam_base="standin")  # the stand-in at toy size: fast; LiteMedSAM's demo: test_litemedsam_demo
     monkeypatch.setattr(compare_plan, "DEMO", small)  # read when a plan is resolved
     monkeypatch.setattr(standin, "DEFAULT_RECIPE", dataclasses.replace(standin.DEFAULT_RECIPE, cases=2, size=32, slices=8,
                                                                       sam_steps=2, hq_steps=2, batch=2))

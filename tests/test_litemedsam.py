@@ -167,3 +167,80 @@ def test_swapping_the_pixel_rule_for_sams_breaks_the_agreement(real_case, author
     ours = flaresam_labels(real_case, pixels="imagenet")
     with pytest.raises(AssertionError):
         check_same_masks(ours, authors_labels)
+
+
+def test_predict_with_no_model_segments_a_real_ct_from_3d_boxes_with_litemedsam(run_cli, tmp_path, real_case):
+    """`flaresam predict scan --boxes prompts.json` with no --model: LiteMedSAM zero-shot, said in one line, offline;
+    one 3D box per organ propagates slice by slice into real organ masks on the scan's grid, above the filled box."""
+    import SimpleITK as sitk
+
+    from flaresam.data.prompts import box_fill
+    from flaresam.organs import FLARE22
+    from flaresam.predict.prompts import Box3D, BoxPrompts, prompts_to_spec
+    from tests.conftest import SHARED_DATA
+
+    volume, label, boxes, _ = real_case
+    organs = {o.id: o for o in FLARE22.organs}
+    three_d = []
+    for k in (1, 2, 3, 13):  # liver, kidneys, spleen: large organs a 3D box describes well
+        z, y, x = np.nonzero(label == k)
+        three_d.append(Box3D(organs[k], int(z.min()), int(z.max()), int(y.min()), int(y.max()), int(x.min()), int(x.max())))
+    spec = tmp_path / "prompts.json"
+    spec.write_text(__import__("json").dumps(prompts_to_spec(BoxPrompts(tuple(three_d)), volume.geometry)))
+    scan = SHARED_DATA / "images" / "TS_0001_0000.nii.gz"
+    out = tmp_path / "seg.nii.gz"
+    r = run_cli("predict", scan, "--boxes", spec, "--out", out, "--offline", "-q")
+    assert r.code == 0, r
+    assert "LiteMedSAM zero-shot" in r.err and "Traceback" not in r.err
+    written, image = sitk.ReadImage(str(out)), sitk.ReadImage(str(scan))
+    assert written.GetSize() == image.GetSize() and written.GetSpacing() == image.GetSpacing()
+    assert written.GetOrigin() == image.GetOrigin() and written.GetDirection() == image.GetDirection()
+    from flaresam.io.volume import read_label
+
+    pred = read_label(out, volume.geometry).array
+    only = np.where(np.isin(label, [1, 2, 3, 13]), label, 0)
+    ours = agreement(pred, only)[1]
+    filled = agreement(box_fill(np.where(np.isin(np.arange(13), [0, 1, 2, 12])[None, :, None], boxes, -1), label.shape), only)[1]
+    assert set(ours) == {1, 2, 3, 13}
+    assert np.mean(list(ours.values())) > np.mean([filled[k] for k in ours]) + 0.1, (ours, filled)
+
+
+@pytest.fixture
+def tiny_litemedsam_demo(monkeypatch):
+    from flaresam.compare import plan as compare_plan
+
+    small = dataclasses.replace(compare_plan.DEMO, cases=5, size=32, slices=8, epochs=tuple((m, 1) for m in compare_plan.DISPLAY))
+    assert small.sam_base == "lite_medsam"  # the demo's default base
+    monkeypatch.setattr(compare_plan, "DEMO", small)
+
+
+def test_the_demo_starts_its_sam_rows_from_litemedsam(tiny_litemedsam_demo, run_cli, tmp_path, monkeypatch):
+    """The main job's SAM base is LiteMedSAM: one zero-shot row (HQ-SAM's parts would start fresh, so HQ-SAM has no
+    zero-shot row of its own), fine-tuned SAM (decoder) and HQ-SAM (its fresh parts alone) from it, and every
+    output names the base as a real model that is not an official SAM."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("compare", "--models", "sam,hqsam", "-q")
+    assert r.code == 0, r
+    results = json.loads((tmp_path / "flaresam-compare" / "results.json").read_text(encoding="utf-8"))
+    assert [row["key"] for row in results["rows"]] == ["boxfill", "sam@zeroshot", "sam", "hqsam"]
+    assert results["rows"][1]["label"] == "LiteMedSAM (zero-shot)"
+    assert results["resolved"]["sam_checkpoints"] == {"sam": "lite_medsam", "hqsam": "lite_medsam"}
+    assert results["resolved"]["sam_arch"] == "litemedsam" and results["standin_sam"] is False
+    assert "LiteMedSAM" in results["sam_base"] and "not an official" in results["sam_base"]
+    assert "LiteMedSAM" in results["note"] and "NOT a reproduction" in results["note"]  # still synthetic phantoms
+    assert results["runs"]["hqsam"]["selected"]["model_config"]["trainable"] == "hq"
+    assert results["runs"]["sam"]["selected"]["model_config"]["trainable"] == "decoder"
+    assert "LiteMedSAM (zero-shot)" in r.out
+
+
+def test_the_demo_takes_the_standin_on_request_and_refuses_other_archs(tiny_litemedsam_demo):
+    from flaresam.compare.plan import ComparePlan, resolve
+    from flaresam.errors import UsageError
+
+    assert resolve(ComparePlan(models=("sam",), arch="demo")).standin
+    base = resolve(ComparePlan(models=("sam", "hqsam")))
+    assert not base.standin and base.arch == "litemedsam" and base.sam_base == "lite_medsam"
+    with pytest.raises(UsageError, match="LiteMedSAM"):
+        resolve(ComparePlan(models=("sam",), arch="vit_b"))

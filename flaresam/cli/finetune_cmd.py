@@ -43,7 +43,8 @@ def finetune(
     init: str | None = typer.Option(None, "--init", help="SAM: 'random' to start without official weights (tests, ablations)."),
     trainable: str | None = typer.Option(
         None, "--trainable", help="SAM: decoder (the study) | hq (HQ-SAM's added parts) | lora (peft adapters; saves only them) | "
-        "last-blocks:N (the encoder's last N blocks, neck and decoder) | all (encoder and decoder) \\[default: decoder].",
+        "last-blocks:N (the encoder's last N blocks, neck and decoder) | all (encoder and decoder) "
+        "\\[default: decoder; hq for HQ-SAM over a file without HQ-SAM's parts, e.g. lite_medsam].",
     ),
     lora_rank: int | None = typer.Option(None, "--lora-rank", help="SAM, --trainable lora: the adapters' rank \\[default: 8]."),
     lora_alpha: int | None = typer.Option(None, "--lora-alpha", help="SAM, --trainable lora: peft's lora_alpha (scale alpha/rank) \\[default: 16]."),

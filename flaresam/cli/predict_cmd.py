@@ -13,7 +13,8 @@ from flaresam.cli.app import app, offline_option
 def predict(
     scan: Path = typer.Argument(..., help="CT scan (NIfTI/NRRD/MHA file or DICOM series folder), or a folder of scans."),
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Run folder or checkpoint file. Default: the most recent finished run under --runs."
+        None, "--model", "-m", help="Run folder, checkpoint file or checkpoint name (e.g. lite_medsam). "
+        "Default: with --prompts-from or --boxes, LiteMedSAM zero-shot; else the most recent finished run under --runs."
     ),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Output label file (or folder, for a folder of scans). Default: NAME_seg.nii.gz next to the scan."

@@ -32,8 +32,11 @@ MAX_CLICKS = 20  # compare --clicks: SAM's interactive studies stop within 20 cl
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The built-in demo: phantoms small enough for a 2-core CPU, and the stand-in SAM (flaresam.models.standin)."""
+    """The built-in demo: phantoms small enough for a 2-core CPU, and a real pretrained SAM (LiteMedSAM) as the base
+    of the SAM rows; the synthetic stand-in (flaresam.models.standin) on request (``--arch demo``) and in tests."""
 
+    # the SAM rows' base checkpoint: a registry name (a real medical SAM that ships with flaresam), or "standin"
+    sam_base: str = "lite_medsam"
     cases: int = 10
     size: int = 64
     slices: int = 16
@@ -101,6 +104,7 @@ class Resolved:
     lr: dict[str, float]
     standin: bool  # the SAM checkpoints are flaresam's synthetic stand-in, not official weights
     settings: DemoSettings = DEMO  # the demo's settings this plan was resolved with (used only when ``demo``)
+    sam_base: str | None = None  # the demo's base checkpoint by registry name (provenance), when not the stand-in
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -201,6 +205,7 @@ def resolve(plan: ComparePlan) -> Resolved:
         raise UsageError("--init random and --checkpoint exclude each other")
     checkpoints: dict[str, str | None] = {m: None for m in prompted}
     standin = False
+    sam_base: str | None = None
     arch = plan.arch
     if prompted and init != "random":
         if plan.checkpoint or plan.sam_checkpoint:
@@ -213,10 +218,17 @@ def resolve(plan: ComparePlan) -> Resolved:
         elif demo:
             from flaresam.models.standin import STANDIN_ARCH
 
-            if arch not in (None, STANDIN_ARCH):
-                raise UsageError(f"the demo's SAM models start from the stand-in checkpoint ({STANDIN_ARCH}); "
-                                 f"--arch {arch} needs --checkpoint or --init random")
-            standin, arch = True, STANDIN_ARCH
+            if arch == STANDIN_ARCH or settings.sam_base == "standin":
+                standin, arch = True, STANDIN_ARCH
+            else:
+                from flaresam.models.weights import get_entry
+
+                base = get_entry(settings.sam_base)
+                if arch not in (None, base.arch):
+                    raise UsageError(f"the demo's SAM models start from {base.title} ({base.name}, {base.arch}), or from the "
+                                     f"synthetic stand-in with --arch {STANDIN_ARCH}; --arch {arch} needs --checkpoint or --init random")
+                arch, sam_base = base.arch, base.name
+                checkpoints = {m: base.name for m in prompted}
         else:
             raise UsageError(
                 "the SAM models need the official weights: give --checkpoint (e.g. sam_hq_vit_b; see `flaresam weights list`), "
@@ -239,6 +251,7 @@ def resolve(plan: ComparePlan) -> Resolved:
         lr=_demo_lr(settings, plan.models) if demo else {},
         standin=standin,
         settings=settings,
+        sam_base=sam_base,
     )
 
 

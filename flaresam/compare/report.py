@@ -58,9 +58,12 @@ def caption(r: Resolved, store: PreparedStore) -> dict[str, Any]:
     dense_untrained = bool(dense) and r.encoder_weights == "none"
     if dense_untrained:
         issues.append("dense models with untrained encoders (--encoder-weights none; the study's use ImageNet weights)")
+    base = _sam_base(r)
+    if base is not None and issues:
+        issues.append(f"SAM rows from {base}")
     parts = []
     if prompted:
-        parts.append("pretrained SAM encoders" if not (r.standin or random_encoders) else "")
+        parts.append((f"SAM rows from {base}" if base else "pretrained SAM encoders") if not (r.standin or random_encoders) else "")
     if dense:
         parts.append("ImageNet-pretrained dense encoders" if not dense_untrained else "")
     if issues:
@@ -73,7 +76,18 @@ def caption(r: Resolved, store: PreparedStore) -> dict[str, Any]:
         note = data + " with " + " and ".join(p for p in parts if p) + "."
         warning = ""
     return {"note": note, "warning": warning, "synthetic_data": synthetic, "standin_sam": r.standin,
-            "random_sam_encoders": random_encoders, "untrained_dense_encoders": dense_untrained}
+            "random_sam_encoders": random_encoders, "untrained_dense_encoders": dense_untrained, "sam_base": base}
+
+
+def _sam_base(r: Resolved) -> str | None:
+    """The SAM rows' one base, in words, where it is a registry checkpoint that is not an official SAM (LiteMedSAM)."""
+    from flaresam.models.weights import find_entry
+
+    bases = {r.checkpoints.get(m) for m in r.prompted}
+    if len(bases) != 1:
+        return None
+    entry = find_entry(next(iter(bases)) or "")
+    return entry.provenance if entry is not None and not entry.official else None
 
 
 def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: Mapping[str, ModelRun],
@@ -101,7 +115,7 @@ def build_results(r: Resolved, store: PreparedStore, rows: Sequence[Row], runs: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 1),
         "command": list(plan.command),
-        **{k: caption[k] for k in ("synthetic_data", "standin_sam", "random_sam_encoders", "untrained_dense_encoders")},
+        **{k: caption[k] for k in ("synthetic_data", "standin_sam", "random_sam_encoders", "untrained_dense_encoders", "sam_base")},
         "note": caption["note"],
         "metrics": METRICS,
         "evaluated_on": "test",

@@ -200,14 +200,29 @@ def with_standin_checkpoints(r: Resolved) -> Resolved:
     return dataclasses.replace(r, checkpoints={m: str(files[family(m)]) for m in r.checkpoints})
 
 
-def _zero_shot(r: Resolved) -> list[str]:
-    """The SAM models that start from a checkpoint: one row before fine-tuning per family (``hqsam`` and
-    ``hqsam:lora`` share their base), under the first of its keys."""
-    firsts: dict[str, str] = {}
+def _zero_shot(r: Resolved) -> list[tuple[str, str]]:
+    """The rows before fine-tuning, as (model key, family built): one per base checkpoint and decoder (``hqsam`` and
+    ``hqsam:lora`` share their base), under the first of its keys. HQ-SAM over a file without HQ-SAM's parts would
+    start them fresh: its zero-shot row is the SAM it sits on (shared with a ``sam`` row on the same file)."""
+    from flaresam.models.sam.checkpoint import has_hq_parts
+
+    firsts: dict[tuple[str, str], str] = {}
     for m in r.prompted:
-        if r.checkpoints.get(m):
-            firsts.setdefault(family(m), m)
-    return list(firsts.values())
+        base = r.checkpoints.get(m)
+        if not base:
+            continue
+        built = "sam" if family(m) == "hqsam" and not has_hq_parts(base) else family(m)
+        firsts.setdefault((built, base), m)
+    return [(m, built) for (built, _), m in firsts.items()]
+
+
+def zero_shot_label(built: str, base: str | None) -> str:
+    """A zero-shot row's name: the base's own where it is not an official SAM (``LiteMedSAM (zero-shot)``)."""
+    from flaresam.models.weights import find_entry
+
+    entry = find_entry(base or "")
+    name = entry.title if entry is not None and not entry.official else display(built)
+    return f"{name} (zero-shot)"
 
 
 def _progress_total(c: _Compare) -> int:
@@ -230,14 +245,14 @@ def baselines(c: _Compare, bar: _Bar) -> None:
     if r.prompted:
         c.score(Row("boxfill", "boxfill", "Box fill (no model)", "baseline", "oracle boxes", None),
                 box_fill_predictor(min_pixels(c.runs[r.prompted[0]].config)), bar)
-    for m in _zero_shot(r):
-        options = {k: v for k, v in c.runs[m].config.model_options.items() if k not in ("cache_embeddings", "trainable")}
+    for m, f in _zero_shot(r):
+        options = {k: v for k, v in c.runs[m].config.model_options.items() if k not in ("trainable", "click_training")}
         options = {k: v for k, v in options.items() if not k.startswith("lora_")}
-        step = build_step(family(m), quiet=True, **options)
+        step = build_step(f, quiet=True, **options)  # the run's embedding cache: its test slices are encoded once
         step.prepare_inference()
         step.network().to(c.device).eval()
-        f = family(m)
-        row = Row(f"{f}@zeroshot", f, f"{display(f)} (zero-shot)", "baseline", "oracle boxes", None, checkpoint=r.checkpoints[m])
+        row = Row(f"{f}@zeroshot", f, zero_shot_label(f, r.checkpoints[m]), "baseline", "oracle boxes", None,
+                  checkpoint=r.checkpoints[m])
         c.score(row, oracle_predictor(step, c.device), bar)
         c.click_curve(row, step, bar)
 
@@ -290,11 +305,14 @@ def train_or_reuse(c: _Compare, m: str, counter: str, bar: _Bar) -> None:
 
 def evaluate_model(c: _Compare, m: str, bar: _Bar) -> None:
     """Score the run's chosen epoch (``--select``) on the test cases: oracle boxes for SAM models."""
+    from flaresam.models.sam.step import SamStep
     from flaresam.training.run_folder import load_run
 
     select = c.r.plan.select
     run = c.runs[m]
     step, ckpt = load_run(run.dir, c.device, which=select)
+    if isinstance(step, SamStep):
+        step.use_embedding_cache()  # a frozen encoder's test slices are those its zero-shot row encoded
     c.steps[m] = step
     metrics = ckpt.get("metrics") or {}
     c.selected[m] = {"epoch": ckpt.get("epoch"), "which": select, "val_2d_dice": metrics.get("val_mean_dice"),

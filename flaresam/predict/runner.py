@@ -151,11 +151,18 @@ def run_prediction(req: PredictRequest, notify: Notify = silent) -> list[Path]:
 
 
 def _find_model(req: PredictRequest, notify: Notify) -> str:
-    """``--model``, or the most recent finished run under ``--runs``."""
+    """``--model``; with prompts (``--prompts-from``/``--boxes``) and no model, LiteMedSAM zero-shot (a real medical
+    SAM, shipped with flaresam, no training needed); else the most recent finished run under ``--runs``."""
+    from flaresam.models.weights import DEFAULT_ZERO_SHOT, get_entry
     from flaresam.training.run_folder import find_latest_run
 
     if req.model is not None:
         return req.model
+    if req.prompts_from or req.boxes:
+        entry = get_entry(DEFAULT_ZERO_SHOT)
+        notify("info", f"No --model: {entry.title} zero-shot ({entry.name}; {entry.origin}), prompted by "
+                       f"{'--prompts-from' if req.prompts_from else '--boxes'}; --model RUN uses a trained model")
+        return entry.name
     found = find_latest_run(req.runs)
     if found is None:
         raise DataError(

@@ -97,9 +97,15 @@ class LoadReport:
     fresh_hq: int = 0  # HQ tensors initialised fresh (an original SAM file into HQ-SAM)
     ignored_hq: int = 0  # HQ tensors of the file not used (an HQ-SAM file into SAM)
     ignored_other: list[str] = field(default_factory=list)
+    entry: WeightsEntry | None = None  # the registry's file this is a copy of (None: another file)
 
     def lines(self) -> list[str]:
-        what = "the synthetic stand-in's weights (not the official SAM weights)" if is_standin_arch(self.arch) else f"{self.arch} weights"
+        if is_standin_arch(self.arch):
+            what = "the synthetic stand-in's weights (not the official SAM weights)"
+        elif self.entry is not None:
+            what = self.entry.provenance
+        else:
+            what = f"{self.arch} weights"
         out = [f"Loaded {what} from {self.path}"]
         if self.fresh_hq:
             out.append(f"{self.path.name} is an original SAM checkpoint: HQ-SAM's {self.fresh_hq} HQ-only tensors "
@@ -145,6 +151,22 @@ def load_into(net: SamNet, state: dict[str, torch.Tensor], path: Path) -> LoadRe
         raise DataError(f"checkpoint {path}: {len(left)} tensors of the model were not in it (e.g. {left[0]})")
     net.train(False)  # refreshes TinyViT's cached attention biases from the loaded tensors
     return report
+
+
+def has_hq_parts(spec: str) -> bool:
+    """Whether a ``--checkpoint`` (registry name or file) carries HQ-SAM's decoder parts (else HQ-SAM adds them
+    fresh): the registry says for a name; a file's tensor names are read memory-mapped, without loading it."""
+    from flaresam.models.weights import find_entry
+
+    entry = find_entry(spec)
+    if entry is not None and not Path(spec).expanduser().is_file():
+        return entry.decoder == "hq"
+    try:
+        obj = torch.load(Path(spec).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise DataError(f"checkpoint {spec}: cannot be read ({type(exc).__name__})") from None
+    inner = obj.get("model", obj) if isinstance(obj, dict) else {}
+    return isinstance(inner, dict) and any(is_hq_key(str(k)) for k in inner)
 
 
 def _looks_like_path(spec: str) -> bool:

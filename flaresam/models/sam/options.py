@@ -31,8 +31,10 @@ class SamOptions(ModelOptions):
     checkpoint_sha256: str | None = option(None, cli=False)
     init: str = option("checkpoint")  # "checkpoint" or "random" (tests and demos)
     # what trains (flaresam.models.sam.adaptation): the mask decoder (the study), HQ-SAM's added parts ("hq"),
-    # LoRA adapters ("lora"), the encoder's last N blocks with the decoder ("last-blocks:N"), or "all"
-    trainable: str = option("decoder")
+    # LoRA adapters ("lora"), the encoder's last N blocks with the decoder ("last-blocks:N"), or "all". None: chosen
+    # when the base is loaded (load_sam_step): "hq" for HQ-SAM over a file without HQ-SAM's parts (they start fresh
+    # and alone train, as HQ-SAM's authors trained them), else "decoder"
+    trainable: str | None = option(None)
     lora_rank: int = option(8)
     lora_alpha: int = option(16)
     lora_targets: str = option("encoder")  # encoder | decoder | encoder+decoder
@@ -55,14 +57,15 @@ class SamOptions(ModelOptions):
 
     def __post_init__(self) -> None:
         # None or "" (a config written by hand, an older caller) means the default, as the command line's None does
-        for name, default in (("init", "checkpoint"), ("trainable", "decoder"), ("loss", "dice")):
+        for name, default in (("init", "checkpoint"), ("trainable", None), ("loss", "dice")):
             if getattr(self, name) in (None, ""):
                 object.__setattr__(self, name, default)
         if self.init == "pretrained":
             object.__setattr__(self, "init", "checkpoint")
         if self.init not in INITS:
             raise UsageError(f"--init {self.init!r}: choose 'random' (or give --checkpoint)")
-        object.__setattr__(self, "trainable", str(Trainable.parse(self.trainable)))
+        if self.trainable is not None:
+            object.__setattr__(self, "trainable", str(Trainable.parse(self.trainable)))
         object.__setattr__(self, "lora_rank", 8 if self.lora_rank is None else int(self.lora_rank))
         object.__setattr__(self, "lora_alpha", 16 if self.lora_alpha is None else int(self.lora_alpha))
         if self.lora_targets is None:
@@ -72,10 +75,10 @@ class SamOptions(ModelOptions):
         check_lora_targets(self.lora_targets)
         lora_set = (self.lora_rank, self.lora_alpha, self.lora_targets) != (8, 16, "encoder")
         if lora_set and not self.adaptation.lora:  # an option that would do nothing is a mistake to say, not to ignore
-            raise UsageError(f"--lora-rank, --lora-alpha and --lora-targets apply to --trainable lora, not {self.trainable}")
+            raise UsageError(f"--lora-rank, --lora-alpha and --lora-targets apply to --trainable lora, not {self.adaptation}")
         object.__setattr__(self, "grad_checkpoint", bool(self.grad_checkpoint))
         if self.grad_checkpoint and not self.encoder_trains:
-            raise UsageError(f"--grad-checkpoint recomputes the image encoder's activations; with --trainable {self.trainable} "
+            raise UsageError(f"--grad-checkpoint recomputes the image encoder's activations; with --trainable {self.adaptation} "
                              "it does not train (use lora, last-blocks:N or all)")
         object.__setattr__(self, "click_training", 0.0 if self.click_training is None else float(self.click_training))
         if not 0.0 <= self.click_training <= 1.0:
@@ -99,7 +102,7 @@ class SamOptions(ModelOptions):
     @property
     def adaptation(self) -> Trainable:
         """What trains, parsed."""
-        return Trainable.parse(self.trainable)
+        return Trainable.parse(self.trainable or "decoder")
 
     @property
     def encoder_trains(self) -> bool:

@@ -85,7 +85,7 @@ def load_sam_step(name: str, options: SamOptions, *, quiet: bool = False) -> Sam
         example = "sam_hq_vit_b" if name == "hqsam" else "sam_vit_b"
         raise UsageError(NO_CHECKPOINT.format(model="HQ-SAM" if name == "hqsam" else "SAM", example=example))
 
-    state, path, report = None, None, None
+    state, path, report, entry = None, None, None, None
     if options.checkpoint:
         path, entry = resolve(str(options.checkpoint), quiet=quiet)
         if options.arch is not None and entry is not None and entry.arch != options.arch:
@@ -110,6 +110,7 @@ def load_sam_step(name: str, options: SamOptions, *, quiet: bool = False) -> Sam
     net = build_network(name, options.arch, seed=options.init_seed, encoder_on_meta=state is not None and spec.encoder == "vit")
     if state is not None and path is not None:
         report = load_into(net, state, path)
+        report.entry = entry
         del state
         if not quiet:
             from flaresam.ui import info, warn
@@ -118,6 +119,14 @@ def load_sam_step(name: str, options: SamOptions, *, quiet: bool = False) -> Sam
             info(lines[0])
             for line in lines[1:]:
                 warn(line)
+    if options.trainable is None:  # HQ-SAM's parts fresh over a SAM file: they alone train, as HQ-SAM's authors trained them
+        fresh = report is not None and report.fresh_hq > 0
+        options = dataclasses.replace(options, trainable="hq" if fresh else "decoder")
+        if fresh and not quiet:
+            from flaresam.ui import info
+
+            info("HQ-SAM's added parts start fresh: they alone train (--trainable hq), the SAM they sit on stays frozen; "
+                 "--trainable decoder trains the whole mask decoder")
     return SamStep(name, options, net, load_report=report)
 
 
@@ -221,6 +230,12 @@ class SamStep(ModelStep):
             self.net.fast_encoder = self._fast_encoder()
             self.net.__dict__.pop("_fast_runner", None)
             self._cache = None
+
+    def use_embedding_cache(self, where: bool | str = True) -> None:
+        """Read and fill the on-disk encoder cache from now on (``compare`` scores every row of one base on the same
+        test slices: each is encoded once). The cache holds fp16 embeddings, as training reads them."""
+        self.options = dataclasses.replace(self.options, cache_embeddings=where)
+        self._cache = None
 
     def train_dataset(self, store: PreparedStore, case_ids: list[str], seed: int) -> SamSliceDataset:
         if self.options.compile_encoder is None and not self.encoder_live:  # thousands of slices: compiling pays (CUDA)
