@@ -506,3 +506,28 @@ def test_first_layer_shared_per_image_equals_the_stock_transformer(images, promp
     scale = max(float(t.abs().max()) for t in theirs.values())
     for n in theirs:  # (the keys' biases have a true gradient of 0: softmax ignores them; both sides are ~1e-17 there)
         assert torch.allclose(ours[n], theirs[n], rtol=1e-9, atol=1e-12 * scale), n
+
+
+def test_prompts_per_slice_samples_a_slices_organs_and_changes_nothing_when_off(tmp_path):
+    """--prompts-per-slice N: at most N of a slice's organs per item, a subset of all of them, the same on the same
+    seed and epoch; 0 (the default) gives every organ, as before."""
+    from flaresam.data.prompts import PromptConfig
+    from flaresam.models.sam.dataset import SamSliceDataset
+    from tests.conftest import phantom_store
+
+    store = phantom_store(tmp_path, cases=2, size=32, slices=8, seed=3, val_fraction=0.0)
+
+    def items(per_slice: int) -> list:
+        ds = SamSliceDataset(store, store.train_ids, image_size=128, lowres=32, prompts=PromptConfig(per_slice=per_slice), seed=1)
+        return [ds[i] for i in range(len(ds))]
+
+    every, two, again = items(0), items(2), items(2)
+    assert max(len(it["organs"]) for it in every) > 2
+    for a, b, c in zip(every, two, again):
+        assert len(b["organs"]) == min(2, len(a["organs"]))
+        assert set(b["organs"].tolist()) <= set(a["organs"].tolist())
+        assert b["organs"].tolist() == c["organs"].tolist() and torch.equal(b["boxes"], c["boxes"])
+    with pytest.raises(Exception, match="prompts-per-slice"):
+        from flaresam.models.sam.options import SamOptions
+
+        SamOptions(prompts_per_slice=-1)

@@ -64,6 +64,10 @@ def finetune(
         None, "--min-pixels", help="SAM: organs smaller than this on a slice get no box, in training and validation alike \\[default: 10]."
     ),
     per_component: bool | None = typer.Option(None, "--per-component/--per-organ", help="SAM: one box per connected component instead of per organ."),
+    prompts_per_slice: int | None = typer.Option(
+        None, "--prompts-per-slice", help="SAM: a random N of a training slice's box prompts per epoch, as SAM and MedSAM sample "
+        "masks \[default: 0, every organ, the study's]."
+    ),
     cache_embeddings: bool | None = typer.Option(
         None, "--cache-embeddings/--no-cache-embeddings", help="SAM: compute the frozen encoder's embeddings once and reuse them."
     ),
@@ -95,7 +99,8 @@ def finetune(
         "loss": loss, "arch": arch, "checkpoint": checkpoint, "init": init, "trainable": trainable, "jitter": jitter,
         "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": lora_targets, "grad_checkpoint": grad_checkpoint,
         "click_training": click_training,
-        "min_pixels": min_pixels, "per_component": per_component, "cache_embeddings": cache_embeddings,
+        "min_pixels": min_pixels, "per_component": per_component, "prompts_per_slice": prompts_per_slice,
+        "cache_embeddings": cache_embeddings,
         "fast_encoder": fast_encoder, "compile_encoder": compile_encoder,
         "encoder": encoder, "encoder_weights": encoder_weights, "size": size, "context": context, "augment": augment,
     }

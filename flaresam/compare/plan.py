@@ -43,7 +43,10 @@ class DemoSettings:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     # fine-tuning a pretrained decoder needs few epochs; the dense networks start from scratch
-    epochs: tuple[tuple[str, int], ...] = (("hqsam", 6), ("sam", 6), ("unet", 8), ("deeplab", 8))
+    epochs: tuple[tuple[str, int], ...] = (("hqsam", 2), ("sam", 2), ("unet", 8), ("deeplab", 8))
+    # the SAM rows' box prompts per training slice and epoch (0: every organ): LiteMedSAM's decoder makes 256 x 256
+    # masks, 16 times the stand-in's pixels, and a 2-core laptop pays per prompt; a sample per slice, as MedSAM trains
+    prompts_per_slice: int = 2
     batch_size: int = 8
     # the SAM models keep the study's rate; from-scratch dense networks on tiny data learn faster with more
     lr: tuple[tuple[str, float], ...] = (("unet", 2e-3), ("deeplab", 2e-3))
@@ -307,6 +310,8 @@ def train_config(r: Resolved, model: str, store: PreparedStore) -> TrainConfig:
                    "loss": r.plan.loss, "jitter": r.plan.jitter, "click_training": r.plan.click_training, "cache_embeddings": True}
         if model == "sam" and r.plan.trainable == "hq":
             options["trainable"] = None  # SAM has no HQ parts: its whole decoder trains, as the study's SAM row
+        if r.demo and r.settings.prompts_per_slice:
+            options["prompts_per_slice"] = r.settings.prompts_per_slice
     else:
         options = {"encoder": r.encoder, "encoder_weights": r.encoder_weights}
     options = {k: v for k, v in options.items() if v is not None}

@@ -36,6 +36,7 @@ class PromptConfig:
     jitter_px: int = DEFAULT_JITTER_PX  # outward jitter per side, 0..N pixels of SAM's 1024 frame (converted)
     min_pixels: int = DEFAULT_MIN_PIXELS  # organs (components) smaller than this on a slice get no prompt
     per_component: bool = False  # one box per connected component instead of per organ
+    per_slice: int = 0  # training: a random subset of this many prompts per slice (0: every one)
 
     def __post_init__(self) -> None:
         if self.jitter_px < 0:

@@ -92,6 +92,19 @@ class ModelStep(ABC):
         is prompted by its points alone.
         """
 
+    def organ_masks(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray, device: torch.device | str,
+                    inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
+        """Each box prompt's own mask, bool [len(indices), organs, H, W], overlaps between organs not resolved (what
+        a 3D box's propagation follows, organ by organ). Here one organ per call of :meth:`predict_slices`; a
+        prompted model overrides it with one decoding of every prompt."""
+        boxes = np.asarray(boxes)
+        out = np.zeros((len(indices), boxes.shape[1], *volume.shape[1:]), dtype=bool)
+        for organ in np.flatnonzero((boxes[..., 0] >= 0).any(axis=0)):
+            alone = np.full_like(boxes, -1)
+            alone[:, organ] = boxes[:, organ]
+            out[:, organ] = self.predict_slices(volume, indices, alone, device, inference) == organ + 1
+        return out
+
     # -- shared definitions ------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings that rebuild this model (saved in checkpoints and run.json)."""

@@ -63,7 +63,10 @@ class Segmenter:
         runtime: str = "auto",
         notify: Notify = silent,
     ) -> Segmenter:
-        """Load ``model`` (a run folder or checkpoint, or an official SAM/HQ-SAM file or name) once.
+        """Load ``model`` (a run folder or checkpoint, or a SAM/HQ-SAM file or registry name) once.
+
+        ``Segmenter.load("lite_medsam")``: LiteMedSAM zero-shot, a real medical SAM that ships with flaresam
+        (offline, no training; give it boxes or a prompt label).
 
         ``proposer``: a dense run whose segmentation gives a SAM model its boxes
         when no other prompt is given. ``labels``: a label set (or its

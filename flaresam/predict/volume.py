@@ -87,7 +87,12 @@ def _mask_box(mask: np.ndarray) -> np.ndarray | None:
 
 def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, device: torch.device | str,
                     inference: InferenceOptions = WHOLE_FRAME, num_organs: int = NUM_ORGANS) -> np.ndarray:
-    """Per-slice boxes from 3D boxes by propagation (MedSAM style); returns int32 [z, num_organs, 4]."""
+    """Per-slice boxes from 3D boxes by propagation (MedSAM style); returns int32 [z, num_organs, 4].
+
+    Each organ follows its own mask (:meth:`ModelStep.organ_masks`), as MedSAM's 3D inference does: a
+    neighbour's large box must not take an organ's pixels before its next box is read off them (a label map's
+    winner-takes-all did, and organs shrank slice by slice to nothing). Every slice is still encoded once.
+    """
     z = image8.shape[0]
     boxes = np.full((z, num_organs, 4), -1, np.int32)
     if not prompts.boxes:  # points alone: nothing to propagate
@@ -99,9 +104,9 @@ def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, de
     # middle slices first, all organs of a slice in one call
     masks: dict[tuple[int, int], np.ndarray] = {}
     for m, group in sorted(by_middle.items()):
-        pred = step.predict_slices(image8, np.array([m]), boxes[[m]], device, inference)[0]
+        own = step.organ_masks(image8, np.array([m]), boxes[[m]], device, inference)[0]
         for b in group:
-            masks[(m, b.organ.id)] = pred == b.organ.id
+            masks[(m, b.organ.id)] = own[b.organ.id - 1]
     for direction in (1, -1):
         alive = {b.organ.id: b for b in prompts.boxes}
         start = min(by_middle) if direction > 0 else max(by_middle)
@@ -126,9 +131,9 @@ def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, de
             one = np.full((1, num_organs, 4), -1, np.int32)
             for b in active:
                 one[0, b.organ.id - 1] = boxes[s, b.organ.id - 1]
-            pred = step.predict_slices(image8, np.array([s]), one, device, inference)[0]
+            own = step.organ_masks(image8, np.array([s]), one, device, inference)[0]
             for b in active:
-                masks[(s, b.organ.id)] = pred == b.organ.id
+                masks[(s, b.organ.id)] = own[b.organ.id - 1]
     return boxes
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from flaresam.data.prompts import MAX_TRAINING_CLICKS, PromptConfig, jitter_boxes, slice_prompts
+from flaresam.data.prompts import MAX_TRAINING_CLICKS, PromptConfig, SlicePrompts, jitter_boxes, slice_prompts
 from flaresam.errors import DataError
 from flaresam.models.sam.archs import SAM_PREPROCESSING, Preprocessing
 from flaresam.models.sam.embedding_cache import slice_key
@@ -93,6 +93,9 @@ class SamSliceDataset(torch.utils.data.Dataset):
         prompts = slice_prompts(np.asarray(case.label[z]), self.prompts, case.boxes[z], case.pixels[z])
         input_hw = preprocess_shape(h, w, self.image_size)
         rng = np.random.default_rng([self.seed, self.epoch, i])
+        if 0 < self.prompts.per_slice < len(prompts):  # drawn first; without a cap no draw, the stream as before
+            keep = np.sort(rng.choice(len(prompts), self.prompts.per_slice, replace=False))
+            prompts = SlicePrompts(prompts.organs[keep], prompts.boxes[keep], prompts.masks[keep])
         frame_boxes = boxes_to_frame(prompts.boxes, (h, w), input_hw, self.preprocessing.box_rounding)
         boxes = jitter_boxes(frame_boxes, self.prompts.jitter_px, rng, input_hw, self.image_size)
         targets = lowres_targets(torch.from_numpy(prompts.masks), input_hw, self.image_size, self.lowres)

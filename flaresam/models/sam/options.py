@@ -44,6 +44,9 @@ class SamOptions(ModelOptions):
     click_training: float = option(0.0)
     min_pixels: int = option(DEFAULT_MIN_PIXELS)
     per_component: bool = option(False)
+    # box prompts per training slice: 0, every organ on it (the study); N, a random N of them per slice and epoch,
+    # as SAM and MedSAM train on a sample of an image's masks (a decoder at 256 x 256 masks costs per prompt)
+    prompts_per_slice: int = option(0)
     loss: str = option("dice")
     init_seed: int = option(0, cli=False)  # seeds the random tensors (a random encoder must come back identical)
     encode_batch: int = option(4, cli=False)  # slices per encoder call on CUDA
@@ -97,6 +100,9 @@ class SamOptions(ModelOptions):
         object.__setattr__(self, "jitter", DEFAULT_JITTER_PX if self.jitter is None else int(self.jitter))
         object.__setattr__(self, "min_pixels", DEFAULT_MIN_PIXELS if self.min_pixels is None else int(self.min_pixels))
         object.__setattr__(self, "per_component", bool(self.per_component))
+        object.__setattr__(self, "prompts_per_slice", 0 if self.prompts_per_slice is None else int(self.prompts_per_slice))
+        if self.prompts_per_slice < 0:
+            raise UsageError(f"--prompts-per-slice must be >= 0 (0: every organ), got {self.prompts_per_slice}")
         PromptConfig(jitter_px=self.jitter, min_pixels=self.min_pixels)  # the prompt rule's own checks
 
     @property
@@ -112,4 +118,5 @@ class SamOptions(ModelOptions):
     @property
     def prompts(self) -> PromptConfig:
         """The box-prompt rule of training (jitter, small organs, per component)."""
-        return PromptConfig(jitter_px=self.jitter, min_pixels=self.min_pixels, per_component=self.per_component)
+        return PromptConfig(jitter_px=self.jitter, min_pixels=self.min_pixels, per_component=self.per_component,
+                            per_slice=self.prompts_per_slice)

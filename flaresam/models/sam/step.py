@@ -303,6 +303,18 @@ class SamStep(ModelStep):
         ``points``: float [n, organs, P, 3] (x, y in slice pixels, label 1 positive / 0 negative / -1 none): an
         organ's points join its box on that slice, or prompt it alone where it has no box.
         """
+        labels, _, stats = self._decode(volume, indices, boxes, device, inference, points, per_organ=False)
+        return labels, stats
+
+    def organ_masks(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray, device: torch.device | str,
+                    inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
+        """Each box prompt's own mask (logit > 0), bool [n, organs, H, W]: one encoding per slice, one decoding of
+        every prompt, overlaps between organs not resolved."""
+        return self._decode(volume, indices, boxes, device, inference, None, per_organ=True)[1]
+
+    def _decode(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None, device: torch.device | str,
+                inference: InferenceOptions, points: np.ndarray | None,
+                per_organ: bool) -> tuple[np.ndarray, np.ndarray, WindowStats]:
         indices = np.asarray(indices, dtype=np.int64)
         h, w = int(volume.shape[1]), int(volume.shape[2])
         out = np.zeros((len(indices), h, w), dtype=np.uint8)
@@ -310,6 +322,7 @@ class SamStep(ModelStep):
         if boxes is None:
             raise UsageError(f"--model {self.name} needs box prompts to predict")
         boxes = np.asarray(boxes)
+        masks = np.zeros((len(indices), boxes.shape[1], h, w) if per_organ else (0,), dtype=bool)
         if points is not None:
             points = np.asarray(points, dtype=np.float32)
             if points.shape[:2] != boxes.shape[:2] or points.ndim != 4 or points.shape[3] != 3:
@@ -321,7 +334,7 @@ class SamStep(ModelStep):
             present = present | (points[..., 2] >= 0).any(axis=2)
         rows = np.flatnonzero(present.any(axis=1))
         if len(rows) == 0:
-            return out, stats
+            return out, masks, stats
         net = self.net
         dev = torch.device(device)
         was_training = net.training
@@ -333,12 +346,17 @@ class SamStep(ModelStep):
                 chunk = (inference.chunk or 8) if dev.type == "cuda" else 1
                 for start in range(0, len(rows), chunk):
                     part = rows[start : start + chunk]
-                    out[part], part_stats = self._predict_chunk(volume, indices[part], boxes[part], present[part], dev, inference,
-                                                                None if points is None else points[part])
+                    best, part_stats = self._predict_chunk(volume, indices[part], boxes[part], present[part], dev, inference,
+                                                           None if points is None else points[part])
+                    if per_organ:
+                        masks[part] = (best > 0).cpu().numpy()
+                    else:
+                        value, organ = best.max(dim=1)
+                        out[part] = torch.where(value > 0, organ + 1, torch.zeros_like(organ)).to(torch.uint8).cpu().numpy()
                     stats = stats + part_stats
         finally:
             net.train(was_training)
-        return out, stats
+        return out, masks, stats
 
     # -- helpers ---------------------------------------------------------------
     def _fast_encoder(self) -> bool | None:
@@ -405,7 +423,8 @@ class SamStep(ModelStep):
 
     def _predict_chunk(self, volume: np.ndarray, idx: np.ndarray, boxes: np.ndarray, present: np.ndarray,
                        dev: torch.device, inference: InferenceOptions,
-                       points: np.ndarray | None = None) -> tuple[np.ndarray, WindowStats]:
+                       points: np.ndarray | None = None) -> tuple[torch.Tensor, WindowStats]:
+        """Every prompt's logits on a chunk of slices, [n, organs, H, W] (-inf where an organ has no prompt)."""
         h, w = int(volume.shape[1]), int(volume.shape[2])
         slices = np.ascontiguousarray(volume[idx])
         emb, interm = self._slice_embeddings(slices, dev, inference.runtime)
@@ -440,9 +459,7 @@ class SamStep(ModelStep):
             sl_t, org_t = torch.from_numpy(g_sl).to(dev), torch.from_numpy(g_org).to(dev)
             for piece in pieces:
                 best[sl_t[piece.prompts], org_t[piece.prompts]] = post.to_slice(piece)
-        value, organ = best.max(dim=1)
-        labels = torch.where(value > 0, organ + 1, torch.zeros_like(organ))
-        return labels.to(torch.uint8).cpu().numpy(), WindowStats(len(sl), fallbacks)
+        return best, WindowStats(len(sl), fallbacks)
 
     def _exported_decoder(self, dev: torch.device, runtime: str) -> ExportedDecoder | None:
         """The decoder's whole-frame part through the encoder's CPU runtime (None: torch's modules)."""
