@@ -66,7 +66,7 @@ def finetune(
     per_component: bool | None = typer.Option(None, "--per-component/--per-organ", help="SAM: one box per connected component instead of per organ."),
     prompts_per_slice: int | None = typer.Option(
         None, "--prompts-per-slice", help="SAM: a random N of a training slice's box prompts per epoch, as SAM and MedSAM sample "
-        "masks \[default: 0, every organ, the study's]."
+        r"masks \[default: 0, every organ, the study's]."
     ),
     cache_embeddings: bool | None = typer.Option(
         None, "--cache-embeddings/--no-cache-embeddings", help="SAM: compute the frozen encoder's embeddings once and reuse them."
