@@ -16,7 +16,7 @@ from torch import nn
 
 from flaresam.errors import UsageError
 from flaresam.models.sam.archs import ArchSpec, arch_spec
-from flaresam.models.sam.decoding import PromptBatch, decode, is_hq_decoder, sam_points
+from flaresam.models.sam.decoding import PromptBatch, decode_in_chunks, is_hq_decoder, sam_points
 from flaresam.models.sam.fast_encoder import encoder_runner
 from flaresam.models.sam.preprocess import PIXEL_MEAN, PIXEL_STD, normalise
 from flaresam.models.sam.upstream import Upstream, encoder_classes, sam_modeling
@@ -110,7 +110,7 @@ class SamNet(nn.Module):
         assert embeddings is not None
         with torch.no_grad():  # the prompt encoder is frozen
             batch = self.prompt_batch(embeddings, interm, boxes, slice_index, sam_points(points))
-        return decode(self.mask_decoder, batch)
+        return decode_in_chunks(self.mask_decoder, batch)  # with gradients: bounded memory, same logits
 
 
 def build_image_encoder(spec: ArchSpec) -> nn.Module:
