@@ -36,10 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     preloaded jemalloc/tcmalloc/mimalloc). Only this entry point does it: importing
     flaresam, or calling it as a library, leaves the allocator alone.
     """
-    from flaresam.cpu_memory import keep_freed_memory
     from flaresam.ui import console, error_line
 
-    keep_freed_memory()  # process-wide; see the docstring (FLARESAM_MALLOC=system: not)
+    prepare_process()
     debug = os.environ.get("FLARESAM_DEBUG") == "1"
     try:
         app(args=argv, prog_name="flaresam")
@@ -63,9 +62,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
+def prepare_process() -> None:
+    """The process-wide settings of the ``flaresam`` command, applied before any work (see :func:`main`)."""
+    from flaresam.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # process-wide; see main's docstring (FLARESAM_MALLOC=system: not)
+
+
 def _one_line(text: str) -> str:
     """Messages from libraries may span lines; the user gets one."""
     return " ".join(part.strip() for part in text.splitlines() if part.strip()) or text
 
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "prepare_process"]
