@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     resident memory stays at its peak). ``FLARESAM_MALLOC=system`` opts out, as does
     any allocator setting of the user's own (``MALLOC_*``, ``GLIBC_TUNABLES``, a
     preloaded jemalloc/tcmalloc/mimalloc). Only this entry point does it: importing
-    flaresam, or calling it as a library, leaves the allocator alone.
+    flaresam, or calling it as a library, leaves the allocator alone. It also sets
+    ``OMP_WAIT_POLICY=PASSIVE`` unless the user set an OpenMP wait setting of their own
+    (:mod:`flaresam.cpu_threads`): waiting OpenMP threads sleep instead of spinning, so
+    training holds up when another process is busy on the same cores.
     """
     from flaresam.ui import console, error_line
 
@@ -65,8 +68,10 @@ def main(argv: list[str] | None = None) -> None:
 def prepare_process() -> None:
     """The process-wide settings of the ``flaresam`` command, applied before any work (see :func:`main`)."""
     from flaresam.cpu_memory import keep_freed_memory
+    from flaresam.cpu_threads import wait_passively
 
     keep_freed_memory()  # process-wide; see main's docstring (FLARESAM_MALLOC=system: not)
+    wait_passively()  # before torch loads libgomp; a user's OMP_WAIT_POLICY / GOMP_SPINCOUNT stays theirs
 
 
 def _one_line(text: str) -> str:
