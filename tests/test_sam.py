@@ -156,6 +156,37 @@ def test_training_decode_in_chunks_equals_one_call(model, monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_training_encoder_runs_one_image_at_a_time_with_the_same_gradients(monkeypatch):
+    """With gradients (LoRA, unfrozen blocks) the encoder runs per image, recomputed in the backward pass: the same
+    embeddings, early features and gradients as one batched call."""
+    from flaresam.models.sam.preprocess import normalise
+
+    net = build_network("hqsam", "test_tiny", seed=1)
+    params = list(net.image_encoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (3, 128, 128), generator=gen, dtype=torch.uint8)
+    input_hw = torch.tensor([[128, 128], [128, 100], [90, 128]])
+    spec = ARCHS["test_tiny"]
+    w_emb = torch.randn(3, spec.prompt_dim, spec.embedding_size, spec.embedding_size, generator=gen)
+    w_int = torch.randn(3, spec.embedding_size, spec.embedding_size, spec.vit_dim, generator=gen)
+
+    def grads(emb, interm):
+        return emb.detach(), interm.detach(), torch.autograd.grad((emb * w_emb).sum() + (interm * w_int).sum(), params)
+
+    ref = grads(*net._encode_one(normalise(frames, input_hw, net.pixel_mean, net.pixel_std)))
+    calls = []
+    one = net._encode_one
+    monkeypatch.setattr(net, "_encode_one", lambda x: calls.append(len(x)) or one(x))
+    ours = grads(*net.encode_live(frames, input_hw))
+    assert calls == [1] * 6  # three images, each run forward and again in the backward pass
+    torch.testing.assert_close(ours[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], ref[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours[2], ref[2]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("model", ["hqsam", "sam"])
 def test_encode_decode_and_predict_match_stock_sam(model, store):
     step = tiny(model)

@@ -77,7 +77,7 @@ def decode(decoder: Upstream, batch: PromptBatch) -> torch.Tensor:
 
 # mask pixels (prompts x L x L) decoded at once while gradients are on: 8 prompts at ViT/TinyViT's 256 x 256 output, about
 # 0.6 GB of saved activations (HQ-SAM's decoder keeps ~80 MB per 256 x 256 prompt for its backward pass)
-TRAIN_CHUNK_PIXELS = 8 * 256 * 256
+TRAIN_CHUNK_PIXELS = 2 * 256 * 256
 
 
 def decode_in_chunks(decoder: Upstream, batch: PromptBatch, chunk_pixels: int = TRAIN_CHUNK_PIXELS) -> torch.Tensor:
