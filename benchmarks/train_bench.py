@@ -12,7 +12,7 @@ Each phase is timed and its peak resident memory read from ``/proc/self/status``
                 every training slice and writes the cache
 * ``step``      one training step at the default batch (median over ``--steps``; the encoder runs inside it
                 unless the embeddings are cached)
-* ``validate``  the trainer's validation (every slice of the validation case, whole frame)
+* ``validate``  the trainer's validation (every slice of the validation case, whole frame; not in the busy run)
 * ``save``      checkpointing (last.pt, best.pt, resume.pt, curves)
 
 The ``busy`` column runs the same steps again beside one CPU-bound process
@@ -111,7 +111,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 return super().train_step(batch, epoch, i)
 
         def validate(self) -> Any:
-            if self.state.progress.epoch < self.cfg.epochs:  # validation of the last epoch only
+            if self.state.progress.epoch < self.cfg.epochs or args.no_validate:  # the last epoch's only
                 return None
             with phase("validate"):
                 return super().validate()
@@ -144,11 +144,12 @@ def _peak_total_mib(phases: dict[str, list[tuple[float, int]]]) -> float:
 # the parent: data once, a child per row, the busy process, the table
 
 
-def run_child(data: str, arch: str, mode: str, steps: int, batch: int) -> dict[str, Any]:
+def run_child(data: str, arch: str, mode: str, steps: int, batch: int, validate: bool = True) -> dict[str, Any]:
     cache = mode == "decoder+cache"
     with tempfile.TemporaryDirectory(prefix="train_bench_") as out:
         cmd = [sys.executable, __file__, "--child", "--data", data, "--arch", arch, "--mode", "decoder" if cache else mode,
                "--steps", str(steps), "--batch", str(batch), "--out", out] + (["--cache"] if cache else [])
+        cmd += [] if validate else ["--no-validate"]
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                "FLARESAM_HOME": str(Path(out) / "home")}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -190,6 +191,7 @@ def main() -> None:
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--cache", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-validate", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -219,7 +221,7 @@ def main() -> None:
                     continue
                 if not args.no_busy:
                     with busy_cpu():
-                        busy = run_child(data, arch, mode, args.steps, args.batch)
+                        busy = run_child(data, arch, mode, args.steps, args.batch, validate=False)
                     row["busy_step_s"] = busy.get("step_s")
                     row["busy_x"] = busy["step_s"] / row["step_s"] if busy.get("step_s") else None
                 line = f"{arch:<10} {mode:<14} {row['peak_mib']:>8.0f} "
