@@ -3,10 +3,11 @@
 Measured in a fresh child process (VmHWM, the kernel's own peak of resident memory), so a fast machine cannot
 hide a regression: the bound is on bytes, not seconds. The step is the study's setting at the decoder's real
 size: HQ-SAM ``vit_tiny`` (random weights), ``--trainable decoder``, embeddings as the embedding cache gives them
-(no encoder run: seconds, not minutes), eight phantom slices (the default batch) with every organ's box prompt
-(about 50 prompts at 256 x 256), forward, backward and an AdamW step. Before the training decoder ran in bounded chunks
-(:func:`flaresam.models.sam.decoding.decode_in_chunks`) it kept every prompt's activations, about 80 MB each,
-for the backward pass: this step peaked at 5.5 GB; it now needs about 1.2 GB. docs/training.md#memory has the
+(no encoder run), four phantom slices with every organ's box prompt (23 prompts at 256 x 256), forward, backward
+and an AdamW step. Before the training decoder ran in bounded chunks
+(:func:`flaresam.models.sam.decoding.decode_in_chunks`) it kept every prompt's activations, about 150 MB each,
+for the backward pass: this step peaked at 6.7 GB (VmHWM); it now stays under the 3 GB bound.
+docs/training.md#memory-and-time-on-a-cpu has the
 figures of whole runs (``benchmarks/train_bench.py``).
 """
 

@@ -75,8 +75,9 @@ def decode(decoder: Upstream, batch: PromptBatch) -> torch.Tensor:
     return mask_from_features(mask_hyper(decoder, hs), features)
 
 
-# mask pixels (prompts x L x L) decoded at once while gradients are on: 8 prompts at ViT/TinyViT's 256 x 256 output, about
-# 0.6 GB of saved activations (HQ-SAM's decoder keeps ~80 MB per 256 x 256 prompt for its backward pass)
+# mask pixels (prompts x L x L) decoded at once while gradients are on: 2 prompts at ViT/TinyViT's 256 x 256 output
+# (HQ-SAM's decoder keeps ~150 MB per 256 x 256 prompt for its backward pass). Larger chunks measured higher peaks on
+# the CPU (glibc's heap fragments more), smaller ones more time; docs/training.md#memory-and-time-on-a-cpu
 TRAIN_CHUNK_PIXELS = 2 * 256 * 256
 
 
