@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flaresam"
 # raw CT -> prepared store -> model step -> volume -> metrics -> report: a module may import its own layer or lower
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("flaresam", "flaresam.errors", "flaresam.jsondoc", "flaresam.messages", "flaresam.organs", "flaresam.paths", "flaresam.ui",
-     "flaresam.cpu_memory",
+     "flaresam.cpu_memory", "flaresam.cpu_threads",
      "flaresam.workers"),
     ("flaresam.io",),
     ("flaresam.data",),

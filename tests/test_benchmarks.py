@@ -112,3 +112,16 @@ def test_cpu_bench_encoder_section(tmp_path):
         variants = {ln["variant"] for ln in enc if ln["arch"] == arch}
         assert {"fp32", "sdpa fp32"} <= variants
     assert all(ln["cosine_vs_fp32_stock"] >= 0.9999 for ln in enc)
+
+
+@pytest.mark.slow
+def test_train_bench_smoke_prints_a_row_with_every_measured_phase(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "train_bench.py"), "--smoke", "--json"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["arch"], r["mode"]) for r in rows] == [("demo", "decoder")]
+    row = rows[0]
+    for phase in ("build", "step", "validate", "save"):
+        assert row[f"{phase}_s"] > 0 and 100 < row[f"{phase}_mib"] <= row["peak_mib"]
+    assert 0 < row["loss"] < 2

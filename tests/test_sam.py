@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from flaresam.errors import DataError, UsageError
+from flaresam.models.sam import decoding
 from flaresam.models.sam import preprocess as sam_io
 from flaresam.models.sam.archs import ARCHS, HQ_MODULES
 from flaresam.models.sam.checkpoint import is_hq_key
-from flaresam.models.sam.decoding import decode
+from flaresam.models.sam.decoding import decode, decode_in_chunks
 from flaresam.models.sam.network import build_network
 from flaresam.models.sam.step import SamStep
 from flaresam.models.sam.upstream import sam_modeling
@@ -110,6 +111,80 @@ def test_batched_decode_equals_stock_per_image_call(model):
                 interm_embeddings=interm[img : img + 1].unsqueeze(0),
             )
             assert torch.allclose(ours[sel], stock, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["hqsam", "sam"])
+def test_training_decode_in_chunks_equals_one_call(model, monkeypatch):
+    """Training decodes the prompts in checkpointed chunks (bounded memory): the same logits and gradients, for the
+    decoder's tensors and for the embeddings (an encoder that trains), as one call; the chunks are recomputed in the
+    backward pass (their activations were not kept)."""
+    net = build_network(model, "test_tiny", seed=1)
+    spec = ARCHS["test_tiny"]
+    e, lowres = spec.embedding_size, spec.lowres
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(3, spec.prompt_dim, e, e, generator=gen, requires_grad=True)
+    interm = torch.randn(3, e, e, spec.vit_dim, generator=gen, requires_grad=True)
+    slice_index = torch.tensor([2, 0, 1, 0, 2, 2, 1])  # unsorted: chunks span images
+    xy = torch.rand(len(slice_index), 2, generator=gen) * 60
+    boxes = torch.cat([xy, xy + 10 + torch.rand(len(slice_index), 2, generator=gen) * 50], dim=1)
+    weights = torch.randn(len(slice_index), 1, lowres, lowres, generator=gen)
+    params = [p for p in net.mask_decoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    inputs = params + [emb] + ([interm] if model == "hqsam" else [])
+
+    def run(fn):
+        with torch.no_grad():
+            batch = net.prompt_batch(emb, interm if model == "hqsam" else None, boxes, slice_index)
+        logits = fn(batch)
+        grads = torch.autograd.grad((logits * weights).sum(), inputs, allow_unused=True)
+        return logits.detach(), grads
+
+    ref, ref_grads = run(lambda b: decode(net.mask_decoder, b))
+    calls = []
+    monkeypatch.setattr(decoding, "decode", lambda *a: calls.append(1) or decode(*a))
+    ours, our_grads = run(lambda b: decode_in_chunks(net.mask_decoder, b, chunk_pixels=2 * lowres * lowres))
+    assert len(calls) == 8  # 4 chunks of at most 2 prompts, each run forward and again in the backward pass
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(our_grads, ref_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # without gradients: one plain call
+        calls.clear()
+        decode_in_chunks(net.mask_decoder, net.prompt_batch(emb, interm, boxes, slice_index), chunk_pixels=lowres * lowres)
+    assert len(calls) == 1
+
+
+def test_a_training_encoder_runs_one_image_at_a_time_with_the_same_gradients(monkeypatch):
+    """With gradients (LoRA, unfrozen blocks) the encoder runs per image, recomputed in the backward pass: the same
+    embeddings, early features and gradients as one batched call."""
+    from flaresam.models.sam.preprocess import normalise
+
+    net = build_network("hqsam", "test_tiny", seed=1)
+    params = list(net.image_encoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (3, 128, 128), generator=gen, dtype=torch.uint8)
+    input_hw = torch.tensor([[128, 128], [128, 100], [90, 128]])
+    spec = ARCHS["test_tiny"]
+    w_emb = torch.randn(3, spec.prompt_dim, spec.embedding_size, spec.embedding_size, generator=gen)
+    w_int = torch.randn(3, spec.embedding_size, spec.embedding_size, spec.vit_dim, generator=gen)
+
+    def grads(emb, interm):
+        return emb.detach(), interm.detach(), torch.autograd.grad((emb * w_emb).sum() + (interm * w_int).sum(), params)
+
+    ref = grads(*net._encode_one(normalise(frames, input_hw, net.pixel_mean, net.pixel_std)))
+    calls = []
+    one = net._encode_one
+    monkeypatch.setattr(net, "_encode_one", lambda x: calls.append(len(x)) or one(x))
+    ours = grads(*net.encode_live(frames, input_hw))
+    assert calls == [1] * 6  # three images, each run forward and again in the backward pass
+    torch.testing.assert_close(ours[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], ref[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(ours[2], ref[2]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("model", ["hqsam", "sam"])

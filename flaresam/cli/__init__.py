@@ -34,12 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     resident memory stays at its peak). ``FLARESAM_MALLOC=system`` opts out, as does
     any allocator setting of the user's own (``MALLOC_*``, ``GLIBC_TUNABLES``, a
     preloaded jemalloc/tcmalloc/mimalloc). Only this entry point does it: importing
-    flaresam, or calling it as a library, leaves the allocator alone.
+    flaresam, or calling it as a library, leaves the allocator alone. It also sets
+    ``OMP_WAIT_POLICY=PASSIVE`` unless the user set an OpenMP wait setting of their own
+    (:mod:`flaresam.cpu_threads`): waiting OpenMP threads sleep instead of spinning, so
+    training holds up when another process is busy on the same cores.
     """
-    from flaresam.cpu_memory import keep_freed_memory
     from flaresam.ui import console, error_line
 
-    keep_freed_memory()  # process-wide; see the docstring (FLARESAM_MALLOC=system: not)
+    prepare_process()
     debug = os.environ.get("FLARESAM_DEBUG") == "1"
     try:
         app(args=argv, prog_name="flaresam")
@@ -63,9 +65,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
+def prepare_process() -> None:
+    """The process-wide settings of the ``flaresam`` command, applied before any work (see :func:`main`)."""
+    from flaresam.cpu_memory import keep_freed_memory
+    from flaresam.cpu_threads import wait_passively
+
+    keep_freed_memory()  # process-wide; see main's docstring (FLARESAM_MALLOC=system: not)
+    wait_passively()  # before torch loads libgomp; a user's OMP_WAIT_POLICY / GOMP_SPINCOUNT stays theirs
+
+
 def _one_line(text: str) -> str:
     """Messages from libraries may span lines; the user gets one."""
     return " ".join(part.strip() for part in text.splitlines() if part.strip()) or text
 
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "prepare_process"]

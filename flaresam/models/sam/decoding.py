@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from flaresam.models.sam.mask_head import run_stack
 from flaresam.models.sam.upstream import Upstream
@@ -72,6 +73,44 @@ def decode(decoder: Upstream, batch: PromptBatch) -> torch.Tensor:
     hq = hq_features(decoder, batch.embeddings, batch.interm)
     features = mask_features(decoder, src, None if hq is None else torch.index_select(hq, 0, batch.slice_index))
     return mask_from_features(mask_hyper(decoder, hs), features)
+
+
+# mask pixels (prompts x L x L) decoded at once while gradients are on: 2 prompts at ViT/TinyViT's 256 x 256 output
+# (HQ-SAM's decoder keeps ~150 MB per 256 x 256 prompt for its backward pass). Larger chunks measured higher peaks on
+# the CPU (glibc's heap fragments more), smaller ones more time; docs/training.md#memory-and-time-on-a-cpu
+TRAIN_CHUNK_PIXELS = 2 * 256 * 256
+
+
+def decode_in_chunks(decoder: Upstream, batch: PromptBatch, chunk_pixels: int = TRAIN_CHUNK_PIXELS) -> torch.Tensor:
+    """:func:`decode` with bounded memory while gradients are on: the prompts in chunks, each chunk's activations
+    recomputed in the backward pass (``torch.utils.checkpoint``) instead of kept for it.
+
+    The same logits and gradients as one :func:`decode` call, to float rounding: every prompt's computation is its
+    own, and a chunk's per-image parts (HQ-SAM's image features, the first layer's image projections) are computed
+    for the images its prompts are on. Memory: one chunk's activations at a time instead of every prompt's
+    (``chunk_pixels`` mask pixels), for one more forward pass of the decoder. Without gradients: :func:`decode`.
+    """
+    n = int(batch.sparse.shape[0])
+    lowres = 4 * int(batch.embeddings.shape[-1])
+    chunk = max(1, chunk_pixels // (lowres * lowres))
+    if n <= chunk or not torch.is_grad_enabled():
+        return decode(decoder, batch)
+    parts = [
+        checkpoint(_decode_part, decoder, batch, start, min(n, start + chunk), use_reentrant=False)
+        for start in range(0, n, chunk)
+    ]
+    return torch.cat(parts)
+
+
+def _decode_part(decoder: Upstream, batch: PromptBatch, start: int, stop: int) -> torch.Tensor:
+    """:func:`decode` of prompts ``start:stop`` on their own images only."""
+    images, local = torch.unique(batch.slice_index[start:stop], return_inverse=True)
+    part = PromptBatch(
+        torch.index_select(batch.embeddings, 0, images),
+        None if batch.interm is None else torch.index_select(batch.interm, 0, images),
+        batch.sparse[start:stop], batch.dense[start:stop], local, batch.image_pe,
+    )
+    return decode(decoder, part)
 
 
 def decode_tokens(decoder: Upstream, batch: PromptBatch, hq_token: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flaresam.errors import UsageError
 from flaresam.models.sam.archs import ArchSpec, arch_spec
-from flaresam.models.sam.decoding import PromptBatch, decode, is_hq_decoder, sam_points
+from flaresam.models.sam.decoding import PromptBatch, decode_in_chunks, is_hq_decoder, sam_points
 from flaresam.models.sam.fast_encoder import encoder_runner
 from flaresam.models.sam.preprocess import PIXEL_MEAN, PIXEL_STD, normalise
 from flaresam.models.sam.upstream import Upstream, encoder_classes, sam_modeling
@@ -86,9 +87,21 @@ class SamNet(nn.Module):
 
     def encode_live(self, frames: torch.Tensor, input_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stock encoder modules on uint8 frames, gradients as the caller has them (an encoder that trains):
-        embeddings [B, C, E, E] and, for HQ-SAM, the early ViT feature [B, E, E, V]."""
-        embeddings, features = self.image_encoder(self.normalise(frames, input_hw))
-        return embeddings, (features[0] if self.hq else None)
+        embeddings [B, C, E, E] and, for HQ-SAM, the early ViT feature [B, E, E, V].
+
+        With gradients, one image at a time through ``torch.utils.checkpoint``: the backward pass recomputes each
+        image's activations instead of keeping every image's (TinyViT at 1024 px keeps about 0.9 GB per image for
+        LoRA's backward pass); the same outputs and gradients, for one more forward pass of the encoder."""
+        x = self.normalise(frames, input_hw)
+        if torch.is_grad_enabled() and x.shape[0] > 1:
+            parts = [checkpoint(self._encode_one, x[i : i + 1], use_reentrant=False) for i in range(x.shape[0])]
+            return torch.cat([p[0] for p in parts]), (torch.cat([p[1] for p in parts]) if self.hq else None)
+        embeddings, features = self._encode_one(x)
+        return embeddings, (features if self.hq else None)
+
+    def _encode_one(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings, features = self.image_encoder(x)
+        return embeddings, features[0]
 
     def prompt_batch(self, embeddings: torch.Tensor, interm: torch.Tensor | None, boxes: torch.Tensor | None,
                      slice_index: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None = None) -> PromptBatch:
@@ -114,7 +127,7 @@ class SamNet(nn.Module):
         assert embeddings is not None
         with torch.no_grad():  # the prompt encoder is frozen
             batch = self.prompt_batch(embeddings, interm, boxes, slice_index, sam_points(points))
-        return decode(self.mask_decoder, batch)
+        return decode_in_chunks(self.mask_decoder, batch)  # with gradients: bounded memory, same logits
 
 
 def build_image_encoder(spec: ArchSpec) -> nn.Module:
