@@ -606,3 +606,51 @@ def test_prompts_per_slice_samples_a_slices_organs_and_changes_nothing_when_off(
         from flaresam.models.sam.options import SamOptions
 
         SamOptions(prompts_per_slice=-1)
+
+
+def test_litemedsam_pixel_rule_scales_each_image_by_its_own_unpadded_range():
+    """``pixels="minmax"``: (x - min) / (max - min) over the image's own region (the zero padding is not its
+    minimum), 3 equal channels, padding 0 after; a constant image becomes zeros (the authors' clip at 1e-8)."""
+    frames = torch.zeros((2, 8, 8), dtype=torch.uint8)
+    frames[0, :4, :6] = torch.arange(24, dtype=torch.uint8).reshape(4, 6) + 100  # 100..123 inside, 0 padding
+    frames[1, :5, :5] = 7
+    hw = torch.tensor([[4, 6], [5, 5]])
+    x = sam_io.normalise(frames, hw, torch.zeros(3, 1, 1), torch.ones(3, 1, 1), pixels="minmax")
+    inside = x[0, :, :4, :6]
+    assert torch.allclose(inside[0], (frames[0, :4, :6].float() - 100) / 23) and torch.equal(inside[0], inside[2])
+    assert float(x[0, :, 4:, :].abs().max()) == 0.0 and float(x[0, :, :, 6:].abs().max()) == 0.0
+    assert float(x[1].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="pixel rule"):
+        sam_io.normalise(frames, hw, torch.zeros(3, 1, 1), torch.ones(3, 1, 1), pixels="z-score")
+
+
+def test_litemedsam_boxes_are_scaled_by_the_longest_side_and_truncated():
+    """``rounding="floor"``: LiteMedSAM's resize_box_to_256, int(v * 256 / max(H, W)), on a non-square slice."""
+    boxes = np.array([[10, 21, 121, 100]], dtype=np.float32)
+    h, w = 101, 122
+    ours = sam_io.boxes_to_frame(boxes, (h, w), sam_io.preprocess_shape(h, w, 256), rounding="floor")
+    assert ours.tolist() == [[int(v * 256 / 122) for v in boxes[0]]]
+    assert not np.array_equal(ours, sam_io.boxes_to_frame(boxes, (h, w), sam_io.preprocess_shape(h, w, 256)))
+
+
+def test_hq_parts_are_read_off_a_name_or_a_file(tmp_path):
+    """compare and the loader know, before building, whether HQ-SAM's parts start fresh."""
+    from flaresam.models.sam.checkpoint import has_hq_parts
+
+    assert has_hq_parts("sam_hq_vit_b") and not has_hq_parts("lite_medsam") and not has_hq_parts("sam_vit_b")
+    for name in ("hqsam", "sam"):
+        state = build_network(name, "test_tiny").state_dict()
+        torch.save(state, tmp_path / f"{name}.pth")
+        torch.save({"state_dict": state}, tmp_path / f"{name}-wrapped.pth")
+        assert has_hq_parts(str(tmp_path / f"{name}.pth")) == has_hq_parts(str(tmp_path / f"{name}-wrapped.pth")) == (name == "hqsam")
+
+
+def test_compare_knows_hqsam_over_a_sam_file_trains_its_hq_parts():
+    """The duplicate check and the run key use what actually trains: hqsam over LiteMedSAM is hqsam:hq."""
+    from flaresam.compare.plan import ComparePlan, default_trainable, resolve
+
+    assert default_trainable("hqsam", "lite_medsam", False) == "hq" and default_trainable("hqsam", "sam_hq_vit_b", False) == "decoder"
+    assert default_trainable("sam", "lite_medsam", False) == "decoder"
+    resolve(ComparePlan(models=("hqsam", "hqsam:decoder"), checkpoint="lite_medsam"))  # two models: accepted
+    with pytest.raises(UsageError, match="same model"):
+        resolve(ComparePlan(models=("hqsam", "hqsam:hq"), checkpoint="lite_medsam"))

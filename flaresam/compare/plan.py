@@ -195,7 +195,8 @@ def resolve(plan: ComparePlan) -> Resolved:
         raise UsageError("--clicks needs a SAM model in --models (clicks correct a prompted model's masks)")
     seen: dict[tuple[str, str], str] = {}
     for m in prompted:  # the same model twice would train twice under two names
-        effective = mode(m) or plan.trainable or "decoder"
+        effective = mode(m) or plan.trainable or default_trainable(family(m), plan.sam_checkpoint if family(m) == "sam" and
+                                                                     plan.sam_checkpoint else plan.checkpoint, demo)
         if family(m) == "sam" and effective == "hq" and mode(m) is None:
             effective = "decoder"  # SAM has no HQ parts: under --trainable hq its decoder trains
         first = seen.setdefault((family(m), effective), m)
@@ -258,6 +259,20 @@ def resolve(plan: ComparePlan) -> Resolved:
     )
 
 
+def default_trainable(model_family: str, checkpoint: str | None, demo: bool) -> str:
+    """What trains when neither the model key nor --trainable says (load_sam_step's rule, known before loading):
+    HQ-SAM over a file without HQ-SAM's parts trains them alone ("hq"), everything else its decoder."""
+    if model_family != "hqsam":
+        return "decoder"
+    if checkpoint is None and demo and DEMO.sam_base != "standin":
+        checkpoint = DEMO.sam_base
+    if checkpoint is None:  # random encoders, or the stand-in (whose HQ-SAM file has HQ-SAM's parts)
+        return "decoder"
+    from flaresam.models.sam.checkpoint import has_hq_parts
+
+    return "decoder" if has_hq_parts(checkpoint) else "hq"
+
+
 def _demo_lr(settings: DemoSettings, models: tuple[str, ...]) -> dict[str, float]:
     """The demo's learning rate of each model key, by its family (None: the run's own default, e.g. LoRA's)."""
     table = dict(settings.lr)
@@ -306,7 +321,10 @@ def train_config(r: Resolved, model: str, store: PreparedStore) -> TrainConfig:
 
     options: dict[str, Any]
     if family(model) in PROMPTED:
-        options = {"arch": r.arch, "checkpoint": r.checkpoints[model], "init": r.init, "trainable": mode(model) or r.plan.trainable,
+        trainable = mode(model) or r.plan.trainable
+        if trainable is None and r.init != "random" and default_trainable(family(model), r.checkpoints[model], False) == "hq":
+            trainable = "hq"  # said, not left to the loader: the run's key must differ from a decoder run's
+        options = {"arch": r.arch, "checkpoint": r.checkpoints[model], "init": r.init, "trainable": trainable,
                    "loss": r.plan.loss, "jitter": r.plan.jitter, "click_training": r.plan.click_training, "cache_embeddings": True}
         if model == "sam" and r.plan.trainable == "hq":
             options["trainable"] = None  # SAM has no HQ parts: its whole decoder trains, as the study's SAM row

@@ -245,13 +245,15 @@ def baselines(c: _Compare, bar: _Bar) -> None:
     if r.prompted:
         c.score(Row("boxfill", "boxfill", "Box fill (no model)", "baseline", "oracle boxes", None),
                 box_fill_predictor(min_pixels(c.runs[r.prompted[0]].config)), bar)
-    for m, f in _zero_shot(r):
+    zero_shot = _zero_shot(r)
+    for m, f in zero_shot:
         options = {k: v for k, v in c.runs[m].config.model_options.items() if k not in ("trainable", "click_training")}
         options = {k: v for k, v in options.items() if not k.startswith("lora_")}
         step = build_step(f, quiet=True, **options)  # the run's embedding cache: its test slices are encoded once
         step.prepare_inference()
         step.network().to(c.device).eval()
-        row = Row(f"{f}@zeroshot", f, zero_shot_label(f, r.checkpoints[m]), "baseline", "oracle boxes", None,
+        key = f"{f}@zeroshot" if sum(built == f for _, built in zero_shot) == 1 else f"{m}@zeroshot"
+        row = Row(key, f, zero_shot_label(f, r.checkpoints[m]), "baseline", "oracle boxes", None,
                   checkpoint=r.checkpoints[m])
         c.score(row, oracle_predictor(step, c.device), bar)
         c.click_curve(row, step, bar)
@@ -311,7 +313,7 @@ def evaluate_model(c: _Compare, m: str, bar: _Bar) -> None:
     select = c.r.plan.select
     run = c.runs[m]
     step, ckpt = load_run(run.dir, c.device, which=select)
-    if isinstance(step, SamStep):
+    if isinstance(step, SamStep) and not step.options.encoder_trains:
         step.use_embedding_cache()  # a frozen encoder's test slices are those its zero-shot row encoded
     c.steps[m] = step
     metrics = ckpt.get("metrics") or {}

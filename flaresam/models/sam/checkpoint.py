@@ -161,12 +161,14 @@ def has_hq_parts(spec: str) -> bool:
     entry = find_entry(spec)
     if entry is not None and not Path(spec).expanduser().is_file():
         return entry.decoder == "hq"
-    try:
-        obj = torch.load(Path(spec).expanduser(), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise DataError(f"checkpoint {spec}: cannot be read ({type(exc).__name__})") from None
-    inner = obj.get("model", obj) if isinstance(obj, dict) else {}
-    return isinstance(inner, dict) and any(is_hq_key(str(k)) for k in inner)
+    path = Path(spec).expanduser()
+    try:  # memory-mapped: the names without the bytes (a legacy, non-zip file cannot be mapped)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        obj = read_state_dict(path)  # the checked reader, whose one-line error names the file
+    if isinstance(obj, dict):
+        obj = next((obj[w] for w in ("model", "state_dict") if isinstance(obj.get(w), dict)), obj)
+    return isinstance(obj, dict) and any(is_hq_key(str(k)) for k in obj)
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -28,7 +28,7 @@ from flaresam.errors import DataError, UsageError
 from flaresam.models.base import ModelStep
 from flaresam.models.options import WHOLE_FRAME, InferenceOptions
 from flaresam.models.sam.adaptation import adapter_state, add_lora, load_adapter_state, merge_lora, parameter_count, trained_parts
-from flaresam.models.sam.archs import HQ_MODULES, arch_spec
+from flaresam.models.sam.archs import HQ_MODULES, SAM_PREPROCESSING, arch_spec
 from flaresam.models.sam.checkpoint import LoadReport, base_sha256, load_into, read_state_dict, require_arch, resolve
 from flaresam.models.sam.dataset import SamSliceDataset, collate_sam
 from flaresam.models.sam.embedding_cache import EmbeddingCache, model_key, slice_key
@@ -378,7 +378,9 @@ class SamStep(ModelStep):
             from flaresam.models.weights import tensors_digest
 
             digest = tensors_digest(self.net.image_encoder.state_dict())
-            pre = {"preprocess": PREPROCESS_VERSION, "mean": PIXEL_MEAN, "std": PIXEL_STD, **self.spec.preprocessing.key()}
+            pre: dict[str, Any] = {"preprocess": PREPROCESS_VERSION, "mean": PIXEL_MEAN, "std": PIXEL_STD}
+            if self.spec.preprocessing != SAM_PREPROCESSING:  # SAM's own keeps the keys its caches were written under
+                pre.update(self.spec.preprocessing.key())
             key = model_key(digest, self.arch, self.spec.image_size, pre)
             info = {"arch": self.arch, "checkpoint": self.options.checkpoint or f"random:{self.options.init_seed}",
                     "encoder_digest": digest, **pre}
