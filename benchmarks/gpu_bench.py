@@ -27,7 +27,7 @@ set non-zero so the bias path is exercised).
 
     python benchmarks/gpu_bench.py                      # one CUDA GPU; < 5 minutes on an H100
     python benchmarks/gpu_bench.py --only encoder --attention sdpa,fold,flex
-    python benchmarks/gpu_bench.py --smoke              # CPU, toy sizes, ~30 s (tested in CI)
+    python benchmarks/gpu_bench.py --smoke              # CPU, toy sizes, ~30 s and the litemedsam section a few minutes (tested in CI)
 
 Targets (docs/speed.md): ViT-B encoder >= 300 images/s with cosine >= 0.9999;
 decoder fine-tuning >= 2000 masks/s; predict <= 1.5 s file to file and <= 4 GB
