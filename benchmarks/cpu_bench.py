@@ -27,13 +27,24 @@ One JSON line per measurement on stdout (progress on stderr), the same code as
   With ``--model RUN/checkpoints/best.pt`` (a trained vit_tiny) the rows run that model instead, nothing
   forced: its reduced precisions are tested first, untimed and kept, as a user's first
   ``--runtime openvino-bf16`` run does, and the rows are predict's ``auto`` and each runtime by name
+* ``litemedsam`` the real LiteMedSAM weights (``lite_medsam``) on the ``--size`` x ``--size`` x ``--slices``
+  phantom, each run in a fresh process: the authors' own 3D loop (benchmarks/litemedsam_reference.py
+  ``segment_3d``, their module and the same weights; each organ on its own, each slice of its 3D box encoded
+  again for it) on ``--authors-organs`` (default all: about 560 encoded slices), timed per encoded slice and
+  extrapolated to every organ's; `flaresam predict --model lite_medsam` file to file with one 3D box per organ
+  (a prompts.json, propagated from the middle slice) and with ``--prompts-from`` its label, through each of
+  ``--litemedsam-runtimes``: seconds, peak resident memory, mean Dice against the phantom's truth (the filled
+  box beside it) and label agreement with flaresam's fp32 torch path; the reduced precisions' acceptance test
+  on this model first (its verdicts are kept: ``auto`` uses what passed, and each accepted one gets rows)
 
     python benchmarks/cpu_bench.py                      # ~5 minutes on 2 idle cores
     python benchmarks/cpu_bench.py --slices 20 --size 256 --only predict
+    python benchmarks/cpu_bench.py --only litemedsam --authors-organs 7 --litemedsam-runtimes acceptance,auto,torch
 
 Targets (docs/speed.md): predict of the 512 x 512 x 100 case with vit_tiny
 <= 45 s file to file on 2 CPU cores, >= 3x the SamPredictor loop, <= 2 GB peak
-resident memory (the ``runtime`` section); <= 2 minutes before the CPU runtimes.
+resident memory (the ``runtime`` section); <= 2 minutes before the CPU runtimes. LiteMedSAM (the ``litemedsam``
+section): <= 30 s file to file, >= 10x the authors' 3D loop, <= 2 GB peak, labels >= 99.5 % alike with the fp32 torch path.
 """
 
 from __future__ import annotations
@@ -49,8 +60,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_bench as gb
 
-SECTIONS = ("encoder", "parts", "predict", "baseline", "cache", "runtime")
+SECTIONS = ("encoder", "parts", "predict", "baseline", "cache", "runtime", "litemedsam")
 CLIPPED = "window, clipped"
+AUTHORS = "authors' 3D loop"
 FORCED = " forced"  # a reduced precision without its acceptance test: the figure of the precision itself
 RUNTIME_ROWS = (  # (runtime, mode): predict's default ("window") where it tells something, clipped everywhere
     ("torch", "window"), ("torch", CLIPPED), ("onnx", CLIPPED), ("openvino", "window"), ("openvino", CLIPPED),
@@ -89,6 +101,12 @@ def child(argv: list[str]) -> int:
 
     keep_freed_memory()  # as the flaresam command does
     t0 = time.perf_counter()
+    if impl == AUTHORS:  # MODE: "organs:1,4" or "organs:all"
+        chosen = mode.removeprefix("organs:")
+        organs = None if chosen == "all" else [int(k) for k in chosen.split(",")]
+        got = gb.authors_3d(Path(scan), Path(prompts), Path(out), "cpu", organs)
+        print(json.dumps({**got, "peak_rss_gb": peak_rss_gb()}), flush=True)
+        return 0
     if impl == "SamPredictor":
         gb.sampredictor_predict(Path(scan), Path(prompts), Path(model), Path(out), "cpu", per_box=False)
     elif mode == CLIPPED or runtime.endswith(FORCED):
@@ -136,17 +154,6 @@ def _organ_agreement(a: Path, b: Path) -> float:
     return round(agreement(x, y, x, FLARE22.organs).agreement, 5)
 
 
-def _mean_dice(truth: Path, found: Path) -> float:
-    """Mean 3D Dice over the organs in ``truth`` (flaresam.metrics.dice)."""
-    import numpy as np
-
-    from flaresam.io.volume import read_volume
-    from flaresam.metrics import dice
-
-    t, f = read_volume(truth).array, read_volume(found).array
-    return round(float(np.mean([dice(f == k, t == k) for k in np.unique(t) if k])), 4)
-
-
 def _box_fill(scan: Path, label: Path, folder: Path) -> Path:
     """The baseline without a model: each organ's box on each slice, filled (flaresam.data.prompts.box_fill)."""
     from flaresam.data.prompts import box_fill
@@ -183,7 +190,7 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
              note="ONNX export of the encoder and the decoder, int8 quantisation; once per model")
     if trained:
         _record_verdicts(rep, seg, common)
-        rep.emit(**common, impl="Box fill (no model)", mean_dice_vs_truth=_mean_dice(label, _box_fill(scan, label, folder)))
+        rep.emit(**common, impl="Box fill (no model)", mean_dice_vs_truth=gb.mean_dice(label, _box_fill(scan, label, folder)))
     stock, stock_s = folder / "SamPredictor-torch-window.nii.gz", None
     from flaresam.models.sam.runtime import bf16_units
 
@@ -204,7 +211,7 @@ def bench_runtime(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
             else:
                 extra["speedup_vs_stock"] = round(stock_s / got["seconds"], 2) if stock_s else None
             if trained:  # what the trained model is worth, read against the filled box
-                extra["mean_dice_vs_truth"] = _mean_dice(label, out)
+                extra["mean_dice_vs_truth"] = gb.mean_dice(label, out)
             rep.emit(**common, impl=impl, runtime=runtime, mode=mode, **got, **extra,
                      target_s=45 if impl == "flaresam" else None, target_peak_rss_gb=2.0 if impl == "flaresam" else None)
     _precision_acceptance(rep, seg, "trained vit_tiny (--model)" if trained else "random vit_tiny (the benchmark's model)")
@@ -286,6 +293,86 @@ def _long_scan_memory(rep: gb.Report, args: argparse.Namespace, folder: Path, mo
             rep.emit(bench="runtime_memory", slices=slices, shape=[slices, args.size, args.size], prompted_slices=len(zs), runtime="auto", **got)
 
 
+def bench_litemedsam(rep: gb.Report, args: argparse.Namespace, work: Path) -> None:
+    """LiteMedSAM (the real weights) file to file on the --size x --size x --slices phantom, each run in a fresh
+    process: the authors' 3D loop (on --authors-organs, extrapolated per encoded slice to every organ), and `flaresam
+    predict --model lite_medsam` with one 3D box per organ (prompts.json) and with --prompts-from its label, through
+    each of --litemedsam-runtimes; the reduced precisions' acceptance test on this model first (kept: auto uses what
+    passed, and an accepted one gets its own rows)."""
+    from flaresam.models.sam.runtime import export_folder, int8_file
+    from flaresam.predict.segmenter import Segmenter
+
+    folder = work / "litemedsam"
+    size, slices = args.size, args.slices
+    gb.log(f"litemedsam: writing a {size}x{size}x{slices} phantom")
+    scan, label, organs = gb.write_case(folder, size, slices)
+    boxes = gb.write_boxes_json(scan, label, folder / "prompts.json")
+    os.environ["FLARESAM_BENCH_THREADS"] = str(args.threads)
+    common: dict[str, Any] = dict(bench="litemedsam", model=gb.LITEMEDSAM, shape=[slices, size, size], organs=organs, threads=args.threads)
+    _load_note(rep, common)
+    t0 = time.perf_counter()
+    seg = Segmenter.load(gb.LITEMEDSAM, device="cpu", runtime="onnx")
+    net = seg.step.network()
+    int8_file(export_folder(net.image_encoder, net.arch, net.image_size))
+    rep.emit(**common, impl="export", seconds=round(time.perf_counter() - t0, 2),
+             note="ONNX export of the encoder and the decoder, int8 quantisation; once per model, untimed in the rows")
+    accepted = []
+    if "acceptance" in args.litemedsam_runtimes.split(","):
+        _record_verdicts(rep, seg, common)
+        from flaresam.predict.precision import recorded_verdict
+
+        accepted = [r for r in _reduced_here() if (v := recorded_verdict(seg.step, seg.window, r)) is not None and v.accepted]
+    del seg, net
+    gb.release()
+    rep.emit(**common, impl="Box fill (no model)", mean_dice_vs_truth=gb.mean_dice(label, _box_fill(scan, label, folder)))
+    every = gb.organ_boxes(scan, label)
+    chosen = sorted(every) if args.authors_organs == "all" else [int(k) for k in args.authors_organs.split(",") if k != "none"]
+    authors_s = None
+    if chosen:  # --authors-organs none: flaresam's rows only
+        with rep.guard(**common, impl=AUTHORS):
+            authors_s = _authors_row(rep, common, scan, label, folder, chosen, gb.authors_encodes(every))
+    runtimes = [r for r in args.litemedsam_runtimes.split(",") if r and r != "acceptance"] + accepted
+    outs: dict[tuple[str, str], Path] = {}
+    for runtime in dict.fromkeys(runtimes):
+        for kind, prompts in zip(gb.LITEMEDSAM_PROMPTS, (boxes, label)):
+            impl = "flaresam-boxes" if kind == gb.LITEMEDSAM_PROMPTS[0] else "flaresam"
+            out = folder / f"flaresam-{runtime}-{kind.replace(' ', '-')}.nii.gz"
+            with rep.guard(**common, impl="flaresam", runtime=runtime, prompts=kind):
+                _load_note(rep, common)
+                gb.log(f"litemedsam: flaresam {runtime}, {kind}")
+                got = _run_child([impl, runtime, str(scan), str(prompts), gb.LITEMEDSAM, str(out), "window"])
+                outs[runtime, kind] = out
+                extra: dict[str, Any] = {}
+                if kind == gb.LITEMEDSAM_PROMPTS[0] and chosen:
+                    extra["speedup_vs_authors"] = round(authors_s / got["seconds"], 2) if authors_s else None
+                    extra["mean_dice_vs_truth_on_authors_organs"] = gb.mean_dice(label, out, chosen)
+                rep.emit(**common, impl="flaresam", runtime=runtime, prompts=kind, **got, **extra, mean_dice_vs_truth=gb.mean_dice(label, out),
+                         target_s=30, target_peak_rss_gb=2.0, target_speedup=10 if kind == gb.LITEMEDSAM_PROMPTS[0] else None)
+    for (runtime, kind), out in outs.items():  # against the fp32 torch path, whichever ran first
+        reference = outs.get(("torch", kind))
+        if runtime != "torch" and reference is not None:
+            rep.emit(**common, impl="agreement with fp32 torch", runtime=runtime, prompts=kind,
+                     organ_voxel_agreement=_organ_agreement(reference, out), voxel_agreement=gb.agreement(reference, out), target=0.995)
+
+
+def _authors_row(rep: gb.Report, common: dict[str, Any], scan: Path, label: Path, folder: Path, chosen: list[int], every: int) -> float:
+    """The authors' 3D loop on the ``chosen`` organs in a fresh process, extrapolated to ``every`` encoded slice; its seconds for every organ."""
+    _load_note(rep, common)
+    gb.log(f"litemedsam: the authors' 3D loop, organs {chosen}")
+    theirs = folder / "authors-3d.nii.gz"
+    got = _run_child([AUTHORS, "torch", str(scan), str(label), "-", str(theirs), "organs:" + ",".join(map(str, chosen))])
+    scaled = gb.extrapolate_authors(got, every)
+    rep.emit(**common, impl=AUTHORS, runtime="torch (their module)", **got, **scaled, mean_dice_vs_truth=gb.mean_dice(label, theirs, chosen),
+             note="each organ on its own; each slice of its 3D box encoded for it (z_max and z_min exclusive, as their loop); "
+                  "seconds_all_organs = seconds outside the loop + loop seconds per encoded slice x encoded_slices_all_organs")
+    return float(scaled["seconds_all_organs"])
+
+
+def _load_note(rep: gb.Report, common: dict[str, Any]) -> None:
+    """What else runs on this (shared) machine as a measurement starts: the load average."""
+    rep.emit(**{k: v for k, v in common.items() if k == "bench"}, impl="load average", loadavg=[round(x, 2) for x in os.getloadavg()])
+
+
 def bench_parts(rep: gb.Report, arch: str = "vit_tiny", size: int = 512) -> None:
     """Where a prompted slice's CPU time goes: the encoder per slice (stock, and the folded TinyViT), the
     decoder per box prompt (whole frame, and in box windows) for the boxes of a phantom's middle slice."""
@@ -331,13 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-slices", type=int, default=8, help="slices per phantom for the cache section")
     ap.add_argument("--encoder-size", type=int, default=256, help="ViT-B input size for the encoder section")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target is for 2 cores)")
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
+    ap.add_argument("--only", default=",".join(SECTIONS[:-1]),
+                    help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all but litemedsam, the real weights' long run)")
     ap.add_argument("--compile", action="store_true", help="also time the encoder compiled with inductor (about a minute to compile)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temporary folder)")
     ap.add_argument("--stream-slices", type=int, default=500, help="runtime section: slices of the long scan whose peak memory is measured")
     ap.add_argument("--model", type=Path, default=None,
                     help="runtime section: a trained SAM/HQ-SAM checkpoint (the targets' model is vit_tiny) instead of the random vit_tiny "
                          "(its reduced precisions tested, none forced)")
+    ap.add_argument("--authors-organs", default="all",
+                    help="litemedsam section: the organ ids the authors' 3D loop runs on, comma-separated (all: every organ, "
+                         "about 560 encoded slices: 20 minutes and more on 2 cores; none: not run); the rest is extrapolated per encoded slice")
+    ap.add_argument("--litemedsam-runtimes", default="acceptance,torch,openvino,auto",
+                    help="litemedsam section: flaresam's runtimes, comma-separated (acceptance: test the reduced precisions "
+                         "first, and time each one accepted)")
     args = ap.parse_args(argv)
     if min(args.baseline_slices, args.slices, args.cache_slices) < 8 or args.size < 32:
         ap.error("phantoms need --size >= 32 and --slices, --baseline-slices, --cache-slices >= 8")
@@ -359,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": lambda: gb.bench_predict(rep, sz, args, work, slices=args.baseline_slices, tag="predict_side_by_side", modes=()),
         "cache": lambda: gb.bench_cache(rep, sz, args, work),
         "runtime": lambda: bench_runtime(rep, args, work),
+        "litemedsam": lambda: bench_litemedsam(rep, args, work),
     }
     for section in sections:
         s0 = time.perf_counter()

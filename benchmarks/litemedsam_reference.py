@@ -62,9 +62,14 @@ def encode(net: Any, slice_u8: np.ndarray) -> tuple[torch.Tensor, tuple[int, int
     img = _resize_longest_side(np.repeat(slice_u8[:, :, None], 3, axis=-1))
     new_hw = img.shape[:2]
     img = (img - img.min()) / np.clip(img.max() - img.min(), a_min=1e-8, a_max=None)
-    x = torch.tensor(_pad(img)).float().permute(2, 0, 1).unsqueeze(0)
+    x = torch.tensor(_pad(img)).float().permute(2, 0, 1).unsqueeze(0).to(_device(net))
     with torch.no_grad():
         return net.image_encoder(x), (int(new_hw[0]), int(new_hw[1]))
+
+
+def _device(net: Any) -> torch.device:
+    """Where the model's tensors are (the authors' script: ``cpu``; ``benchmarks/gpu_bench.py`` moves it to CUDA)."""
+    return next(net.parameters()).device
 
 
 def box_to_256(box: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -75,13 +80,13 @@ def box_to_256(box: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 @torch.no_grad()
 def decode(net: Any, embedding: torch.Tensor, box256: np.ndarray, new_hw: tuple[int, int], hw: tuple[int, int]) -> np.ndarray:
     """uint8 [H, W] mask of one box prompt (256-frame coordinates)."""
-    box = torch.as_tensor(np.asarray(box256)[None, None, ...], dtype=torch.float)
+    box = torch.as_tensor(np.asarray(box256)[None, None, ...], dtype=torch.float, device=embedding.device)
     sparse, dense = net.prompt_encoder(points=None, boxes=box, masks=None)
     logits, _ = net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
     logits = logits[..., : new_hw[0], : new_hw[1]]
     logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
-    return (torch.sigmoid(logits).squeeze().numpy() > 0.5).astype(np.uint8)
+    return (torch.sigmoid(logits).squeeze().cpu().numpy() > 0.5).astype(np.uint8)
 
 
 def segment_slices(net: Any, volume_u8: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,6 +111,18 @@ def _bbox256(mask256: np.ndarray, shift: int = 3) -> np.ndarray:
     return np.array([max(0, xs.min() - shift), max(0, ys.min() - shift), min(w, xs.max() + shift), min(h, ys.max() + shift)])
 
 
+def middle_slice(z0: int, z1: int) -> int:
+    return int((z1 - z0) / 2 + z0)
+
+
+def slice_order(z0: int, z1: int) -> list[tuple[int, int]]:
+    """The 3D loop's (slice, neighbour) pairs for one organ, each slice encoded once: up from the middle slice (to
+    z_max, exclusive), then down from below it (to z_min, exclusive); each slice is prompted with the box of its
+    neighbour's mask towards the middle, or the middle box where that is empty."""
+    z_mid = middle_slice(z0, z1)
+    return [*((z, z - 1) for z in range(z_mid, z1)), *((z, z + 1) for z in range(z_mid - 1, z0, -1))]
+
+
 def segment_3d(net: Any, volume_u8: np.ndarray, boxes3d: dict[int, tuple[int, int, int, int, int, int]]) -> np.ndarray:
     """The authors' 3D loop: ``boxes3d`` {label id: (x_min, y_min, z_min, x_max, y_max, z_max)} -> labels [z, y, x]."""
     segs = np.zeros(volume_u8.shape, np.uint8)
@@ -113,10 +130,8 @@ def segment_3d(net: Any, volume_u8: np.ndarray, boxes3d: dict[int, tuple[int, in
     for idx, (x0, y0, z0, x1, y1, z1) in boxes3d.items():
         temp = np.zeros(volume_u8.shape, np.uint8)
         mid_box = np.array([x0, y0, x1, y1])
-        z_mid = int((z1 - z0) / 2 + z0)
-        # up from the middle slice (to z_max, exclusive), then down from below it (to z_min, exclusive); each slice
-        # is prompted with the box of its neighbour's mask towards the middle, or the middle box where that is empty
-        for z, neighbour in [*((z, z - 1) for z in range(z_mid, z1)), *((z, z + 1) for z in range(z_mid - 1, z0, -1))]:
+        z_mid = middle_slice(z0, z1)
+        for z, neighbour in slice_order(z0, z1):
             embedding, new_hw = encode(net, volume_u8[z])
             box = box_to_256(mid_box, hw)
             if z != z_mid:

