@@ -169,7 +169,7 @@ def test_swapping_the_pixel_rule_for_sams_breaks_the_agreement(real_case, author
         check_same_masks(ours, authors_labels)
 
 
-def test_predict_with_no_model_segments_a_real_ct_from_3d_boxes_with_litemedsam(run_cli, tmp_path, real_case):
+def test_predict_with_no_model_segments_a_real_ct_from_3d_boxes_with_litemedsam(run_cli, tmp_path, real_case, monkeypatch):
     """`flaresam predict scan --boxes prompts.json` with no --model: LiteMedSAM zero-shot, said in one line, offline;
     one 3D box per organ propagates slice by slice into real organ masks on the scan's grid, above the filled 3D box."""
     import SimpleITK as sitk
@@ -188,6 +188,7 @@ def test_predict_with_no_model_segments_a_real_ct_from_3d_boxes_with_litemedsam(
     spec.write_text(__import__("json").dumps(prompts_to_spec(BoxPrompts(tuple(three_d)), volume.geometry)))
     scan = SHARED_DATA / "images" / "TS_0001_0000.nii.gz"
     out = tmp_path / "seg.nii.gz"
+    monkeypatch.setenv("FLARESAM_OFFLINE", "1")  # what --offline sets, undone after the test
     r = run_cli("predict", scan, "--boxes", spec, "--out", out, "--offline", "-q")
     assert r.code == 0, r
     assert "LiteMedSAM zero-shot" in r.err and "Traceback" not in r.err

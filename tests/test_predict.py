@@ -13,7 +13,6 @@ import torch
 from flaresam.data.window import Window
 from flaresam.errors import DataError
 from flaresam.io.volume import Geometry, read_label, read_volume, write_volume
-from flaresam.models.base import ModelStep
 from flaresam.organs import NUM_ORGANS
 from flaresam.predict.prompts import BoxPrompts, LabelPrompts, ProposerPrompts, largest_components, load_boxes_json
 from flaresam.predict.volume import organ_statistics, predict_volume
@@ -34,7 +33,6 @@ class BoxFillStep:
 
     name = "boxfill"
     prompted = True
-    organ_masks = ModelStep.organ_masks  # the contract's generic form: one organ per predict_slices call
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[int], int]] = []

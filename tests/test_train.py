@@ -338,7 +338,8 @@ def test_configs_saved_by_earlier_versions_rebuild_the_same_model(old):
     changed = {k: (old[k], new[k]) for k in old if new[k] != old[k]}
     assert changed == ({"encoder_weights": ("imagenet", None)} if old["name"] == "unet" else {})  # no download on restore
     added = {k: new[k] for k in new if k not in old}
-    since = {"lora_rank": 8, "lora_alpha": 16, "lora_targets": "encoder", "click_training": 0.0}  # 0.5.0: adaptation modes
+    since = {"lora_rank": 8, "lora_alpha": 16, "lora_targets": "encoder", "click_training": 0.0,  # 0.5.0: adaptation modes
+             "prompts_per_slice": 0}  # 0.6.0: a sample of a slice's prompts (0: all, as before)
     assert added == {"sam": {"checkpoint_sha256": None, "min_pixels": 10, **since}, "hqsam": since,
                      "unet": {"classes": 14}}.get(old["name"], {})
     # and the rebuilt config rebuilds itself

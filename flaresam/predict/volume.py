@@ -100,6 +100,12 @@ def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, de
     neighbour's large box must not take an organ's pixels before its next box is read off them (a label map's
     winner-takes-all did, and organs shrank slice by slice to nothing). Every slice is still encoded once.
     """
+    from functools import partial
+
+    from flaresam.models.base import ModelStep
+
+    # a step that is no ModelStep (a script's own, duck-typed) gets the contract's generic form
+    organ_masks = getattr(step, "organ_masks", None) or partial(ModelStep.organ_masks, step)
     z = image8.shape[0]
     boxes = np.full((z, num_organs, 4), -1, np.int32)
     if not prompts.boxes:  # points alone: nothing to propagate
@@ -111,7 +117,7 @@ def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, de
     # middle slices first, all organs of a slice in one call
     masks: dict[tuple[int, int], np.ndarray] = {}
     for m, group in sorted(by_middle.items()):
-        own = step.organ_masks(image8, np.array([m]), boxes[[m]], device, inference)[0]
+        own = organ_masks(image8, np.array([m]), boxes[[m]], device, inference)[0]
         for b in group:
             masks[(m, b.organ.id)] = own[b.organ.id - 1]
     for direction in (1, -1):
@@ -138,7 +144,7 @@ def propagate_boxes(step: ModelStep, image8: np.ndarray, prompts: BoxPrompts, de
             one = np.full((1, num_organs, 4), -1, np.int32)
             for b in active:
                 one[0, b.organ.id - 1] = boxes[s, b.organ.id - 1]
-            own = step.organ_masks(image8, np.array([s]), one, device, inference)[0]
+            own = organ_masks(image8, np.array([s]), one, device, inference)[0]
             for b in active:
                 masks[(s, b.organ.id)] = own[b.organ.id - 1]
     return boxes
