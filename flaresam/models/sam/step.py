@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -303,26 +304,27 @@ class SamStep(ModelStep):
         ``points``: float [n, organs, P, 3] (x, y in slice pixels, label 1 positive / 0 negative / -1 none): an
         organ's points join its box on that slice, or prompt it alone where it has no box.
         """
-        labels, _, stats = self._decode(volume, indices, boxes, device, inference, points, per_organ=False)
-        return labels, stats
+        if boxes is None:
+            raise UsageError(f"--model {self.name} needs box prompts to predict")
+        out = np.zeros((len(indices), int(volume.shape[1]), int(volume.shape[2])), dtype=np.uint8)
+        return out, self._decode(volume, indices, boxes, device, inference, points, out, _labels_of)
 
     def organ_masks(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray, device: torch.device | str,
                     inference: InferenceOptions = WHOLE_FRAME) -> np.ndarray:
         """Each box prompt's own mask (logit > 0), bool [n, organs, H, W]: one encoding per slice, one decoding of
         every prompt, overlaps between organs not resolved."""
-        return self._decode(volume, indices, boxes, device, inference, None, per_organ=True)[1]
-
-    def _decode(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray | None, device: torch.device | str,
-                inference: InferenceOptions, points: np.ndarray | None,
-                per_organ: bool) -> tuple[np.ndarray, np.ndarray, WindowStats]:
-        indices = np.asarray(indices, dtype=np.int64)
-        h, w = int(volume.shape[1]), int(volume.shape[2])
-        out = np.zeros((len(indices), h, w), dtype=np.uint8)
-        stats = WindowStats()
-        if boxes is None:
-            raise UsageError(f"--model {self.name} needs box prompts to predict")
         boxes = np.asarray(boxes)
-        masks = np.zeros((len(indices), boxes.shape[1], h, w) if per_organ else (0,), dtype=bool)
+        out = np.zeros((len(indices), boxes.shape[1], int(volume.shape[1]), int(volume.shape[2])), dtype=bool)
+        self._decode(volume, indices, boxes, device, inference, None, out, lambda best: (best > 0).cpu().numpy())
+        return out
+
+    def _decode(self, volume: np.ndarray, indices: np.ndarray, boxes: np.ndarray, device: torch.device | str,
+                inference: InferenceOptions, points: np.ndarray | None, out: np.ndarray,
+                reduce: Callable[[torch.Tensor], np.ndarray]) -> WindowStats:
+        """Every prompt of a chunk of slices decoded together; ``out[rows] = reduce(logits [n, organs, H, W])``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        stats = WindowStats()
+        boxes = np.asarray(boxes)
         if points is not None:
             points = np.asarray(points, dtype=np.float32)
             if points.shape[:2] != boxes.shape[:2] or points.ndim != 4 or points.shape[3] != 3:
@@ -334,7 +336,7 @@ class SamStep(ModelStep):
             present = present | (points[..., 2] >= 0).any(axis=2)
         rows = np.flatnonzero(present.any(axis=1))
         if len(rows) == 0:
-            return out, masks, stats
+            return stats
         net = self.net
         dev = torch.device(device)
         was_training = net.training
@@ -348,15 +350,11 @@ class SamStep(ModelStep):
                     part = rows[start : start + chunk]
                     best, part_stats = self._predict_chunk(volume, indices[part], boxes[part], present[part], dev, inference,
                                                            None if points is None else points[part])
-                    if per_organ:
-                        masks[part] = (best > 0).cpu().numpy()
-                    else:
-                        value, organ = best.max(dim=1)
-                        out[part] = torch.where(value > 0, organ + 1, torch.zeros_like(organ)).to(torch.uint8).cpu().numpy()
+                    out[part] = reduce(best)
                     stats = stats + part_stats
         finally:
             net.train(was_training)
-        return out, masks, stats
+        return stats
 
     # -- helpers ---------------------------------------------------------------
     def _fast_encoder(self) -> bool | None:
@@ -496,6 +494,12 @@ class SamStep(ModelStep):
         emb = torch.from_numpy(np.stack([hit[0] for hit in hits])).to(dev).float()
         interm = torch.from_numpy(np.stack([hit[1] for hit in hits])).to(dev).float() if self.net.hq else None
         return emb, interm
+
+
+def _labels_of(best: torch.Tensor) -> np.ndarray:
+    """Logits [n, organs, H, W] -> uint8 labels [n, H, W]: overlaps to the highest logit, background where none > 0."""
+    value, organ = best.max(dim=1)
+    return torch.where(value > 0, organ + 1, torch.zeros_like(organ)).to(torch.uint8).cpu().numpy()
 
 
 def _checkpoint_blocks(net: SamNet) -> None:
